@@ -1,0 +1,46 @@
+# kd3 — two commands on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+# Torch: where pip is capped to the wheels on local disk (these dev/CI machines), pin exactly those
+# so nothing is downloaded; anywhere else pip picks the right build for the machine.
+ifneq ($(wildcard /etc/xdg/pip/constraints.txt),)
+TORCH_REQ ?= torch==2.14.1 torchvision==0.29.1
+else
+TORCH_REQ ?= torch>=2.3 torchvision>=0.18
+endif
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+
+.PHONY: venv test test-slow demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip "setuptools>=68" wheel
+	$(PIP) install -q $(TORCH_REQ)
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow
+
+demo: venv
+	$(VENV)/bin/kd3 demo
+
+bench: venv
+	$(PY) bench/throughput.py
+	$(PY) bench/accuracy.py
+
+clean:
+	rm -rf $(VENV) runs demo-out .pytest_cache

@@ -1,0 +1,255 @@
+"""The ``kd3`` command line.
+
+Every subcommand takes ``--config run.yaml`` and/or ``--run runs/<name>``, and every config field
+as a flag (``--crawl.per_class 50``, ``--curate.relevance_filter``) or as ``--set key=value``.
+User mistakes end with ``kd3: error: <one line>`` and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import RunConfig, iter_fields, load_config, parse_override_value
+from .errors import ConfigError, Kd3Error
+
+log = logging.getLogger("kd3")
+
+SECTIONS_OF = {
+    "crawl": ("crawl",),
+    "curate": ("curate",),
+    "distill": ("distill",),
+    "run": ("crawl", "curate", "distill", "flow"),
+    "serve": ("crawl", "curate", "distill", "flow"),
+    "demo": (),
+}
+
+
+def _is_text_type(ann: Any) -> bool:
+    args = typing.get_args(ann) or (ann,)
+    return all(a in (str, Path, type(None)) for a in args)
+
+
+def _is_bool(ann: Any) -> bool:
+    args = [a for a in (typing.get_args(ann) or (ann,)) if a is not type(None)]
+    return args == [bool]
+
+
+def _is_list(ann: Any) -> bool:
+    return typing.get_origin(ann) is list
+
+
+def _convert(ann: Any, raw: str) -> Any:
+    if _is_text_type(ann):
+        return raw
+    if _is_list(ann) and not raw.lstrip().startswith("["):
+        return [parse_override_value(x.strip()) if typing.get_args(ann)[0] is not str else x.strip()
+                for x in raw.split(",") if x.strip()]
+    return parse_override_value(raw)
+
+
+def add_config_arguments(p: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--config", "-c", type=Path, help="YAML run config")
+    g.add_argument("--run", type=Path, help="existing run directory runs/<name> (its config.yaml is the base)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set crawl.per_class=50 (repeatable)")
+    g.add_argument("--log-level", default=os.environ.get("KD3_LOG_LEVEL", "INFO"), help="logging level")
+    groups: dict[str, argparse._ArgumentGroup] = {"": g}
+    for dotted, ann, info in iter_fields(RunConfig):
+        section = dotted.split(".")[0] if "." in dotted else ""
+        if section and section not in sections:
+            continue
+        if section not in groups:
+            groups[section] = p.add_argument_group(f"{section} config")
+        flag = "--" + dotted if section else "--" + dotted.replace("_", "-")
+        default = info.get_default(call_default_factory=True)
+        help_ = (info.description or "") + (f" (default: {default})" if default not in (None, [], {}) else "")
+        help_ = help_.replace("%", "%%")
+        if _is_bool(ann):
+            groups[section].add_argument(flag, dest="ov__" + dotted, action=argparse.BooleanOptionalAction,
+                                         default=None, help=help_)
+        else:
+            groups[section].add_argument(flag, dest="ov__" + dotted, default=None, metavar="VALUE",
+                                         type=lambda raw, ann=ann: ("raw", ann, raw), help=help_)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    overrides: dict[str, Any] = {}
+    base = args.config
+    if getattr(args, "manifest", None) is not None and args.run is None:
+        if not Path(args.manifest).is_file():
+            raise ConfigError(f"manifest {args.manifest} does not exist")
+        args.run = Path(args.manifest).parent
+    if args.run is not None and base is None:
+        cand = Path(args.run) / "config.yaml"
+        if cand.is_file():
+            base = cand
+        elif not Path(args.run).is_dir():
+            raise ConfigError(f"run directory {args.run} does not exist")
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = parse_override_value(v)
+    for key, val in vars(args).items():
+        if key.startswith("ov__") and val is not None:
+            dotted = key[4:]
+            if isinstance(val, tuple) and val[:1] == ("raw",):
+                val = _convert(val[1], val[2])
+            overrides[dotted] = val
+    if args.run is not None:
+        run = Path(args.run)
+        overrides["name"] = run.name
+        overrides["runs_root"] = str(run.parent)
+    return load_config(base, overrides)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+# ---- subcommand handlers (lazy imports: `kd3 --help` stays fast) ----
+
+def _cmd_crawl(args: argparse.Namespace) -> int:
+    from crawlers.stage import crawl
+
+    summary = crawl(config_from_args(args))
+    return 0 if summary.get("ok", True) else 1
+
+
+def _cmd_curate(args: argparse.Namespace) -> int:
+    from .curate import curate
+
+    curate(config_from_args(args))
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from distill.stage import distill_cli
+
+    return distill_cli(config_from_args(args), args)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_cli
+
+    return inspect_cli(args)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from flows.cli import run_cli
+
+    return run_cli(config_from_args(args), args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from flows.cli import serve_cli
+
+    return serve_cli(config_from_args(args), args)
+
+
+def _cmd_teacher(args: argparse.Namespace) -> int:
+    from distill.teacher_cli import teacher_cli
+
+    return teacher_cli(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from flows.demo import demo_cli
+
+    return demo_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kd3",
+        description="Distill a small student from your teacher on curated web images (KD³, ICCV 2023).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, handler: Callable, help_: str, extra: Callable | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name in SECTIONS_OF:
+            add_config_arguments(p, SECTIONS_OF[name])
+        if extra is not None:
+            extra(p)
+        p.set_defaults(handler=handler)
+        return p
+
+    add("crawl", _cmd_crawl, "crawl the web for images of each class into runs/<name>/crawl/")
+    add("curate", _cmd_curate, "validate, deduplicate, embed, index, decontaminate and shard the crawl")
+
+    def distill_extra(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("distill shortcuts")
+        g.add_argument("--manifest", type=Path, help="manifest.json of a curated run (sets --run)")
+        g.add_argument("--student", dest="ov__distill.student", type=lambda s: ("raw", str, s),
+                       help="student architecture (= --distill.student)")
+        g.add_argument("--method", dest="ov__distill.method", type=lambda s: ("raw", str, s),
+                       help="kd3, kd or dfnd (= --distill.method)")
+        g.add_argument("--epochs", dest="ov__distill.epochs", type=lambda s: ("raw", int, s),
+                       help="epochs (= --distill.epochs)")
+        g.add_argument("--eval-dir", dest="ov__distill.eval_dir", type=lambda s: ("raw", str, s),
+                       help="labelled ImageFolder of original-domain images (= --distill.eval_dir)")
+        g.add_argument("--out-id", help="name of the output folder distill/<method>-<id> (default: derived)")
+        g.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
+
+    add("distill", _cmd_distill, "distill a student from the teacher on the curated shards", distill_extra)
+
+    def inspect_extra(p: argparse.ArgumentParser) -> None:
+        from .inspect import add_inspect_arguments
+
+        add_inspect_arguments(p)
+
+    sub_inspect = sub.add_parser("inspect", help="summarise a run; HTML report; nearest neighbours; contact sheets")
+    inspect_extra(sub_inspect)
+    sub_inspect.set_defaults(handler=_cmd_inspect)
+
+    def run_extra(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--stage", choices=["crawl", "curate", "distill"],
+                       help="rerun only this stage on an existing run")
+
+    add("run", _cmd_run, "run the end-to-end Prefect flow (embedded local mode, no server needed)", run_extra)
+
+    def serve_extra(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--cron", help='schedule of the end-to-end deployment, e.g. "0 3 * * *"')
+
+    add("serve", _cmd_serve, "serve Prefect deployments for the end-to-end flow and each stage", serve_extra)
+
+    teacher = sub.add_parser("teacher", help="train or describe a teacher checkpoint")
+    from distill.teacher_cli import add_teacher_arguments
+
+    add_teacher_arguments(teacher)
+    teacher.set_defaults(handler=_cmd_teacher)
+
+    def demo_extra(p: argparse.ArgumentParser) -> None:
+        from flows.demo import add_demo_arguments
+
+        add_demo_arguments(p)
+
+    add("demo", _cmd_demo, "offline end-to-end demo: fake web of digits -> curate -> kd3/kd/dfnd -> report",
+        demo_extra)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "log_level", "INFO"))
+    try:
+        return int(args.handler(args) or 0)
+    except Kd3Error as e:
+        print(f"kd3: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("kd3: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""The run config: one pydantic model with ``crawl``, ``curate``, ``distill`` and ``flow`` sections.
+
+Loaded from YAML, every field overridable from the CLI (``--crawl.per_class 50`` or
+``--set crawl.per_class=50``), saved resolved as ``runs/<name>/config.yaml`` (secrets
+excluded). Defaults serve a real user with internet and a GPU. Unknown keys are errors.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .slug import validate_class_name
+
+SECRET_FIELDS = ("flickr_api_key", "proxy")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EngineUrls(_Section):
+    """Base URL of each search engine. Point them at a mirror, a proxy or the local fake web."""
+
+    bing: str = Field("https://www.bing.com", description="Bing base URL")
+    baidu: str = Field("https://image.baidu.com", description="Baidu image search base URL")
+    google: str = Field("https://www.google.com", description="Google base URL")
+    flickr: str = Field("https://api.flickr.com", description="Flickr REST API base URL")
+
+
+Source = Literal["bing", "baidu", "google", "flickr", "urls", "folder"]
+
+
+class CrawlConfig(_Section):
+    sources: list[Source] = Field(
+        default_factory=lambda: ["bing", "baidu"],
+        description="image sources in fallback order: bing, baidu, google, flickr, urls, folder",
+    )
+    per_class: int = Field(200, gt=0, description="target number of downloaded images per class")
+    query_templates: list[str] = Field(
+        default_factory=lambda: ["{c}", "{c} photo", "a photo of a {c}"],
+        description="query templates; {c} is the class name or a synonym",
+    )
+    synonyms: dict[str, list[str]] = Field(default_factory=dict, description="extra query terms per class")
+    max_results_per_query: int = Field(1000, gt=0, description="results to ask an engine for, per query")
+    engine_urls: EngineUrls = Field(default_factory=EngineUrls)
+    flickr_api_key: Optional[SecretStr] = Field(None, description="Flickr API key (or env FLICKR_API_KEY)")
+    url_list: Optional[Path] = Field(None, description="URL list file (.txt/.csv/.parquet) for source 'urls'")
+    url_column: str = Field("url", description="URL column of a csv/parquet URL list")
+    class_column: str = Field("class", description="class column of a csv/parquet URL list")
+    folder: Optional[Path] = Field(None, description="local image tree <root>/<class>/* for source 'folder'")
+    threads: int = Field(8, gt=0, description="download threads")
+    rate_limit_per_domain: float = Field(2.0, gt=0, description="max requests per second to one domain")
+    retries: int = Field(3, ge=0, description="retries per URL on network errors and 429/5xx")
+    backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each retry")
+    connect_timeout_s: float = Field(5.0, gt=0, description="connect timeout per request")
+    read_timeout_s: float = Field(20.0, gt=0, description="read timeout per request")
+    max_bytes: int = Field(20_000_000, gt=0, description="largest image accepted; larger bodies are cut off")
+    deadline_s: float = Field(3600.0, gt=0, description="global wall-clock deadline for the crawl")
+    allow_private_hosts: bool = Field(False, description="allow URLs on private/loopback/link-local addresses")
+    respect_x_robots_tag: bool = Field(True, description="skip images served with X-Robots-Tag noai/noimageai")
+    user_agent: str = Field("kd3/0.1 (+https://github.com/kd3-project/kd3)", description="HTTP User-Agent")
+    proxy: Optional[SecretStr] = Field(None, description="HTTP(S) proxy URL (may carry credentials)")
+
+    @field_validator("query_templates")
+    @classmethod
+    def _templates(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one query template is needed")
+        for t in v:
+            if "{c}" not in t:
+                raise ValueError(f"query template {t!r} has no {{c}} placeholder")
+        return v
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one source is needed")
+        if len(set(v)) != len(v):
+            raise ValueError(f"sources listed twice: {v}")
+        return v
+
+    def flickr_key(self) -> str | None:
+        if self.flickr_api_key is not None:
+            return self.flickr_api_key.get_secret_value()
+        return os.environ.get("FLICKR_API_KEY") or None
+
+
+class CurateConfig(_Section):
+    min_side: int = Field(32, gt=0, description="drop images whose shorter side is below this")
+    max_aspect: float = Field(4.0, ge=1.0, description="drop images with long/short side ratio above this")
+    max_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb cap (width*height)")
+    phash_threshold: int = Field(4, ge=0, le=64, description="pHash Hamming distance for perceptual duplicates")
+    embed_backend: Literal["clip", "teacher"] = Field("clip", description="embeddings from open_clip or the teacher")
+    clip_model: str = Field("ViT-B-32", description="open_clip model name")
+    clip_pretrained: Optional[str] = Field("laion2b_s34b_b79k", description="open_clip pretrained tag")
+    clip_weights: Optional[Path] = Field(None, description="local open_clip weights file (overrides the tag)")
+    batch_size: int = Field(256, gt=0, description="embedding batch size")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    workers: int = Field(4, ge=0, description="decode/hash worker threads")
+    near_dup_threshold: float = Field(0.95, gt=0, le=1.0, description="cosine similarity for near-duplicates")
+    prompt_templates: list[str] = Field(default_factory=lambda: ["a photo of a {c}."], description="CLIP prompts")
+    negative_prompts: list[str] = Field(default_factory=list, description="extra zero-shot labels, e.g. 'text'")
+    relevance_filter: bool = Field(False, description="drop images CLIP assigns to another class")
+    relevance_margin: float = Field(0.1, ge=0, description="off-class drop when argmax score - query score > this")
+    decontaminate: Optional[Path] = Field(None, description="folder of evaluation images to remove from the web data")
+    decontam_threshold: float = Field(0.95, gt=0, le=1.0, description="cosine similarity for decontamination")
+    image_format: Literal["jpg", "original"] = Field("jpg", description="store re-encoded JPEG or original bytes")
+    max_side: int = Field(512, gt=0, description="resize the longer side to at most this before sharding")
+    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality for re-encoded images")
+    shard_max_samples: int = Field(10_000, gt=0, description="samples per shard")
+    shard_max_bytes: int = Field(1_000_000_000, gt=0, description="bytes per shard")
+
+
+class DistillConfig(_Section):
+    method: str = Field("kd3", description="kd3, kd or dfnd")
+    student: str = Field("resnet18", description="student architecture (registry name or timm:<name>)")
+    epochs: int = Field(240, gt=0, description="training epochs")
+    batch_size: int = Field(256, gt=0, description="training batch size")
+    lr: float = Field(0.05, gt=0, description="SGD learning rate")
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    lr_milestones: list[float] = Field(
+        default_factory=lambda: [150 / 240, 180 / 240, 210 / 240],
+        description="lr x0.1 at these fractions of the epochs",
+    )
+    img_size: Optional[int] = Field(None, description="input size (default: the teacher's)")
+    augment: Literal["rrc_flip", "flip", "none"] = Field("rrc_flip", description="training augmentation")
+    eval_dir: Optional[Path] = Field(None, description="labelled ImageFolder of original-domain images")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="held-out slice of the web pool for validation")
+    device: str = Field("auto", description="auto, cpu, cuda, ...")
+    amp: Literal["auto", "bf16", "off"] = Field("auto", description="bf16 autocast (auto = on GPU)")
+    channels_last: bool = Field(True, description="channels_last memory format on GPU")
+    workers: int = Field(4, ge=0, description="data loader workers")
+    seed: int = Field(0, description="random seed")
+    # KD3 (spec sections 2-6)
+    tau: float = Field(0.95, gt=0, le=1, description="KD3 base confidence threshold")
+    ramp_frac: float = Field(2 / 3, gt=0, description="E_ramp as a fraction of epochs")
+    cut_frac: float = Field(1 / 2, ge=0, description="E_cut as a fraction of epochs")
+    lambda_con: float = Field(0.001, ge=0, description="weight of the contrastive loss")
+    con_temperature: float = Field(0.3, gt=0, description="NT-Xent temperature")
+    selection: bool = Field(True, description="KD3 dynamic instance selection")
+    weighting: bool = Field(True, description="KD3 disagreement weights on the feature loss")
+    sharing: bool = Field(True, description="KD3 teacher-classifier sharing")
+    mixdist: bool = Field(True, description="KD3 MixDistribution + contrastive alignment")
+    cross_contrastive: bool = Field(False, description="paper-prose option: student x~ <-> teacher x")
+    mix_level: Literal["input", "feature"] = Field("input", description="where MixDistribution acts")
+    classifier_align_loss: bool = Field(False, description="paper-prose option: align classifiers by a loss")
+    # baselines
+    kd_temperature: float = Field(4.0, gt=0, description="KD / DFND temperature")
+    dfnd_keep: float = Field(0.5, gt=0, le=1, description="DFND: fraction of the web pool kept")
+
+
+class FlowConfig(_Section):
+    task_runner: Literal["thread", "dask"] = Field("thread", description="Prefect task runner")
+    dask_address: Optional[str] = Field(None, description="Dask scheduler address (default: a LocalCluster)")
+    dask_workers: int = Field(2, gt=0, description="LocalCluster workers")
+    crawl_concurrency: int = Field(4, gt=0, description="classes crawled at once")
+    gpus: int = Field(1, ge=0, description="GPUs for distill; >1 launches torchrun")
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: str = Field("default", description="run name: the folder runs/<name>")
+    runs_root: Path = Field(Path("runs"), description="folder that holds the runs")
+    classes: list[str] = Field(default_factory=list, description="class names")
+    classes_file: Optional[Path] = Field(None, description="text file with one class name per line")
+    teacher: Optional[Path] = Field(None, description="teacher checkpoint (its class list is used if none given)")
+    crawl: CrawlConfig = Field(default_factory=CrawlConfig)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        from .slug import slugify
+
+        if not v or slugify(v) != v:
+            raise ValueError(f"run name {v!r} must be a plain folder name (letters, digits, -, _)")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: list[str]) -> list[str]:
+        v = [validate_class_name(c) for c in v]
+        dups = sorted({c for c in v if v.count(c) > 1})
+        if dups:
+            raise ValueError(f"class names listed twice: {dups}")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_root) / self.name
+
+    def resolved_classes(self) -> list[str]:
+        """Class names from ``classes``, else ``classes_file``, else the teacher checkpoint."""
+        if self.classes:
+            return list(self.classes)
+        if self.classes_file is not None:
+            p = Path(self.classes_file)
+            if not p.is_file():
+                raise ConfigError(f"classes_file {p} does not exist")
+            names = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+            names = [n for n in names if n and not n.startswith("#")]
+            return _check_class_list(names, str(p))
+        if self.teacher is not None:
+            from .checkpoint import read_teacher_classes
+
+            return _check_class_list(read_teacher_classes(self.teacher), str(self.teacher))
+        raise ConfigError("no classes: set `classes`, `classes_file` or `teacher` in the config")
+
+    def public_dict(self) -> dict[str, Any]:
+        """JSON-able dict with secrets removed (for config.yaml snapshots, manifests, logs)."""
+        d = json.loads(self.model_dump_json())
+        for key in SECRET_FIELDS:
+            if d["crawl"].get(key) is not None:
+                d["crawl"][key] = None
+        return d
+
+    def config_hash(self) -> str:
+        d = self.public_dict()
+        d.pop("name", None)
+        d.pop("runs_root", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_class_list(names: list[str], where: str) -> list[str]:
+    try:
+        return RunConfig._classes(names)  # type: ignore[call-arg]
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _format_validation_error(e: ValidationError, where: str) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}")
+    return f"{where}: " + "; ".join(parts)
+
+
+def set_by_path(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if nxt is None:
+            nxt = {}
+            cur[k] = nxt
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_override_value(text: str) -> Any:
+    """``--set a.b=VALUE``: VALUE is read as YAML (numbers, bools, lists), else kept as a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a YAML config (or defaults), apply dotted ``overrides``, validate."""
+    data: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    for k, v in (overrides or {}).items():
+        set_by_path(data, k, v)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, where)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.public_dict(), sort_keys=False, allow_unicode=True)
+
+
+def save_resolved(cfg: RunConfig) -> Path:
+    """Write ``runs/<name>/config.yaml`` (atomically, secrets removed)."""
+    from .io import atomic_write_text
+
+    out = cfg.run_dir / "config.yaml"
+    atomic_write_text(out, dump_config(cfg))
+    return out
+
+
+def iter_fields(model: type[BaseModel] = RunConfig, prefix: str = ""):
+    """Yield (dotted_name, annotation, FieldInfo) for every leaf field (for CLI flags)."""
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from iter_fields(ann, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", ann, info
