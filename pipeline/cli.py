@@ -44,11 +44,14 @@ def _is_list(ann: Any) -> bool:
 
 
 def _convert(ann: Any, raw: str) -> Any:
+    """Text fields stay text; lists take ``a,b,c`` or YAML ``[a, b]``; the rest is read as YAML."""
+    if _is_list(ann):
+        if raw.lstrip().startswith("["):
+            return parse_override_value(raw)
+        text_items = typing.get_args(ann)[0] is str
+        return [x.strip() if text_items else parse_override_value(x.strip()) for x in raw.split(",") if x.strip()]
     if _is_text_type(ann):
         return raw
-    if _is_list(ann) and not raw.lstrip().startswith("["):
-        return [parse_override_value(x.strip()) if typing.get_args(ann)[0] is not str else x.strip()
-                for x in raw.split(",") if x.strip()]
     return parse_override_value(raw)
 
 
@@ -117,23 +120,26 @@ def _setup_logging(level: str) -> None:
 # ---- subcommand handlers (lazy imports: `kd3 --help` stays fast) ----
 
 def _cmd_crawl(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
     from crawlers.stage import crawl
 
-    summary = crawl(config_from_args(args))
+    summary = crawl(cfg)
     return 0 if summary.get("ok", True) else 1
 
 
 def _cmd_curate(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
     from .curate import curate
 
-    curate(config_from_args(args))
+    curate(cfg)
     return 0
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
     from distill.stage import distill_cli
 
-    return distill_cli(config_from_args(args), args)
+    return distill_cli(cfg, args)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -143,15 +149,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
     from flows.cli import run_cli
 
-    return run_cli(config_from_args(args), args)
+    return run_cli(cfg, args)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
     from flows.cli import serve_cli
 
-    return serve_cli(config_from_args(args), args)
+    return serve_cli(cfg, args)
 
 
 def _cmd_teacher(args: argparse.Namespace) -> int:

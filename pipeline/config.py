@@ -191,7 +191,10 @@ class RunConfig(BaseModel):
     @field_validator("classes")
     @classmethod
     def _classes(cls, v: list[str]) -> list[str]:
-        v = [validate_class_name(c) for c in v]
+        try:
+            v = [validate_class_name(c) for c in v]
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         dups = sorted({c for c in v if v.count(c) > 1})
         if dups:
             raise ValueError(f"class names listed twice: {dups}")

@@ -1,0 +1,119 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import cli
+from pipeline.config import RunConfig, load_config, save_resolved
+from pipeline.errors import ConfigError
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump({"name": "r1", "classes": ["cat", "dog"], "crawl": {"per_class": 7}}))
+    cfg = load_config(p, {"crawl.per_class": 9, "curate.near_dup_threshold": 0.9})
+    assert cfg.crawl.per_class == 9
+    assert cfg.curate.near_dup_threshold == 0.9
+    assert cfg.classes == ["cat", "dog"]
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({"crawl": {"bogus": 1}}, "crawl.bogus: unknown key"),
+        ({"crawl": {"per_class": -3}}, "crawl.per_class"),
+        ({"crawl": {"per_class": "many"}}, "crawl.per_class"),
+        ({"classes": ["a", "a"]}, "listed twice"),
+        ({"classes": ["ok", "bad\x00name"]}, "NUL"),
+        ({"classes": ["x" * 500]}, "longer than"),
+        ({"crawl": {"query_templates": ["no placeholder"]}}, "placeholder"),
+        ({"name": "../evil"}, "plain folder name"),
+    ],
+)
+def test_bad_config_is_one_line_error(tmp_path, data, needle):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    msg = str(ei.value)
+    assert needle in msg
+    assert "\n" not in msg
+    assert str(p) in msg
+
+
+def test_missing_and_malformed_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("crawl: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_resolved_config_has_no_secrets(tmp_path):
+    cfg = load_config(None, {"name": "s", "runs_root": str(tmp_path), "classes": ["cat"],
+                             "crawl.flickr_api_key": "SECRET-KEY-123", "crawl.proxy": "http://u:pw@proxy:3128"})
+    assert cfg.crawl.flickr_key() == "SECRET-KEY-123"
+    out = save_resolved(cfg)
+    text = out.read_text()
+    assert "SECRET-KEY-123" not in text and "pw@proxy" not in text
+    again = load_config(out)  # the snapshot is itself a valid config
+    assert again.crawl.per_class == cfg.crawl.per_class
+    assert again.config_hash() == load_config(None, {"classes": ["cat"]}).config_hash()
+
+
+def test_classes_from_file(tmp_path):
+    f = tmp_path / "classes.txt"
+    f.write_text("# digits\nzero\none\n\ntwo\n")
+    cfg = load_config(None, {"classes_file": str(f)})
+    assert cfg.resolved_classes() == ["zero", "one", "two"]
+    f.write_text("zero\nzero\n")
+    with pytest.raises(ConfigError, match="listed twice"):
+        cfg.resolved_classes()
+    with pytest.raises(ConfigError, match="no classes"):
+        RunConfig().resolved_classes()
+
+
+def test_cli_flags_and_set_override(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump({"classes": ["cat"]}))
+    parser = cli.build_parser()
+    args = parser.parse_args([
+        "crawl", "--config", str(p), "--crawl.per_class", "12", "--classes", "cat,dog",
+        "--crawl.sources", "bing,urls", "--no-crawl.respect_x_robots_tag",
+        "--set", "crawl.retries=1", "--crawl.user_agent", "123",
+    ])
+    cfg = cli.config_from_args(args)
+    assert cfg.crawl.per_class == 12
+    assert cfg.classes == ["cat", "dog"]
+    assert cfg.crawl.sources == ["bing", "urls"]
+    assert cfg.crawl.respect_x_robots_tag is False
+    assert cfg.crawl.retries == 1
+    assert cfg.crawl.user_agent == "123"  # text fields stay text
+
+
+def test_cli_run_dir_sets_name(tmp_path):
+    run = tmp_path / "runs" / "myrun"
+    cfg = load_config(None, {"name": "myrun", "runs_root": str(tmp_path / "runs"), "classes": ["a"]})
+    save_resolved(cfg)
+    args = cli.build_parser().parse_args(["curate", "--run", str(run), "--curate.min_side", "8"])
+    got = cli.config_from_args(args)
+    assert got.run_dir == run and got.classes == ["a"] and got.curate.min_side == 8
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "crawl", "--config", str(tmp_path / "missing.yaml")],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines == [f"kd3: error: config file {tmp_path / 'missing.yaml'} does not exist"]
+
+
+def test_every_subcommand_has_help():
+    parser = cli.build_parser()
+    for cmd in ["crawl", "curate", "distill", "inspect", "run", "serve", "teacher", "demo"]:
+        with pytest.raises(SystemExit) as ei:
+            parser.parse_args([cmd, "--help"])
+        assert ei.value.code == 0

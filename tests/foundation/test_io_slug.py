@@ -1,0 +1,92 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.io import JsonlAppender, atomic_path, atomic_write_json, read_jsonl, sha256_file
+from pipeline.slug import slugify, unique_slugs
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "a.json"
+    atomic_write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp file left
+
+
+def test_atomic_no_overwrite_keeps_first(tmp_path):
+    target = tmp_path / "blob"
+    with atomic_path(target, overwrite=False) as tmp:
+        tmp.write_bytes(b"first")
+    with atomic_path(target, overwrite=False) as tmp:
+        tmp.write_bytes(b"second")
+    assert target.read_bytes() == b"first"
+
+
+def test_jsonl_torn_tail_is_repaired(tmp_path):
+    p = tmp_path / "r.jsonl"
+    with JsonlAppender(p) as w:
+        w.write({"i": 1})
+        w.write({"i": 2})
+    with open(p, "a") as fh:
+        fh.write('{"i": 3, "trunc')  # a crash mid-line
+    assert [r["i"] for r in read_jsonl(p)] == [1, 2]
+    with JsonlAppender(p) as w:
+        w.write({"i": 4})
+    assert [r["i"] for r in read_jsonl(p)] == [1, 2, 4]
+
+
+def test_jsonl_corrupt_middle_line_is_an_error(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text('{"i": 1}\nnot json\n{"i": 2}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_jsonl(p)
+
+
+def test_kill9_during_appends_never_corrupts(tmp_path):
+    p = tmp_path / "r.jsonl"
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from pipeline.io import JsonlAppender\n"
+        "w = JsonlAppender(%r)\n"
+        "i = 0\n"
+        "while True:\n"
+        "    w.write({'i': i, 'pad': 'x' * 1000}); i += 1\n"
+    ) % (os.getcwd(), str(p))
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    import time
+
+    deadline = time.time() + 20
+    while time.time() < deadline and (not p.exists() or p.stat().st_size < 200_000):
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    rows = read_jsonl(p)
+    assert len(rows) > 50
+    assert [r["i"] for r in rows] == list(range(len(rows)))
+
+
+def test_sha256_file(tmp_path):
+    p = tmp_path / "x"
+    p.write_bytes(b"abc")
+    assert sha256_file(p) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "a/b", "..", "x\\y", "  spaced  name ", "c:\\win", "." * 5])
+def test_slug_is_a_safe_single_component(name):
+    s = slugify(name)
+    assert s and "/" not in s and "\\" not in s and s not in (".", "..") and not s.startswith(".")
+
+
+def test_slug_readable_and_unique():
+    assert slugify("Golden Retriever") == "golden_retriever"
+    assert slugify("猫") == "猫"
+    assert slugify("a/b") != slugify("a_b")
+    m = unique_slugs(["a/b", "a_b", "A B"])
+    assert len(set(m.values())) == 3
