@@ -1,11 +1,651 @@
-"""`kd3 inspect` (placeholder until the inspect issue lands)."""
-import argparse
+"""``kd3 inspect``: look at a run (any stage done so far) in the terminal, as contact sheets, as neighbours.
 
+* ``kd3 inspect runs/<name>`` (or its manifest.json): per-class table (crawled, valid, duplicates,
+  contaminated, off-class, kept, shards, bytes) and the distill runs with accuracy and selection rates.
+* ``--html``: the static report ``runs/<name>/report/index.html`` (see :mod:`pipeline.report`).
+* ``--similar IMG|KEY [-k 16]`` / ``--text "a photo of a dog"``: nearest neighbours in the FAISS index.
+* ``--class C --sheet out.png``: one class's contact sheet.
+
+Everything works on partial runs: what is missing is said, not crashed on.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import tarfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import DataError, Kd3Error
+from .io import read_json, read_jsonl
+from .runs import DROP_REASONS, RunDir, run_dir_of
+
+log = logging.getLogger(__name__)
+
+VALIDATE_REASONS = ("invalid", "too_small", "bad_aspect", "bomb")
+DUP_REASONS = ("exact_dup", "phash_dup", "near_dup", "cross_class_dup")
+REASON_LABELS = {
+    "invalid": "invalid", "too_small": "too small", "bad_aspect": "bad aspect", "bomb": "decompression bomb",
+    "exact_dup": "exact duplicate", "phash_dup": "pHash duplicate", "near_dup": "near duplicate",
+    "cross_class_dup": "cross-class duplicate", "contaminated": "contaminated", "off_class": "off-class",
+}
+COUNT_FIELDS = ("crawled", "downloaded", "errors", "valid", *DROP_REASONS, "kept", "shards", "bytes")
+
+
+def _read_json_or_error(path: Path) -> Any:
+    try:
+        return read_json(path)
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON ({e})") from None
+
+
+def _read_jsonl_or_error(path: Path) -> list[dict]:
+    try:
+        return read_jsonl(path)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+@dataclass
+class DistillRun:
+    name: str
+    path: Path
+    metrics: dict
+    selection: list[dict] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict:
+        return self.metrics.get("final") or {}
+
+    @property
+    def epochs(self) -> list[dict]:
+        return self.metrics.get("epochs") or []
+
+    def selected_keys(self) -> set[str]:
+        out: set[str] = set()
+        for row in self.selection:
+            out.update(row.get("selected_keys") or [])
+        return out
+
+
+class Run:
+    """Everything present in a run directory, loaded lazily; absent parts are None / empty."""
+
+    def __init__(self, path: str | Path):
+        p = Path(path)
+        if not p.exists():
+            raise DataError(f"{p} does not exist (expected a run directory or its manifest.json)")
+        if p.is_file() and p.suffix != ".json" and p.name != "config.yaml":
+            raise DataError(f"{p}: expected a run directory or its manifest.json")
+        self.rd: RunDir = run_dir_of(p)
+        self.manifest_path = p if p.is_file() and p.suffix == ".json" else self.rd.manifest
+        if not self.rd.root.is_dir():
+            raise DataError(f"run directory {self.rd.root} does not exist")
+
+    # ---- raw parts ----
+    @cached_property
+    def manifest(self) -> Optional[dict]:
+        if not self.manifest_path.is_file():
+            return None
+        m = _read_json_or_error(self.manifest_path)
+        if not isinstance(m, dict) or "shardlist" not in m:
+            raise DataError(f"{self.manifest_path} is not a kd3 manifest (no shardlist)")
+        return m
+
+    @cached_property
+    def records(self) -> list[dict]:
+        return _read_jsonl_or_error(self.rd.records)
+
+    @cached_property
+    def decisions(self) -> list[dict]:
+        return _read_jsonl_or_error(self.rd.decisions)
+
+    @cached_property
+    def distill_runs(self) -> list[DistillRun]:
+        out = []
+        if not self.rd.distill.is_dir():
+            return out
+        for mpath in sorted(self.rd.distill.glob("*/metrics.json")):
+            try:
+                metrics = _read_json_or_error(mpath)
+            except DataError as e:
+                log.warning("skipping %s", e)
+                continue
+            sel = _read_jsonl_or_error(mpath.parent / "selection.jsonl")
+            out.append(DistillRun(mpath.parent.name, mpath.parent, metrics, sel))
+        return out
+
+    @cached_property
+    def config_classes(self) -> list[str]:
+        if not self.rd.config.is_file():
+            return []
+        try:
+            import yaml
+
+            data = yaml.safe_load(self.rd.config.read_text(encoding="utf-8")) or {}
+            return [str(c) for c in (data.get("classes") or [])]
+        except Exception:  # noqa: BLE001 - a broken config only costs the class order
+            return []
+
+    @cached_property
+    def classes(self) -> list[str]:
+        if self.manifest and self.manifest.get("classes"):
+            return list(self.manifest["classes"])
+        seen = list(self.config_classes)
+        for row in [*self.decisions, *self.records]:
+            c = row.get("class")
+            if c is not None and c not in seen:
+                seen.append(c)
+        return seen
+
+    # ---- derived ----
+    @cached_property
+    def by_id(self) -> dict[str, dict]:
+        """id -> first decision row (same content in two classes shares the id)."""
+        out: dict[str, dict] = {}
+        for d in self.decisions:
+            out.setdefault(d["id"], d)
+        return out
+
+    @cached_property
+    def by_key(self) -> dict[str, dict]:
+        out = {}
+        for d in self.decisions:
+            if d.get("key"):
+                out[d["key"]] = d
+        return out
+
+    @cached_property
+    def pool_keys(self) -> dict[str, str]:
+        """Shard key -> class of every kept sample."""
+        return {d["key"]: d["class"] for d in self.decisions if d.get("kept") and d.get("key")}
+
+    @cached_property
+    def shard_bytes(self) -> dict[str, int]:
+        """key -> bytes of its members in the shards (tar headers only are read)."""
+        out: dict[str, int] = Counter()
+        if not self.manifest:
+            return out
+        base = self.manifest_path.parent
+        for s in self.manifest.get("shardlist", []):
+            path = base / s["url"]
+            if not path.is_file():
+                continue
+            try:
+                with tarfile.open(path) as tf:
+                    for ti in tf:
+                        if ti.isfile():
+                            out[ti.name.split(".", 1)[0]] += ti.size
+            except tarfile.TarError as e:
+                raise DataError(f"shard {path} is not a readable tar ({e})") from None
+        return out
+
+    def image_file(self, row: dict) -> Optional[Path]:
+        p = row.get("path")
+        if not p:
+            return None
+        path = self.rd.root / p
+        return path if path.is_file() else None
+
+    def missing(self) -> list[str]:
+        """One line per stage output that is not there yet."""
+        out = []
+        rd = self.rd
+        if not rd.records.is_file():
+            out.append(f"no crawl records ({rd.records.relative_to(rd.root)}): run `kd3 crawl`")
+        if not rd.decisions.is_file():
+            out.append(f"not curated yet ({rd.decisions.relative_to(rd.root)} missing): run `kd3 curate`")
+        if self.manifest is None:
+            out.append("no manifest.json: no shards to distill from yet (`kd3 curate`)")
+        else:
+            base = self.manifest_path.parent
+            gone = [s["url"] for s in self.manifest.get("shardlist", []) if not (base / s["url"]).is_file()]
+            if gone:
+                out.append(f"{len(gone)} shard(s) listed in the manifest are missing, e.g. {gone[0]}")
+        if rd.decisions.is_file() and not rd.index.is_file():
+            out.append("no FAISS index (curate/index.faiss): --similar/--text unavailable")
+        if not self.distill_runs:
+            out.append("no distill runs (distill/*/metrics.json): run `kd3 distill`")
+        return out
+
+
+def _rate(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None or not b:
+        return None
+    return a / b
+
+
+def summarize(run_dir: str | Path) -> dict:
+    """All the numbers ``kd3 inspect`` prints, as a dict (JSON-able)."""
+    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
+    classes = run.classes
+    per: dict[str, dict[str, Any]] = {c: {k: None for k in COUNT_FIELDS} for c in classes}
+    has_records = run.rd.records.is_file()
+    has_decisions = run.rd.decisions.is_file()
+    if has_records:
+        for c in classes:
+            per[c].update(crawled=0, downloaded=0, errors=0)
+        for r in run.records:
+            c = r.get("class")
+            if c not in per:
+                continue
+            per[c]["crawled"] += 1
+            st = r.get("status")
+            if st == "ok":
+                per[c]["downloaded"] += 1
+            elif st == "error":
+                per[c]["errors"] += 1
+    if has_decisions:
+        for c in classes:
+            per[c].update({k: 0 for k in ("valid", *DROP_REASONS, "kept")})
+            if per[c]["downloaded"] is None:
+                per[c]["downloaded"] = 0
+        counted_dl = not has_records
+        for d in run.decisions:
+            c = d.get("class")
+            if c not in per:
+                continue
+            reason = d.get("reason")
+            if counted_dl:
+                per[c]["downloaded"] += 1
+            if reason in per[c]:
+                per[c][reason] += 1
+            if reason not in VALIDATE_REASONS:
+                per[c]["valid"] += 1
+            if d.get("kept"):
+                per[c]["kept"] += 1
+    if run.manifest is not None:
+        shards_of: dict[str, set] = defaultdict(set)
+        bytes_of: dict[str, int] = Counter()
+        sb = run.shard_bytes
+        for d in run.decisions:
+            if d.get("kept") and d.get("key"):
+                if d.get("shard"):
+                    shards_of[d["class"]].add(d["shard"])
+                bytes_of[d["class"]] += sb.get(d["key"], 0)
+        for c in classes:
+            per[c]["shards"] = len(shards_of[c])
+            per[c]["bytes"] = int(bytes_of[c])
+            if not has_decisions:
+                per[c]["kept"] = int((run.manifest.get("class_counts") or {}).get(c, 0))
+    totals: dict[str, Any] = {}
+    for k in COUNT_FIELDS:
+        vals = [per[c][k] for c in classes if per[c][k] is not None]
+        totals[k] = sum(vals) if vals else None
+    if run.manifest is not None:
+        totals["shards"] = len(run.manifest.get("shardlist", []))
+    if has_decisions:
+        uniq_kept = {d["id"] for d in run.decisions if d.get("kept")}
+        totals["kept_unique"] = len(uniq_kept)
+
+    funnel = _funnel(totals, has_records, has_decisions)
+
+    distill = []
+    for dr in run.distill_runs:
+        f = dr.final
+        last = dr.epochs[-1] if dr.epochs else {}
+        last_sel = last.get("selected_per_class") or {}
+        rates = {}
+        for c in classes:
+            pool = per[c]["kept"]
+            rates[c] = _rate(last_sel.get(c), pool) if c in last_sel else None
+        distill.append({
+            "name": dr.name, "method": dr.metrics.get("method"), "student": dr.metrics.get("student"),
+            "teacher": dr.metrics.get("teacher"), "epochs": len(dr.epochs),
+            "top1": f.get("top1", last.get("eval_top1")), "teacher_top1": f.get("teacher_top1"),
+            "agreement": f.get("agreement", last.get("val_agreement")), "params": f.get("params"),
+            "throughput_img_s": f.get("throughput_img_s"), "selected_fraction": f.get("selected_fraction"),
+            "eval": f.get("eval"), "selection_rate": rates, "has_selection_log": bool(dr.selection),
+            "finished": bool(dr.metrics.get("final")),
+        })
+    m = run.manifest or {}
+    return {
+        "run": run.rd.name, "root": str(run.rd.root), "classes": classes, "per_class": per, "totals": totals,
+        "funnel": funnel, "stats": m.get("stats") or {}, "distill": distill, "missing": run.missing(),
+        "manifest": {k: m.get(k) for k in ("name", "nsamples", "class_counts", "embedding", "thresholds",
+                                           "config_hash", "created", "versions")} if m else None,
+        "present": {"records": has_records, "decisions": has_decisions, "manifest": run.manifest is not None,
+                    "index": run.rd.index.is_file(), "distill": bool(run.distill_runs)},
+    }
+
+
+def _funnel(t: dict, has_records: bool, has_decisions: bool) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    if has_records:
+        out.append(("URLs tried", t["crawled"]))
+    if t.get("downloaded") is not None:
+        out.append(("downloaded", t["downloaded"]))
+    if has_decisions:
+        n = t["valid"]
+        out.append(("valid", n))
+        n -= sum(t[r] for r in DUP_REASONS)
+        out.append(("unique", n))
+        n -= t["contaminated"]
+        out.append(("uncontaminated", n))
+        n -= t["off_class"]
+        out.append(("on-class", n))
+        out.append(("kept", t["kept"]))
+    return out
+
+
+# ---------------------------------------------------------------- terminal output
+
+def _fmt_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "–"
+    x = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if x < 1000 or unit == "TB":
+            return f"{x:.0f}{unit}" if unit == "B" else f"{x:.1f}{unit}"
+        x /= 1000
+    return str(n)
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None else str(v)
+
+
+def _pct(v: Optional[float]) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def render_summary(s: dict, console=None) -> None:
+    """Print the summary dict as rich tables."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    con = console or Console()
+    m = s.get("manifest") or {}
+    head = f"[bold]run[/bold] {s['run']}  [dim]{s['root']}[/dim]"
+    if m:
+        emb = m.get("embedding") or {}
+        head += (f"\n[bold]manifest[/bold] {m.get('nsamples')} samples, created {m.get('created')}, "
+                 f"config {m.get('config_hash')}, embedding {emb.get('backend')}:{emb.get('model')}")
+    con.print(head)
+    t = Table(title="per class  (duplicates: exact / pHash / near / cross-class)", title_justify="left",
+              header_style="bold", show_footer=True, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0))
+    cols = [("class", "class"), ("crawled", "crawl"), ("downloaded", "ok"), ("valid", "valid"),
+            ("exact_dup", "exact"), ("phash_dup", "pHash"), ("near_dup", "near"),
+            ("cross_class_dup", "xcls"), ("contaminated", "cont"), ("off_class", "off"),
+            ("kept", "kept"), ("shards", "shards"), ("bytes", "bytes")]
+    tot = s["totals"]
+    for key, label in cols:
+        if key == "class":
+            t.add_column(label, footer="total", style="bold", overflow="fold", min_width=5)
+        else:
+            foot = _fmt_bytes(tot.get(key)) if key == "bytes" else _fmt(tot.get(key))
+            t.add_column(label, justify="right", footer=foot, no_wrap=True,
+                         style="green" if key == "kept" else ("yellow" if key in DROP_REASONS else None))
+    for c in s["classes"]:
+        row = s["per_class"][c]
+        t.add_row(c, *[_fmt_bytes(row[k]) if k == "bytes" else _fmt(row[k]) for k, _ in cols[1:]])
+    con.print(t)
+    inv = {r: tot.get(r) for r in VALIDATE_REASONS if tot.get(r)}
+    if inv:
+        con.print("[dim]invalid at validation: " + ", ".join(f"{REASON_LABELS[r]} {n}" for r, n in inv.items())
+                  + "[/dim]")
+    if s["distill"]:
+        d = Table(title="distill runs", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+        for col in ("run", "method", "student", "epochs", "top-1", "teacher", "agree", "selected"):
+            d.add_column(col, justify="left" if col in ("run", "method", "student") else "right")
+        for r in s["distill"]:
+            d.add_row(r["name"], _fmt(r["method"]), _fmt(r["student"]), str(r["epochs"]), _pct(r["top1"]),
+                      _pct(r["teacher_top1"]), _pct(r["agreement"]), _pct(r["selected_fraction"]))
+        con.print(d)
+        sel = Table(title="selection rate per class (last epoch selected / kept)", title_justify="left",
+                    header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+        sel.add_column("run")
+        for c in s["classes"]:
+            sel.add_column(c, justify="right")
+        for r in s["distill"]:
+            sel.add_row(r["name"], *[_pct(r["selection_rate"].get(c)) for c in s["classes"]])
+        con.print(sel)
+    for line in s["missing"]:
+        con.print(f"[yellow]missing:[/yellow] {line}")
+
+
+# ---------------------------------------------------------------- neighbours
+
+def _load_index(run: Run):
+    import faiss
+
+    idx_path = run.rd.require(run.rd.index, "curate")
+    ids_path = run.rd.require(run.rd.index_ids, "curate")
+    try:
+        index = faiss.read_index(str(idx_path))
+    except RuntimeError as e:
+        raise DataError(f"{idx_path} is not a readable FAISS index ({str(e).splitlines()[0]})") from None
+    ids = _read_json_or_error(ids_path)
+    if isinstance(ids, dict):
+        ids = ids.get("ids") or ids.get("keys") or []
+    if len(ids) != index.ntotal:
+        raise DataError(f"{ids_path} has {len(ids)} ids but {idx_path} holds {index.ntotal} vectors")
+    return index, [str(i) for i in ids]
+
+
+def _lookup_embedding(run: Run, key: str):
+    """Row of curate/embeddings.npy for an image id or key (any unique id prefix)."""
+    import numpy as np
+
+    emb_path = run.rd.require(run.rd.embeddings, "curate")
+    ids = _read_json_or_error(run.rd.require(run.rd.embedding_ids, "curate"))
+    if isinstance(ids, dict):
+        ids = ids.get("ids") or []
+    key = key.lower()
+    hits = [i for i, x in enumerate(ids) if str(x).lower().startswith(key)]
+    if not hits:
+        d = run.by_key.get(key)
+        if d is not None:
+            hits = [i for i, x in enumerate(ids) if x == d["id"]]
+    if not hits:
+        raise DataError(f"{key!r} is neither an image file nor an id/key in {run.rd.embedding_ids}")
+    if len({ids[i] for i in hits}) > 1:
+        raise DataError(f"key {key!r} is ambiguous in {run.rd.embedding_ids} ({len(hits)} ids start with it)")
+    emb = np.load(emb_path, mmap_mode="r")
+    return np.asarray(emb[hits[0]], dtype=np.float32), str(ids[hits[0]])
+
+
+def _run_config(run: Run):
+    from .config import load_config
+
+    if not run.rd.config.is_file():
+        raise DataError(f"{run.rd.config} is missing: cannot rebuild the embedding model of this run")
+    return load_config(run.rd.config, {"name": run.rd.name, "runs_root": str(run.rd.root.parent)})
+
+
+def _embedder(run: Run):
+    """The embedding model the manifest names, built by the curate stage's own code."""
+    emb = (run.manifest or {}).get("embedding") or {}
+    if not emb:
+        raise DataError(f"{run.manifest_path}: no `embedding` section; cannot embed a query the same way")
+    try:
+        from . import embed as embed_mod  # written by the curate stage
+    except ImportError as e:
+        raise Kd3Error(f"image queries need the curate embedding code (pipeline.embed): {e}") from None
+    cfg = _run_config(run)
+    return embed_mod.embedder_for_manifest(cfg, emb)
+
+
+def neighbours(run: Run, *, query_vec, k: int, exclude: Optional[str] = None) -> list[dict]:
+    import numpy as np
+
+    index, ids = _load_index(run)
+    q = np.asarray(query_vec, dtype=np.float32).reshape(1, -1)
+    if q.shape[1] != index.d:
+        raise DataError(f"query embedding has dim {q.shape[1]} but {run.rd.index} has dim {index.d}")
+    q = q / (np.linalg.norm(q) + 1e-12)
+    n = min(index.ntotal, k + (1 if exclude else 0))
+    if n == 0:
+        return []
+    scores, rows = index.search(q, n)
+    out = []
+    for s, r in zip(scores[0], rows[0]):
+        if r < 0:
+            continue
+        iid = ids[r]
+        if exclude and iid == exclude:
+            continue
+        d = run.by_id.get(iid) or run.by_key.get(iid) or {"id": iid}
+        out.append({"rank": len(out) + 1, "score": float(s), "id": d.get("id", iid), "key": d.get("key"),
+                    "class": d.get("class"), "path": d.get("path")})
+        if len(out) >= k:
+            break
+    return out
+
+
+def similar(run_dir: str | Path, query: str, k: int = 16) -> tuple[list[dict], dict]:
+    """Neighbours of an image file or of an image id/key. Returns (hits, query-info)."""
+    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
+    qpath = Path(query)
+    if qpath.is_file():
+        vec = _embedder(run).embed_images([qpath])[0]
+        info = {"query": str(qpath), "path": qpath, "id": None}
+        return neighbours(run, query_vec=vec, k=k), info
+    vec, iid = _lookup_embedding(run, query)
+    d = run.by_id.get(iid, {})
+    info = {"query": query, "id": iid, "path": run.image_file(d) if d else None, "class": d.get("class")}
+    return neighbours(run, query_vec=vec, k=k, exclude=iid), info
+
+
+def text_query(run_dir: str | Path, text: str, k: int = 16) -> list[dict]:
+    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
+    emb = (run.manifest or {}).get("embedding") if run.manifest else None
+    if run.manifest is None:
+        raise DataError(f"{run.manifest_path} is missing: run `kd3 curate` first")
+    emb = emb or {}
+    if emb.get("backend") != "clip":
+        raise Kd3Error(f"--text needs CLIP embeddings; this run was embedded with the "
+                       f"{emb.get('backend') or 'unknown'} backend (set curate.embed_backend=clip and re-curate)")
+    cfg = _run_config(run)
+    if not emb.get("pretrained") and not cfg.curate.clip_weights:
+        raise Kd3Error(f"--text needs real CLIP weights; this run's embeddings come from {emb.get('model')} "
+                       "with random weights (set curate.clip_pretrained or curate.clip_weights)")
+    embedder = _embedder(run)
+    if not hasattr(embedder, "embed_texts"):
+        raise Kd3Error(f"--text: the {emb.get('backend')} embedder of this run cannot embed text")
+    vec = embedder.embed_texts([text])[0]
+    return neighbours(run, query_vec=vec, k=k)
+
+
+# ---------------------------------------------------------------- sheets
+
+def neighbour_sheet(run: Run, hits: list[dict], out: Path, *, title: str, query_image=None) -> Path:
+    from .sheets import ACCENTS, Tile, write_sheet
+
+    tiles = []
+    if query_image is not None:
+        tiles.append(Tile(query_image, "query", "", ACCENTS["query"]))
+    for h in hits:
+        path = run.rd.root / h["path"] if h.get("path") else None
+        tiles.append(Tile(path, f"#{h['rank']} {h.get('class') or ''}", f"{h['score']:.3f}  {(h.get('key') or h['id'])[:12]}"))
+    return write_sheet(tiles, out, title=title, cols=min(9, max(1, len(tiles))), thumb=150)
+
+
+def class_sheet(run_dir: str | Path, cls: str, out: str | Path, *, include_dropped: bool = True,
+                limit: int = 200) -> Path:
+    """Contact sheet PNG of one class: kept images first, then dropped ones with their reason."""
+    from .sheets import ACCENTS, Tile, write_sheet
+
+    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
+    if cls not in run.classes:
+        raise DataError(f"class {cls!r} is not in run {run.rd.name} (classes: {', '.join(run.classes) or 'none'})")
+    tiles: list[Tile] = []
+    if run.decisions:
+        rows = [d for d in run.decisions if d.get("class") == cls]
+        kept = [d for d in rows if d.get("kept")]
+        dropped = [d for d in rows if not d.get("kept")]
+        dropped.sort(key=lambda d: DROP_REASONS.index(d["reason"]) if d.get("reason") in DROP_REASONS else 99)
+        for d in kept:
+            tiles.append(Tile(run.image_file(d), d.get("key") or d["id"][:16], f"{d.get('w')}x{d.get('h')}",
+                              ACCENTS["kept"]))
+        if include_dropped:
+            for d in dropped:
+                tiles.append(Tile(run.image_file(d), REASON_LABELS.get(d.get("reason"), str(d.get("reason"))),
+                                  d.get("detail") or "", ACCENTS["dropped"]))
+        sub = f"{len(kept)} kept (green), {len(dropped)} dropped (red)"
+    else:
+        rows = [r for r in run.records if r.get("class") == cls and r.get("status") == "ok"]
+        for r in rows:
+            tiles.append(Tile(run.rd.root / r["path"] if r.get("path") else None, r.get("sha256", "")[:16],
+                              f"{r.get('w')}x{r.get('h')} {r.get('engine')}"))
+        sub = f"{len(rows)} downloaded (not curated yet)"
+    if len(tiles) > limit:
+        sub += f"; first {limit} of {len(tiles)} shown"
+        tiles = tiles[:limit]
+    return write_sheet(tiles, out, title=f"{run.rd.name} · {cls}", subtitle=sub, cols=10, thumb=128)
+
+
+# ---------------------------------------------------------------- CLI
 
 def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="run directory or manifest.json")
+    p.add_argument("path", help="run directory runs/<name> or its manifest.json")
+    p.add_argument("--html", action="store_true", help="write the static report runs/<name>/report/index.html")
+    p.add_argument("--similar", metavar="IMG|KEY", help="nearest neighbours of an image file or an image id/key")
+    p.add_argument("--text", metavar="PROMPT", help='nearest neighbours of a text prompt (needs real CLIP weights)')
+    p.add_argument("-k", type=int, default=16, help="neighbours to return (default: 16)")
+    p.add_argument("--class", dest="cls", metavar="C", help="class for --sheet")
+    p.add_argument("--sheet", type=Path, metavar="OUT.png",
+                   help="contact sheet PNG (of --class, or of the --similar/--text neighbours)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
+    p.add_argument("--log-level", default="WARNING", help="logging level")
+
+
+def _print_hits(hits: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", header_style="bold")
+    for col in ("#", "score", "class", "key", "path"):
+        t.add_column(col, justify="right" if col in ("#", "score") else "left")
+    for h in hits:
+        t.add_row(str(h["rank"]), f"{h['score']:.4f}", _fmt(h.get("class")), (h.get("key") or h["id"])[:16],
+                  _fmt(h.get("path")))
+    Console().print(t)
 
 
 def inspect_cli(args) -> int:
-    from pipeline.errors import Kd3Error
-    raise Kd3Error("kd3 inspect is not implemented yet")
+    import json as _json
+
+    if args.k <= 0:
+        raise Kd3Error(f"-k must be positive, got {args.k}")
+    run = Run(args.path)
+    did = False
+    if args.similar or args.text:
+        if args.similar and args.text:
+            raise Kd3Error("give --similar or --text, not both")
+        if args.similar:
+            hits, info = similar(run, args.similar, k=args.k)
+            title = f"neighbours of {args.similar}"
+            qimg = info.get("path")
+        else:
+            hits, qimg = text_query(run, args.text, k=args.k), None
+            title = f'neighbours of "{args.text}"'
+        _print_hits(hits, title)
+        out = args.sheet or run.rd.report / ("similar.png" if args.similar else "text.png")
+        neighbour_sheet(run, hits, out, title=title, query_image=qimg)
+        print(f"sheet: {out}")
+        did = True
+    elif args.sheet is not None or args.cls is not None:
+        if args.cls is None or args.sheet is None:
+            raise Kd3Error("--class and --sheet go together: kd3 inspect RUN --class C --sheet out.png")
+        out = class_sheet(run, args.cls, args.sheet)
+        print(f"sheet: {out}")
+        did = True
+    if args.html:
+        from .report import write_report
+
+        path = write_report(run)
+        print(f"report: {path}")
+        did = True
+    if not did:
+        s = summarize(run)
+        if args.json:
+            print(_json.dumps(s, indent=2, default=str))
+        else:
+            render_summary(s)
+    return 0
