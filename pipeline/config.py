@@ -64,6 +64,10 @@ class CrawlConfig(_Section):
     max_bytes: int = Field(20_000_000, gt=0, description="largest image accepted; larger bodies are cut off")
     deadline_s: float = Field(3600.0, gt=0, description="global wall-clock deadline for the crawl")
     allow_private_hosts: bool = Field(False, description="allow URLs on private/loopback/link-local addresses")
+    allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs allowed even when private, e.g. 127.0.0.1/32 for a local mirror",
+    )
     respect_x_robots_tag: bool = Field(True, description="skip images served with X-Robots-Tag noai/noimageai")
     user_agent: str = Field("kd3/0.1 (+https://github.com/kd3-project/kd3)", description="HTTP User-Agent")
     proxy: Optional[SecretStr] = Field(None, description="HTTP(S) proxy URL (may carry credentials)")
@@ -85,6 +89,18 @@ class CrawlConfig(_Section):
             raise ValueError("at least one source is needed")
         if len(set(v)) != len(v):
             raise ValueError(f"sources listed twice: {v}")
+        return v
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for n in v:
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError:
+                raise ValueError(f"{n!r} is not an IP network (e.g. 127.0.0.1/32)") from None
         return v
 
     def flickr_key(self) -> str | None:
@@ -162,7 +178,12 @@ class FlowConfig(_Section):
     task_runner: Literal["thread", "dask"] = Field("thread", description="Prefect task runner")
     dask_address: Optional[str] = Field(None, description="Dask scheduler address (default: a LocalCluster)")
     dask_workers: int = Field(2, gt=0, description="LocalCluster workers")
+    dask_processes: bool = Field(True, description="LocalCluster workers are processes (False: threads)")
     crawl_concurrency: int = Field(4, gt=0, description="classes crawled at once")
+    crawl_retries: int = Field(2, ge=0, description="retries of a failed per-class crawl task")
+    crawl_retry_delay_s: float = Field(30.0, ge=0, description="delay before a per-class crawl task is retried")
+    cache: bool = Field(True, description="reuse stage results across runs when inputs and code are unchanged")
+    result_store: Optional[Path] = Field(None, description="Prefect result/cache store (default: runs/<name>/.prefect)")
     gpus: int = Field(1, ge=0, description="GPUs for distill; >1 launches torchrun")
 
 

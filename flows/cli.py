@@ -1,0 +1,99 @@
+"""``kd3 run`` and ``kd3 serve``: the Prefect side of the CLI (pipeline/cli.py calls in here).
+
+``kd3 run --config run.yaml``            end-to-end flow in Prefect's embedded local mode (no server)
+``kd3 run --run runs/x --stage distill`` rerun only that stage on an existing run (cache ignored)
+``kd3 serve --config run.yaml --cron "0 3 * * *"``
+                                          deployments ``kd3-pipeline/<name>`` (scheduled), ``kd3-crawl/<name>``,
+                                          ``kd3-curate/<name>``, ``kd3-distill/<name>`` served by this process;
+                                          trigger with ``prefect deployment run 'kd3-pipeline/<name>'``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError
+
+log = logging.getLogger("kd3.flows")
+
+_PATH_FIELDS = (("runs_root",), ("teacher",), ("classes_file",), ("crawl", "folder"), ("crawl", "url_list"),
+                ("curate", "clip_weights"), ("curate", "decontaminate"), ("distill", "eval_dir"),
+                ("flow", "result_store"))
+
+
+def absolute_config(cfg: RunConfig) -> RunConfig:
+    """The same config with every path made absolute (a served flow may run in another folder)."""
+    d = cfg.model_dump()
+    for keys in _PATH_FIELDS:
+        cur = d
+        for k in keys[:-1]:
+            cur = cur[k]
+        if cur.get(keys[-1]) is not None:
+            cur[keys[-1]] = Path(cur[keys[-1]]).expanduser().resolve()
+    return RunConfig.model_validate(d)
+
+
+def deployment_parameters(cfg: RunConfig) -> dict[str, Any]:
+    """Default parameters of a deployment: the config, absolute paths, secrets removed (they come from env)."""
+    return {"config": absolute_config(cfg).public_dict(), "run_name": None}
+
+
+def run_cli(cfg: RunConfig, args) -> int:
+    from flows.e2e import kd3_pipeline
+    from flows.stages import STAGE_FLOWS
+
+    stage = getattr(args, "stage", None)
+    if stage is None:
+        kd3_pipeline(cfg)
+        log.info("kd3 pipeline finished: %s", cfg.run_dir)
+        return 0
+    if stage not in STAGE_FLOWS:
+        raise ConfigError(f"--stage {stage!r}: expected one of {sorted(STAGE_FLOWS)}")
+    if stage != "crawl" and not Path(cfg.run_dir).is_dir():
+        raise ConfigError(f"--stage {stage}: run directory {cfg.run_dir} does not exist (run the earlier stages first)")
+    STAGE_FLOWS[stage](cfg, force=True)
+    log.info("kd3 stage %s finished: %s", stage, cfg.run_dir)
+    return 0
+
+
+def build_deployments(cfg: RunConfig, cron: str | None = None) -> list:
+    from flows.e2e import kd3_pipeline
+    from flows.stages import STAGE_FLOWS
+
+    from prefect.types.entrypoint import EntrypointType
+
+    params = deployment_parameters(cfg)
+    # module entrypoints (flows.e2e.kd3_pipeline): the installed package, wherever the process runs
+    mod = EntrypointType.MODULE_PATH
+    deps = [kd3_pipeline.to_deployment(name=cfg.name, parameters=params, cron=cron, tags=["kd3"],
+                                       description=f"kd3 end-to-end run {cfg.name}", entrypoint_type=mod)]
+    for stage, fl in STAGE_FLOWS.items():
+        deps.append(fl.to_deployment(name=cfg.name, parameters=params, tags=["kd3", stage],
+                                     description=f"kd3 {stage} stage of run {cfg.name}", entrypoint_type=mod))
+    return deps
+
+
+def serve_cli(cfg: RunConfig, args) -> int:
+    from prefect import serve
+    from prefect.settings import PREFECT_API_URL
+
+    cron = getattr(args, "cron", None)
+    if cron:
+        try:
+            from croniter import croniter
+
+            if not croniter.is_valid(cron):
+                raise ConfigError(f"--cron {cron!r} is not a valid cron expression")
+        except ImportError:  # pragma: no cover - croniter ships with prefect
+            pass
+    if not PREFECT_API_URL.value():
+        log.warning("PREFECT_API_URL is not set: serving against a temporary embedded server that "
+                    "`prefect deployment run` from another shell cannot reach; start `prefect server start` "
+                    "and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    deps = build_deployments(cfg, cron)
+    log.info("serving %s", ", ".join(f"{d.flow_name}/{d.name}" for d in deps))
+    serve(*deps, limit=int(os.environ.get("KD3_SERVE_LIMIT", "4")))
+    return 0
