@@ -1,0 +1,314 @@
+"""Web pool from webdataset shards read through the manifest, with random access by index.
+
+Every shard's sha256 (and size) is checked against the manifest before anything is read; tar
+members are indexed once (offset, size) so the per-epoch selection pass can address samples by
+index and log their stable keys. Members with ``..``, absolute paths, links or devices are refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from pipeline.errors import DataError
+from pipeline.io import read_json, sha256_file
+
+log = logging.getLogger("kd3.distill")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "ppm", "tif", "tiff")
+
+
+# ---------------------------------------------------------------- manifest + shards
+def load_manifest(path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"manifest {p} does not exist: run `kd3 curate` first")
+    try:
+        man = read_json(p)
+    except ValueError as e:
+        raise DataError(f"manifest {p} is not valid JSON ({e})") from None
+    if not isinstance(man, dict) or not isinstance(man.get("shardlist"), list):
+        raise DataError(f"manifest {p} has no 'shardlist'")
+    if not man.get("classes"):
+        raise DataError(f"manifest {p} has no 'classes'")
+    for i, s in enumerate(man["shardlist"]):
+        if not isinstance(s, dict) or "url" not in s:
+            raise DataError(f"manifest {p}: shardlist[{i}] has no 'url'")
+    return man
+
+
+def _shard_path(manifest_path: Path, url: str) -> Path:
+    if "://" in url and not url.startswith("file://"):
+        raise DataError(f"manifest {manifest_path}: shard {url} is remote; kd3 distill reads local shards")
+    url = url[7:] if url.startswith("file://") else url
+    q = Path(url)
+    return q if q.is_absolute() else manifest_path.parent / q
+
+
+def verify_shards(manifest_path, manifest: dict | None = None) -> list[Path]:
+    """Check every shard exists and matches its manifest sha256/filesize. Returns the paths."""
+    mp = Path(manifest_path)
+    man = manifest or load_manifest(mp)
+    paths = []
+    for s in man["shardlist"]:
+        sp = _shard_path(mp, s["url"])
+        if not sp.is_file():
+            raise DataError(f"shard {s['url']} listed in {mp} is missing ({sp})")
+        if s.get("filesize") is not None and sp.stat().st_size != int(s["filesize"]):
+            raise DataError(f"shard {s['url']} is corrupt: {sp.stat().st_size} bytes, manifest says {s['filesize']}")
+        want = s.get("sha256")
+        if not want:
+            raise DataError(f"shard {s['url']}: manifest {mp} lists no sha256, cannot verify it")
+        got = sha256_file(sp)
+        if got != want:
+            raise DataError(f"shard {s['url']} is corrupt: sha256 {got[:12]}... does not match the manifest's {want[:12]}...")
+        paths.append(sp)
+    return paths
+
+
+@dataclass
+class Sample:
+    key: str
+    shard: int
+    offset: int
+    size: int
+    ext: str
+    label: int = -1           # query class index (noisy; never a training label)
+    meta: dict = field(default_factory=dict)
+
+
+def _safe_member(shard: Path, m: tarfile.TarInfo) -> bool:
+    name = m.name
+    if name.startswith("/") or ".." in Path(name).parts or "\\" in name:
+        raise DataError(f"shard {shard.name}: refused member {name!r} (path escapes the archive)")
+    if m.issym() or m.islnk():
+        raise DataError(f"shard {shard.name}: refused member {name!r} (link)")
+    if m.isdir():
+        return False
+    if not m.isfile():
+        raise DataError(f"shard {shard.name}: refused member {name!r} (not a regular file)")
+    return True
+
+
+def index_shard(path: Path, shard_idx: int, classes: list[str]) -> list[Sample]:
+    """Group tar members by webdataset key; keep samples with an image."""
+    groups: dict[str, dict] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if not _safe_member(path, m):
+                    continue
+                base = os.path.basename(m.name)
+                if "." not in base:
+                    continue
+                stem, ext = base.split(".", 1)
+                key = (os.path.dirname(m.name) + "/" + stem).lstrip("/")
+                if key not in groups:
+                    groups[key] = {}
+                    order.append(key)
+                groups[key][ext.lower()] = (m.offset_data, m.size)
+            fh = tf.fileobj
+            out = []
+            for key in order:
+                g = groups[key]
+                ext = next((e for e in IMAGE_EXTS if e in g), None)
+                if ext is None:
+                    continue
+                s = Sample(key=key, shard=shard_idx,
+                           offset=g[ext][0], size=g[ext][1], ext=ext)
+                if "cls" in g:
+                    fh.seek(g["cls"][0])
+                    try:
+                        s.label = int(fh.read(g["cls"][1]).decode().strip())
+                    except ValueError:
+                        s.label = -1
+                if "json" in g:
+                    import json
+
+                    fh.seek(g["json"][0])
+                    try:
+                        s.meta = json.loads(fh.read(g["json"][1]).decode("utf-8"))
+                    except (ValueError, UnicodeDecodeError):
+                        s.meta = {}
+                    if s.label < 0 and s.meta.get("class") in classes:
+                        s.label = classes.index(s.meta["class"])
+                out.append(s)
+    except tarfile.TarError as e:
+        raise DataError(f"shard {path.name} is not a readable tar file ({e})") from None
+    return out
+
+
+def holdout_of(key: str, fraction: float) -> bool:
+    """Stable held-out membership from the key alone (same split on every run and rank)."""
+    if fraction <= 0:
+        return False
+    h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return h < fraction
+
+
+# ---------------------------------------------------------------- transforms
+def build_transforms(size: int, mean, std, augment: str = "rrc_flip", train: bool = True):
+    from torchvision import transforms as T
+
+    norm = [T.ToTensor(), T.Normalize(mean, std)]
+    if not train or augment == "none":
+        return T.Compose([T.Resize(size), T.CenterCrop(size), *norm])
+    if augment == "flip":
+        return T.Compose([T.Resize(size), T.CenterCrop(size), T.RandomHorizontalFlip(), *norm])
+    if augment == "rrc_flip":
+        return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
+    raise DataError(f"unknown augmentation {augment!r} (rrc_flip, flip, none)")
+
+
+def decode(data: bytes, where: str) -> Image.Image:
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+    except Exception as e:
+        raise DataError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
+    return im.convert("RGB")
+
+
+# ---------------------------------------------------------------- datasets
+class WebPool(Dataset):
+    """Random-access view of the manifest's samples: ``ds[i] -> (image tensor, i)``.
+
+    ``indices`` restricts the view to a subset (pool / held-out); ``ds.keys[i]`` is the stable key.
+    """
+
+    def __init__(self, shards: list[Path], samples: list[Sample], transform=None):
+        self.shards = [str(s) for s in shards]
+        self.samples = samples
+        self.transform = transform
+        self._fh: dict[int, object] = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def keys(self) -> list[str]:
+        return [s.key for s in self.samples]
+
+    @property
+    def labels(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+    def _handle(self, shard: int):
+        pid = os.getpid()
+        if self._pid != pid:  # fresh handles in each loader worker
+            self._fh, self._pid = {}, pid
+        fh = self._fh.get(shard)
+        if fh is None:
+            fh = open(self.shards[shard], "rb")
+            self._fh[shard] = fh
+        return fh
+
+    def read_bytes(self, i: int) -> bytes:
+        s = self.samples[i]
+        fh = self._handle(s.shard)
+        fh.seek(s.offset)
+        return fh.read(s.size)
+
+    def image(self, i: int) -> Image.Image:
+        s = self.samples[i]
+        return decode(self.read_bytes(i), f"{Path(self.shards[s.shard]).name}:{s.key}")
+
+    def __getitem__(self, i: int):
+        im = self.image(i)
+        x = self.transform(im) if self.transform is not None else im
+        return x, i
+
+    def subset(self, idx: list[int], transform=None) -> "WebPool":
+        return WebPool([Path(s) for s in self.shards], [self.samples[i] for i in idx],
+                       transform if transform is not None else self.transform)
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_fh"], d["_pid"] = {}, None
+        return d
+
+
+class LabelledFolder(Dataset):
+    """ImageFolder (``root/<class>/*``) mapped onto the teacher's class indices."""
+
+    def __init__(self, root, classes: list[str], transform):
+        from pipeline.slug import slugify
+
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"eval_dir {root} does not exist")
+        by_name = {c: i for i, c in enumerate(classes)}
+        by_slug = {slugify(c): i for i, c in enumerate(classes)}
+        self.items: list[tuple[Path, int]] = []
+        unknown = []
+        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+            idx = by_name.get(d.name, by_slug.get(slugify(d.name)))
+            if idx is None:
+                unknown.append(d.name)
+                continue
+            for f in sorted(d.rglob("*")):
+                if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTS:
+                    self.items.append((f, idx))
+        if unknown:
+            raise DataError(f"eval_dir {root}: folders {unknown[:10]} are not teacher classes")
+        if not self.items:
+            raise DataError(f"eval_dir {root} holds no images in <class>/ folders")
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        p, y = self.items[i]
+        return self.transform(decode(p.read_bytes(), str(p))), y
+
+
+@dataclass
+class WebData:
+    manifest: dict
+    classes: list[str]
+    pool: WebPool            # training pool (selection runs over it)
+    holdout: Optional[WebPool]  # held-out web slice (validation / teacher agreement)
+
+
+def open_web_data(manifest_path, size: int, mean, std, augment: str = "rrc_flip",
+                  val_fraction: float = 0.0) -> WebData:
+    mp = Path(manifest_path)
+    man = load_manifest(mp)
+    shards = verify_shards(mp, man)
+    classes = list(man["classes"])
+    samples: list[Sample] = []
+    for i, sp in enumerate(shards):
+        samples.extend(index_shard(sp, i, classes))
+    seen: set[str] = set()
+    for s in samples:
+        if s.key in seen:
+            raise DataError(f"manifest {mp}: sample key {s.key} occurs twice")
+        seen.add(s.key)
+    if not samples:
+        raise DataError(f"manifest {mp}: the shards hold no images")
+    train_t = build_transforms(size, mean, std, augment, train=True)
+    eval_t = build_transforms(size, mean, std, augment, train=False)
+    pool_s = [s for s in samples if not holdout_of(s.key, val_fraction)]
+    hold_s = [s for s in samples if holdout_of(s.key, val_fraction)]
+    if not pool_s:
+        raise DataError(f"manifest {mp}: val_fraction {val_fraction} leaves no training images")
+    pool = WebPool(shards, pool_s, train_t)
+    hold = WebPool(shards, hold_s, eval_t) if hold_s else None
+    return WebData(man, classes, pool, hold)
+
+
+def collate_indexed(batch):
+    xs, ids = zip(*batch)
+    return torch.stack(xs), torch.tensor(ids, dtype=torch.long)

@@ -1,0 +1,14 @@
+"""Hinton KD on all web images (KD3_SPEC §7)."""
+from __future__ import annotations
+
+import torch
+
+from . import Method, register_method
+from .losses import kd_loss
+
+
+@register_method("kd")
+class KD(Method):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z_t = self.teacher_logits(x)
+        return {"kd": kd_loss(self.student(x), z_t, self.cfg.kd_temperature)}

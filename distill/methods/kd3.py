@@ -1,0 +1,158 @@
+"""KD³ (Tang et al., ICCV 2023) as KD3_SPEC.md §2–§6 describe it; release behaviour by default.
+
+Switches (DistillConfig): ``selection``, ``weighting``, ``sharing``, ``mixdist`` (ablations);
+``cross_contrastive``, ``mix_level: feature``, ``classifier_align_loss`` (paper-prose options, off).
+With ``sharing`` off and no ``classifier_align_loss`` the student keeps its own classifier, trained
+by a KD term (``kd``) so the ablated student still predicts; the release has no such term because it
+always shares.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models import Kd3Student, Projector
+from . import Method, register_method
+from .losses import (alpha_schedule, disagreement_weights, kd_loss, match_spatial, mix_distribution, mixed_probs,
+                     nt_xent, ramp_epochs, select_confident, weighted_feature_mse)
+
+HEAD_DIM = 128
+
+
+@register_method("kd3")
+class KD3(Method):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        cfg = self.cfg
+        c_s = self.student.feature_dim
+        c_t = self.teacher.feature_dim
+        self.c_t = c_t
+        self.projector = Projector(c_s, c_t)
+        self.align = bool(cfg.classifier_align_loss)
+        self.share = bool(cfg.sharing) and not self.align
+        self.own_head = not self.share and not self.align  # ablation: the student's own classifier + KD
+        if self.align:
+            self.cls_s = nn.Linear(c_t, self.num_classes)
+        if not self.own_head:
+            # the student's own classifier is never used: freeze it (also keeps DDP free of unused grads)
+            for p in self.student.classifier.parameters():
+                p.requires_grad_(False)
+        if cfg.mixdist:
+            self.g_s = nn.Linear(c_s, HEAD_DIM)
+            self.g_t = nn.Linear(c_t, HEAD_DIM)
+        self.loss_weights = {"con": float(cfg.lambda_con)}
+        self.last_selection: dict = {}
+
+    # ------------------------------------------------------------ the student's logits
+    def _t_cls(self):
+        c = self.teacher.classifier
+        return c.weight.detach(), (c.bias.detach() if c.bias is not None else None)
+
+    def head_logits(self, fs_p: torch.Tensor, fs: torch.Tensor) -> torch.Tensor:
+        """z_S: through the shared frozen teacher classifier (default), the aligned own
+        classifier (option), or the student's own classifier (sharing ablation)."""
+        if self.own_head:
+            return self.student.classifier(self.student.pool(fs))
+        h = F.adaptive_avg_pool2d(fs_p, 1).flatten(1)
+        if self.align:
+            return self.cls_s(h)
+        w, b = self._t_cls()
+        return F.linear(h, w.to(h.dtype), None if b is None else b.to(h.dtype))
+
+    def student_logits(self, x: torch.Tensor) -> torch.Tensor:
+        fs = self.student.forward_features(x)
+        fs_p = None if self.own_head else self.projector(fs)
+        return self.head_logits(fs_p, fs)
+
+    def predict(self, x):
+        return self.student_logits(x)
+
+    # ------------------------------------------------------------ §2 selection
+    def select(self, epoch, epochs, infer):
+        cfg = self.cfg
+        if not cfg.selection:
+            return None, {"alpha": None}
+        e_ramp, e_cut = ramp_epochs(epochs, cfg.ramp_frac, cfg.cut_frac)
+        alpha = alpha_schedule(epoch, e_ramp, e_cut)
+
+        def mixed_logits(x):
+            z_t = self.teacher(x)
+            z_s = self.student_logits(x) if alpha < 1.0 else z_t
+            return alpha * z_t.float() + (1.0 - alpha) * z_s.float()
+
+        logits = infer(mixed_logits)
+        q = mixed_probs(logits, logits, 1.0)  # logits are already mixed: q = softmax(mix)
+        keep, pred, thr = select_confident(q, cfg.tau)
+        idx = torch.nonzero(keep).flatten()
+        self.last_selection = {"alpha": alpha, "thresholds": thr.tolist(), "pred": pred}
+        return idx, {"alpha": alpha, "thresholds": thr.tolist(), "pred_counts":
+                     torch.bincount(pred, minlength=self.num_classes).tolist()}
+
+    # ------------------------------------------------------------ §3–§5 losses
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        use_mix = bool(cfg.mixdist)
+        feature_mix = use_mix and cfg.mix_level == "feature"
+        b = x.shape[0]
+        input_mix = use_mix and not feature_mix
+        x_aug = mix_distribution(x) if input_mix else None
+        # the student sees the two views in two calls (own BN batch statistics each, as the release);
+        # the frozen teacher (eval-mode BN) takes both in one batch
+        fs = self.student.forward_features(x)
+        fs_aug = self.student.forward_features(x_aug) if input_mix else None
+        with torch.no_grad():
+            ft_all = self.teacher.forward_features(torch.cat([x, x_aug]) if input_mix else x)
+            ft = ft_all[:b]
+            z_t = self.teacher.classifier(self.teacher.pool(ft))
+        out: dict[str, torch.Tensor] = {}
+
+        if self.own_head:
+            z_s = self.head_logits(None, fs)
+            out["kd"] = kd_loss(z_s, z_t, cfg.kd_temperature)
+            fs_p = self.projector(fs)
+        else:
+            fs_p = self.projector(fs)
+            z_s = self.head_logits(fs_p, fs)
+        a, t = match_spatial(fs_p, ft)
+        w = disagreement_weights(z_s, z_t) if cfg.weighting else None
+        out["feat"] = weighted_feature_mse(a, t, w)
+        if self.align:
+            w_t, b_t = self._t_cls()
+            out["cls_align"] = F.mse_loss(self.cls_s.weight, w_t) + (
+                F.mse_loss(self.cls_s.bias, b_t) if b_t is not None else 0.0)
+
+        if use_mix:
+            if feature_mix:
+                lam = torch.distributions.Beta(0.1, 0.1).sample((b,)).to(x.device)
+                perm = torch.randperm(b).to(x.device)
+                fs_aug = mix_distribution(fs, lam=lam, perm=perm)
+                ft_aug = mix_distribution(ft, lam=lam, perm=perm)
+            else:
+                ft_aug = ft_all[b:]
+            h_s, h_s_aug = self.student.pool(fs), self.student.pool(fs_aug)
+            h_t, h_t_aug = self.teacher.pool(ft).detach(), self.teacher.pool(ft_aug).detach()
+            T = cfg.con_temperature
+            con = nt_xent(self.g_s(h_s), self.g_s(h_s_aug), T) + nt_xent(self.g_t(h_t), self.g_t(h_t_aug), T)
+            if cfg.cross_contrastive:
+                con = con + nt_xent(self.g_s(h_s_aug), self.g_t(h_t), T)
+            out["con"] = con
+        return out
+
+    # ------------------------------------------------------------ export
+    def export(self):
+        if self.own_head:
+            return self.student_arch, dict(self.student_kwargs), self.student
+        kwargs = {"student": self.student_arch, "teacher_dim": int(self.c_t), "student_kwargs": self.student_kwargs}
+        dep = Kd3Student(self.num_classes, self.student_arch, self.c_t, self.student_kwargs)
+        sd = {k: v for k, v in self.student.state_dict().items() if not k.startswith("classifier.")}
+        missing, unexpected = dep.backbone.load_state_dict(sd, strict=False)
+        assert not unexpected, unexpected
+        dep.projector.load_state_dict(self.projector.state_dict())
+        src = self.cls_s if self.align else self.teacher.classifier
+        dep.classifier.load_state_dict({k: v.detach().clone() for k, v in src.state_dict().items()})
+        dep.to(next(self.student.parameters()).device)
+        return "kd3_student", kwargs, dep
+
+    def extra_state(self):
+        return {}
