@@ -1,11 +1,350 @@
-"""`kd3 demo` (placeholder until the demo issue lands)."""
-import argparse
+"""`kd3 demo`: the whole mission offline, on a world generated at demo time.
 
+1. Generate the demo world (:mod:`pipeline.demo_world`): scikit-learn's handwritten digits are the
+   teacher's original data (train split → teacher, test split → evaluation, both hidden from the
+   pipeline); a shifted, noisy pool of font-rendered digits + junk + duplicates + broken files is the
+   "web".
+2. Train the teacher on the original train split (``kd3 teacher train``).
+3. Serve the pool on 127.0.0.1 with :class:`crawlers.fakeweb.FakeWeb` (Bing result pages) and point
+   the crawl's **Bing** source at it (``crawl.engine_urls.bing``, ``crawl.allow_private_hosts``):
+   the same code path as a real crawl.
+4. Run the Prefect end-to-end flow (``flows.e2e.kd3_pipeline``): crawl → curate (teacher
+   embeddings unless local CLIP weights are given) → distill with kd3.
+5. Distill kd and dfnd (same student, epochs and curated data), evaluate every student on the
+   held-out original test split, write the HTML report, print the table.
+
+Everything lands under ``--out`` (default ``demo-out/``): ``world/``, ``teacher.pt``,
+``runs/digits/`` (the run directory), ``results.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline.config import RunConfig, load_config, parse_override_value, set_by_path
+from pipeline.errors import ConfigError, DataError
+from pipeline.io import atomic_write_json, read_json, read_jsonl
+
+log = logging.getLogger("kd3.demo")
+
+RUN_NAME = "digits"
+
+
+@dataclass
+class DemoSettings:
+    """What one demo run does; ``kd3 demo`` fills it from the flags, the benchmark builds its own."""
+
+    out: Path = Path("demo-out")
+    size: str = "small"
+    seed: int = 0
+    epochs: Optional[int] = None          # student epochs (default: per size)
+    student: Optional[str] = None         # default: per size
+    teacher_arch: Optional[str] = None
+    teacher_epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    methods: list[str] = field(default_factory=lambda: ["kd3", "kd", "dfnd"])
+    # extra distill variants run on the same curated data: label -> distill overrides
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    clip_weights: Optional[Path] = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted RunConfig overrides (--set)
+    report: bool = True
+
+
+# Per-size defaults, chosen to fit the budgets measured on 2 shared CPU cores (README).
+SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(epochs=2, student="cnn_tiny", teacher_arch="cnn_tiny", teacher_epochs=3, batch_size=64),
+    "small": dict(epochs=15, student="cnn_tiny", teacher_arch="cnn_small", teacher_epochs=15, batch_size=128),
+    "bench": dict(epochs=30, student="cnn_tiny", teacher_arch="cnn_small", teacher_epochs=20, batch_size=128),
+}
+
+
+def _resolved(s: DemoSettings) -> DemoSettings:
+    d = SIZE_DEFAULTS[s.size]
+    for k in ("epochs", "student", "teacher_arch", "teacher_epochs", "batch_size"):
+        if getattr(s, k) is None:
+            setattr(s, k, d[k])
+    return s
+
+
+# ---------------------------------------------------------------- pieces
+
+def local_clip_weights(cfg_weights: Optional[Path] = None) -> Optional[Path]:
+    """A local open_clip weights file, if the user has one (the demo never downloads)."""
+    if cfg_weights is not None:
+        p = Path(cfg_weights)
+        if not p.is_file():
+            raise ConfigError(f"--clip-weights {p} does not exist")
+        return p
+    env = os.environ.get("KD3_CLIP_WEIGHTS")
+    if env and Path(env).is_file():
+        return Path(env)
+    return None
+
+
+def train_demo_teacher(world, out: Path, arch: str, epochs: int, seed: int, batch_size: int) -> Path:
+    """Train (or reuse) the teacher on the original train split with ``kd3 teacher train``."""
+    path = out / "teacher.pt"
+    if path.is_file():
+        log.info("teacher %s exists; reusing it", path)
+        return path
+    from distill.teacher_cli import train_teacher
+
+    train_teacher(data_dir=world.train_dir, out=path, arch=arch, epochs=epochs, seed=seed,
+                  batch_size=batch_size, eval_dir=world.test_dir)
+    return path
+
+
+def demo_config(s: DemoSettings, world, teacher: Path, bing_url: str, crawl_per_class: int) -> RunConfig:
+    clip = local_clip_weights(s.clip_weights)
+    data: dict[str, Any] = {
+        "name": RUN_NAME,
+        "runs_root": str(s.out / "runs"),
+        "classes": list(world.classes),
+        "teacher": str(teacher),
+        "crawl": {
+            "sources": ["bing"],
+            "engine_urls": {"bing": bing_url},
+            "allow_private_hosts": True,
+            "per_class": crawl_per_class,
+            "query_templates": ["{c}"],
+            "max_results_per_query": crawl_per_class * 2,
+            "threads": 4,
+            "rate_limit_per_domain": 1000.0,
+            "retries": 1,
+            "backoff_s": 0.05,
+            "connect_timeout_s": 5.0,
+            "read_timeout_s": 10.0,
+            "deadline_s": 600.0,
+        },
+        "curate": {
+            "embed_backend": "clip" if clip else "teacher",
+            "clip_weights": str(clip) if clip else None,
+            "min_side": 24,
+            "device": "cpu",
+            "workers": 2,
+            "batch_size": 128,
+            "max_side": 64,
+        },
+        "distill": {
+            "method": s.methods[0] if s.methods else "kd3",
+            "student": s.student,
+            "epochs": s.epochs,
+            "batch_size": s.batch_size,
+            "eval_dir": str(world.test_dir),
+            "device": "cpu",
+            "workers": 0,
+            "seed": s.seed,
+            "img_size": world.spec.img_size,
+        },
+        "flow": {"task_runner": "thread", "crawl_concurrency": 2},
+    }
+    for k, v in s.overrides.items():
+        set_by_path(data, k, v)
+    try:
+        return RunConfig.model_validate(data)
+    except Exception as e:  # pydantic ValidationError → one line
+        raise ConfigError(f"demo config: {e}".splitlines()[0]) from None
+
+
+def _variant_cfg(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    d = cfg.model_dump()
+    for k, v in overrides.items():
+        set_by_path(d, "distill." + k if not k.startswith("distill.") else k, v)
+    return RunConfig.model_validate(d)
+
+
+def selection_breakdown(method_dir: Path, truth_rows: list[dict]) -> dict[str, Any]:
+    """What a method trained on in its last epoch, by ground-truth kind (analysis only)."""
+    sel = read_jsonl(method_dir / "selection.jsonl")
+    if not sel:
+        return {}
+    last = sel[-1]
+    keys = set(last.get("selected_keys") or [])
+    by_key: dict[str, dict] = {}
+    for r in truth_rows:
+        by_key.setdefault(r["sha256"][:16], r)
+    kinds: dict[str, int] = {}
+    correct = 0
+    for k in keys:
+        r = by_key.get(k)
+        kind = "unknown" if r is None else (r.get("params", {}).get("of_kind") or r["kind"])
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return {"epoch": last.get("epoch"), "selected": len(keys), "by_kind": dict(sorted(kinds.items()))}
+
+
+def curate_breakdown(run_dir: Path, truth_rows: list[dict]) -> dict[str, Any]:
+    """Curate decisions by ground-truth kind: {kind: {"kept": n, reason: n}} (analysis only)."""
+    rows = read_jsonl(run_dir / "curate" / "decisions.jsonl")
+    truth = {}
+    for r in truth_rows:
+        truth.setdefault(r["sha256"], r)
+    out: dict[str, dict[str, int]] = {}
+    for d in rows:
+        t = truth.get(d.get("id"))
+        kind = "unknown" if t is None else t["kind"]
+        key = "kept" if d.get("kept") else (d.get("reason") or "dropped")
+        out.setdefault(kind, {}).setdefault(key, 0)
+        out[kind][key] += 1
+    return out
+
+
+def _final(method_dir: Path) -> dict[str, Any]:
+    m = read_json(method_dir / "metrics.json")
+    return m.get("final", {})
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'method':<16} {'top-1':>7} {'gap to teacher':>15} {'selected':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        sel = r.get("selected_fraction")
+        sel_s = "-" if sel is None else f"{100 * sel:.1f}%"
+        gap = r.get("gap")
+        gap_s = "-" if gap is None else f"{100 * gap:+.2f}"
+        lines.append(f"{r['method']:<16} {100 * r['top1']:>6.2f}% {gap_s:>15} {sel_s:>9}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the demo
+
+def run_demo(s: DemoSettings) -> dict[str, Any]:
+    from pipeline import demo_world as dw
+
+    s = _resolved(s)
+    t0 = time.time()
+    timings: dict[str, float] = {}
+    out = Path(s.out).resolve()
+    s.out = out
+    spec = dw.spec_for(s.size, seed=s.seed)
+    log.info("demo: generating the world (%s, seed %d) under %s", s.size, s.seed, out / "world")
+    world = dw.generate_world(out / "world", spec)
+    timings["world"] = time.time() - t0
+
+    t = time.time()
+    teacher = train_demo_teacher(world, out, s.teacher_arch, s.teacher_epochs, s.seed, s.batch_size)
+    timings["teacher"] = time.time() - t
+
+    pool = world.pool()
+    truth_rows = read_jsonl(world.truth_path)
+    per_query = max(v for q in world.counts["web"].values() for v in [sum(q.values())])
+
+    from crawlers.fakeweb import FakeWeb
+    from flows.e2e import kd3_pipeline
+    from flows.stages import distill as distill_flow
+
+    method_dirs: dict[str, Path] = {}
+    with FakeWeb() as web:
+        dw.register_on_fakeweb(web, pool)
+        cfg = demo_config(s, world, teacher, web.engine_urls()["bing"], per_query)
+        log.info("demo: fake web at %s serving %d files; curate embeddings: %s", web.base_url, len(pool),
+                 cfg.curate.embed_backend)
+        t = time.time()
+        res = kd3_pipeline(cfg)
+        timings[f"flow (crawl+curate+{cfg.distill.method})"] = time.time() - t
+    method_dirs[cfg.distill.method] = _out_dir(res["distill"], cfg.distill.method)
+
+    run_dir = cfg.run_dir
+    jobs = [(m, {"method": m}) for m in s.methods[1:]] + list(s.variants.items())
+    for label, ov in jobs:
+        t = time.time()
+        log.info("demo: distilling %s on the same curated data", label)
+        r = distill_flow(_variant_cfg(cfg, ov))
+        method_dirs[label] = _out_dir(r, label)
+        timings[f"distill {label}"] = time.time() - t
+
+    results: list[dict[str, Any]] = []
+    teacher_top1 = None
+    for label, d in method_dirs.items():
+        f = _final(d)
+        teacher_top1 = f.get("teacher_top1", teacher_top1)
+        results.append({"method": label, "dir": str(d), "top1": f.get("top1"),
+                        "teacher_top1": f.get("teacher_top1"),
+                        "gap": None if f.get("teacher_top1") is None else f["top1"] - f["teacher_top1"],
+                        "selected_fraction": f.get("selected_fraction"),
+                        "selection": selection_breakdown(d, truth_rows)})
+
+    report_path = None
+    if s.report:
+        t = time.time()
+        from pipeline.inspect import write_report
+
+        report_path = write_report(run_dir)
+        timings["report"] = time.time() - t
+    timings["total"] = time.time() - t0
+    summary = {
+        "size": s.size, "seed": s.seed, "student": s.student, "epochs": s.epochs,
+        "teacher_arch": s.teacher_arch, "teacher": str(teacher), "teacher_top1": teacher_top1,
+        "embed_backend": cfg.curate.embed_backend, "run_dir": str(run_dir),
+        "report": None if report_path is None else str(report_path),
+        "world": world.counts, "curate": curate_breakdown(run_dir, truth_rows),
+        "methods": results, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
+    atomic_write_json(out / "results.json", summary)
+    return summary
+
+
+def _out_dir(result: dict, label: str) -> Path:
+    out = (result or {}).get("out_dir")
+    if not out or not (Path(out) / "metrics.json").is_file():
+        raise DataError(f"distill {label}: the flow returned no finished output directory ({out})")
+    return Path(out)
+
+
+# ---------------------------------------------------------------- CLI
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    pass
+    g = p.add_argument_group("demo")
+    g.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for the world, teacher and run")
+    g.add_argument("--size", choices=["tiny", "small", "bench"], default="small",
+                   help="world size: tiny (smoke test), small (the demo, ~10 min on 2 CPU cores), bench")
+    g.add_argument("--epochs", type=int, help="student epochs (default: per size)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the world, the teacher and the students")
+    g.add_argument("--student", help="student architecture (default: per size)")
+    g.add_argument("--teacher-arch", help="teacher architecture (default: per size)")
+    g.add_argument("--teacher-epochs", type=int, help="teacher epochs (default: per size)")
+    g.add_argument("--methods", default="kd3,kd,dfnd", help="methods to compare, the first runs in the flow")
+    g.add_argument("--clip-weights", type=Path,
+                   help="local open_clip weights: curate with CLIP instead of the teacher's embeddings "
+                        "(also env KD3_CLIP_WEIGHTS)")
+    g.add_argument("--no-report", action="store_true", help="skip the HTML report")
+
+
+def settings_from_args(args: argparse.Namespace) -> DemoSettings:
+    methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
+    if not methods:
+        raise ConfigError("--methods: name at least one of kd3, kd, dfnd")
+    overrides: dict[str, Any] = {}
+    for item in getattr(args, "set", None) or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = parse_override_value(v)
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+    return DemoSettings(out=args.out, size=args.size, seed=args.seed, epochs=args.epochs, student=args.student,
+                        teacher_arch=args.teacher_arch, teacher_epochs=args.teacher_epochs, methods=methods,
+                        clip_weights=args.clip_weights, overrides=overrides, report=not args.no_report)
 
 
 def demo_cli(args) -> int:
-    from pipeline.errors import Kd3Error
-    raise Kd3Error("kd3 demo is not implemented yet")
+    s = settings_from_args(args)
+    summary = run_demo(s)
+    print()
+    print(f"kd3 demo ({summary['size']}, seed {summary['seed']}): student {summary['student']}, "
+          f"{summary['epochs']} epochs, teacher {summary['teacher_arch']} "
+          f"(top-1 {100 * (summary['teacher_top1'] or 0):.2f}% on the held-out digits), "
+          f"curate embeddings: {summary['embed_backend']}")
+    print(format_table(summary["methods"]))
+    print()
+    t = summary["timings_s"]
+    print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()))
+    if summary["report"]:
+        print(f"report: {summary['report']}")
+    print(f"run directory: {summary['run_dir']}   results: {Path(s.out) / 'results.json'}")
+    return 0
