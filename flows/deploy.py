@@ -1,0 +1,77 @@
+"""Register kd3 deployments on Prefect work pools (docker-compose runs this when a worker starts).
+
+``python -m flows.deploy --config run.yaml --pools cpu,gpu [--cron "0 3 * * *"]``
+
+- pool ``kd3-cpu``: ``kd3-pipeline/<name>`` (the schedule, if any), ``kd3-crawl/<name>``, ``kd3-curate/<name>``;
+  the end-to-end flow hands its distill stage to ``kd3-distill/<name>`` (env ``KD3_DISTILL_DEPLOYMENT``);
+- pool ``kd3-gpu``: ``kd3-distill/<name>``.
+
+Unlike ``kd3 serve`` (one process runs everything), workers pull flow runs from their pool, so the
+GPU container only ever runs distillation.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import RunConfig, load_config
+from pipeline.errors import Kd3Error
+
+from flows.cli import deployment_parameters
+
+log = logging.getLogger("kd3.flows")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+CPU_ENTRIES = (("flows/e2e.py:kd3_pipeline", True), ("flows/stages.py:crawl", False), ("flows/stages.py:curate", False))
+GPU_ENTRIES = (("flows/stages.py:distill", False),)
+
+
+def register(cfg: RunConfig, pools: set[str], cron: str | None = None, prefix: str = "kd3",
+             remote_distill: bool = True) -> list[str]:
+    from prefect import flow
+
+    params = deployment_parameters(cfg)
+    ids = []
+    plan = []
+    if "cpu" in pools:
+        plan += [(e, f"{prefix}-cpu", sched) for e, sched in CPU_ENTRIES]
+    if "gpu" in pools:
+        plan += [(e, f"{prefix}-gpu", sched) for e, sched in GPU_ENTRIES]
+    for entry, pool, scheduled in plan:
+        fl = flow.from_source(source=str(REPO_ROOT), entrypoint=entry)
+        env = ({"KD3_DISTILL_DEPLOYMENT": f"kd3-distill/{cfg.name}"}
+               if entry.endswith(":kd3_pipeline") and remote_distill else {})
+        dep_id = fl.deploy(name=cfg.name, work_pool_name=pool, parameters=params,
+                           cron=cron if scheduled else None, job_variables={"env": env} if env else None,
+                           tags=["kd3"], build=False, push=False, print_next_steps=False)
+        log.info("registered %s/%s on pool %s", fl.name, cfg.name, pool)
+        ids.append(str(dep_id))
+    return ids
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, type=Path, help="run config YAML")
+    p.add_argument("--pools", default="cpu,gpu", help="which pools to register: cpu, gpu or cpu,gpu")
+    p.add_argument("--cron", help="schedule of the end-to-end deployment")
+    p.add_argument("--prefix", default="kd3", help="work pool name prefix (<prefix>-cpu, <prefix>-gpu)")
+    p.add_argument("--local-distill", action="store_true",
+                   help="the end-to-end flow distills in its own process instead of on the GPU pool")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config)
+        pools = {x.strip() for x in args.pools.split(",") if x.strip()}
+        if not pools <= {"cpu", "gpu"}:
+            raise Kd3Error(f"--pools {args.pools!r}: expected cpu, gpu or cpu,gpu")
+        register(cfg, pools, args.cron, args.prefix, remote_distill=not args.local_distill)
+    except Kd3Error as e:
+        print(f"kd3: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
