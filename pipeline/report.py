@@ -1,0 +1,573 @@
+"""The static HTML report ``runs/<name>/report/index.html``.
+
+One self-contained page that opens from disk: inline CSS, charts as inline SVG, thumbnails as JPEG
+files under ``report/thumbs/`` (linked to the original image), no script and no network resource.
+Sections: stage funnel, per-class counts, a contact sheet per class (kept, then dropped grouped by
+reason), near-duplicate groups side by side, CLIP class-score histograms, and for each distill run the
+per-epoch selected counts per class and the images KD³ never selected. Partial runs get the sections
+they have data for and a list of what is missing.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from .inspect import DUP_REASONS, REASON_LABELS, Run, _fmt_bytes, summarize
+from .io import atomic_write_text
+from .runs import DROP_REASONS
+
+log = logging.getLogger(__name__)
+
+PALETTE = ["#2563eb", "#db2777", "#16a34a", "#ea580c", "#7c3aed", "#0891b2", "#ca8a04", "#dc2626",
+           "#4f46e5", "#059669", "#9333ea", "#0d9488"]
+REASON_COLORS = {
+    "invalid": "#6b7280", "too_small": "#6b7280", "bad_aspect": "#6b7280", "bomb": "#374151",
+    "exact_dup": "#ea580c", "phash_dup": "#f59e0b", "near_dup": "#d97706", "cross_class_dup": "#b45309",
+    "contaminated": "#7c3aed", "off_class": "#db2777",
+}
+THUMB = 176
+
+e = html.escape
+
+
+def _color(i: int) -> str:
+    return PALETTE[i % len(PALETTE)]
+
+
+# ---------------------------------------------------------------- thumbnails
+
+class Thumbs:
+    """Writes one JPEG thumbnail per image into report/thumbs/ (reused across reruns)."""
+
+    def __init__(self, run: Run, out_dir: Path, size: int = THUMB):
+        self.run, self.dir, self.size = run, out_dir / "thumbs", size
+        self.report_dir = out_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.written = 0
+
+    def src(self, row: dict) -> str:
+        """Relative URL of the thumbnail of a decision or record row (created if needed)."""
+        from .sheets import save_jpeg, thumbnail
+
+        ident = (row.get("id") or row.get("sha256") or "unknown")[:20]
+        out = self.dir / f"{ident}.jpg"
+        if not out.is_file():
+            path = self.run.image_file(row)
+            save_jpeg(thumbnail(path, self.size, square=False) if path else thumbnail(None, self.size), out,
+                      quality=82)
+            self.written += 1
+        return f"thumbs/{out.name}"
+
+    def href(self, row: dict) -> Optional[str]:
+        path = self.run.image_file(row)
+        if path is None:
+            return None
+        return Path(os.path.relpath(path, self.report_dir)).as_posix()
+
+
+def _tile(th: Thumbs, row: dict, caption: str = "", sub: str = "", badge: str = "", badge_color: str = "",
+          title: str = "") -> str:
+    src = th.src(row)
+    href = th.href(row)
+    img = f'<img src="{e(src)}" alt="{e(caption or row.get("id", "")[:16])}" loading="eager">'
+    if href:
+        img = f'<a href="{e(href)}">{img}</a>'
+    b = (f'<span class="badge" style="background:{badge_color}">{e(badge)}</span>' if badge else "")
+    tip = title or " · ".join(x for x in (row.get("url") or "", row.get("detail") or "") if x)
+    return (f'<figure class="tile" title="{e(tip)}">{img}{b}'
+            f'<figcaption><span>{e(caption)}</span><small>{e(sub)}</small></figcaption></figure>')
+
+
+def _grid(tiles: Sequence[str], more: int = 0, empty: str = "nothing here") -> str:
+    if not tiles:
+        return f'<p class="empty">{e(empty)}</p>'
+    tail = f'<p class="more">… and {more} more not shown</p>' if more > 0 else ""
+    return f'<div class="grid">{"".join(tiles)}</div>{tail}'
+
+
+# ---------------------------------------------------------------- SVG charts
+
+def _svg_funnel(steps: list[tuple[str, int]], width: int = 760) -> str:
+    if not steps:
+        return '<p class="empty">no stage has run yet</p>'
+    top = max(n for _, n in steps) or 1
+    row_h, label_w, gap = 34, 130, 8
+    h = len(steps) * (row_h + gap) + 4
+    bar_w = width - label_w - 150
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {h}" width="{width}" height="{h}" role="img" '
+             f'aria-label="stage funnel" xmlns="http://www.w3.org/2000/svg">']
+    prev = None
+    for i, (label, n) in enumerate(steps):
+        y = i * (row_h + gap) + 2
+        w = max(2.0, bar_w * n / top)
+        shade = 0.35 + 0.65 * (i + 1) / len(steps)
+        parts.append(f'<text x="{label_w - 10}" y="{y + row_h / 2 + 5}" text-anchor="end" class="lbl">{e(label)}</text>')
+        parts.append(f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{row_h}" rx="5" '
+                     f'fill="#2563eb" fill-opacity="{shade:.2f}"><title>{e(label)}: {n}</title></rect>')
+        parts.append(f'<text x="{label_w + w + 8:.1f}" y="{y + row_h / 2 + 5}" class="num">{n}</text>')
+        if prev is not None and prev > n:
+            parts.append(f'<text x="{label_w + w + 8 + 9 * len(str(n)) + 10:.1f}" y="{y + row_h / 2 + 5}" '
+                         f'class="drop">−{prev - n}</text>')
+        prev = n
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _nice_max(v: float) -> float:
+    if v <= 0:
+        return 1.0
+    import math
+
+    exp = 10 ** math.floor(math.log10(v))
+    for m in (1, 2, 2.5, 5, 10):
+        if v <= m * exp:
+            return m * exp
+    return 10 * exp
+
+
+def _svg_lines(series: list[tuple[str, str, list[tuple[float, float]]]], *, width: int = 560, height: int = 240,
+               y_label: str = "", percent: bool = False, y_max: Optional[float] = None) -> str:
+    """Line chart: series = [(name, color, [(x, y), ...])]."""
+    pts = [p for _, _, s in series for p in s]
+    if not pts:
+        return '<p class="empty">no data</p>'
+    ml, mr, mt, mb = 48, 12, 14, 34
+    pw, ph = width - ml - mr, height - mt - mb
+    xs = [x for x, _ in pts]
+    x0, x1 = min(xs), max(xs)
+    if x1 == x0:
+        x1 = x0 + 1
+    ym = y_max if y_max is not None else _nice_max(max(y for _, y in pts))
+    ym = ym or 1
+
+    def X(x):
+        return ml + pw * (x - x0) / (x1 - x0)
+
+    def Y(y):
+        return mt + ph * (1 - y / ym)
+
+    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+           f'aria-label="{e(y_label)}" xmlns="http://www.w3.org/2000/svg">']
+    for i in range(5):
+        yv = ym * i / 4
+        yy = Y(yv)
+        lab = f"{100 * yv:.0f}%" if percent else (f"{yv:.0f}" if ym >= 4 else f"{yv:.2f}")
+        out.append(f'<line x1="{ml}" x2="{width - mr}" y1="{yy:.1f}" y2="{yy:.1f}" class="grid"/>'
+                   f'<text x="{ml - 6}" y="{yy + 4:.1f}" text-anchor="end" class="tick">{lab}</text>')
+    ticks = sorted(set(xs))
+    step = max(1, len(ticks) // 10)
+    for xv in ticks[::step]:
+        out.append(f'<text x="{X(xv):.1f}" y="{height - mb + 16}" text-anchor="middle" class="tick">{xv:g}</text>')
+    out.append(f'<text x="{ml + pw / 2}" y="{height - 4}" text-anchor="middle" class="tick">epoch</text>')
+    for name, color, s in series:
+        s = sorted(s)
+        d = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in s)
+        out.append(f'<polyline points="{d}" fill="none" stroke="{color}" stroke-width="2.2" '
+                   f'stroke-linejoin="round"/>')
+        for x, y in s:
+            val = f"{100 * y:.1f}%" if percent else f"{y:g}"
+            out.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3.2" fill="{color}">'
+                       f'<title>{e(name)} · epoch {x:g}: {val}</title></circle>')
+    out.append("</svg>")
+    legend = "".join(f'<span class="key"><i style="background:{c}"></i>{e(n)}</span>' for n, c, _ in series)
+    return f'<div class="linechart">{"".join(out)}<div class="legend">{legend}</div></div>'
+
+
+def _svg_hist(kept: list[float], dropped: list[float], lo: float, hi: float, bins: int = 20,
+              width: int = 300, height: int = 130) -> str:
+    if hi <= lo:
+        hi = lo + 1
+
+    def counts(vals):
+        c = [0] * bins
+        for v in vals:
+            i = int((v - lo) / (hi - lo) * bins)
+            c[min(bins - 1, max(0, i))] += 1
+        return c
+
+    ck, cd = counts(kept), counts(dropped)
+    top = max([1, *(a + b for a, b in zip(ck, cd))])
+    ml, mb, mt = 6, 20, 6
+    pw, ph = width - 2 * ml, height - mb - mt
+    bw = pw / bins
+    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+           f'aria-label="score histogram" xmlns="http://www.w3.org/2000/svg">']
+    for i in range(bins):
+        x = ml + i * bw
+        hk = ph * ck[i] / top
+        hd = ph * cd[i] / top
+        rng = f"{lo + (hi - lo) * i / bins:.2f}–{lo + (hi - lo) * (i + 1) / bins:.2f}"
+        if ck[i]:
+            out.append(f'<rect x="{x + 0.5:.1f}" y="{mt + ph - hk:.1f}" width="{bw - 1:.1f}" height="{hk:.1f}" '
+                       f'fill="#16a34a"><title>{rng}: {ck[i]} kept</title></rect>')
+        if cd[i]:
+            out.append(f'<rect x="{x + 0.5:.1f}" y="{mt + ph - hk - hd:.1f}" width="{bw - 1:.1f}" '
+                       f'height="{hd:.1f}" fill="#dc2626" fill-opacity="0.75"><title>{rng}: {cd[i]} dropped</title></rect>')
+    out.append(f'<line x1="{ml}" x2="{width - ml}" y1="{mt + ph}" y2="{mt + ph}" class="axis"/>')
+    out.append(f'<text x="{ml}" y="{height - 5}" class="tick">{lo:.2f}</text>'
+               f'<text x="{width - ml}" y="{height - 5}" text-anchor="end" class="tick">{hi:.2f}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+# ---------------------------------------------------------------- sections
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def _n(v) -> str:
+    return "–" if v is None else str(v)
+
+
+def _section_overview(s: dict) -> str:
+    t = s["totals"]
+    cards = [("URLs tried", _n(t.get("crawled"))), ("downloaded", _n(t.get("downloaded"))),
+             ("kept", _n(t.get("kept"))), ("in shards", _fmt_bytes(t.get("bytes")) if t.get("bytes") is not None else "–"),
+             ("classes", str(len(s["classes"])))]
+    best = max((d for d in s["distill"] if d.get("top1") is not None), key=lambda d: d["top1"], default=None)
+    if best:
+        cards.append((f"best student top-1 ({best['method']})", _pct(best["top1"])))
+    body = "".join(f'<div class="card"><div class="big">{e(v)}</div><div class="cap">{e(k)}</div></div>'
+                   for k, v in cards)
+    return f'<div class="cards">{body}</div>'
+
+
+def _section_counts(s: dict) -> str:
+    cols = [("crawled", "crawled"), ("downloaded", "downloaded"), ("valid", "valid"),
+            ("exact_dup", "exact dup"), ("phash_dup", "pHash dup"), ("near_dup", "near dup"),
+            ("cross_class_dup", "cross-class"), ("contaminated", "contam."), ("off_class", "off-class"),
+            ("kept", "kept"), ("shards", "shards"), ("bytes", "bytes")]
+    head = "".join(f"<th>{e(label)}</th>" for _, label in cols)
+    rows = []
+    for i, c in enumerate(s["classes"]):
+        r = s["per_class"][c]
+        cells = []
+        for k, _ in cols:
+            v = r[k]
+            txt = _fmt_bytes(v) if k == "bytes" and v is not None else _n(v)
+            cls = ' class="z"' if v == 0 else (' class="kept"' if k == "kept" else "")
+            cells.append(f"<td{cls}>{e(txt)}</td>")
+        rate = (r["kept"] / r["downloaded"]) if r.get("kept") is not None and r.get("downloaded") else None
+        bar = (f'<div class="rate"><div style="width:{100 * rate:.0f}%;background:{_color(i)}"></div></div>'
+               f'<small>{_pct(rate)}</small>') if rate is not None else "–"
+        rows.append(f'<tr><th scope="row"><i class="dot" style="background:{_color(i)}"></i>'
+                    f'<a href="#class-{i}">{e(c)}</a></th>{"".join(cells)}<td class="ratecell">{bar}</td></tr>')
+    t = s["totals"]
+    foot = "".join(f"<td>{e(_fmt_bytes(t.get(k)) if k == 'bytes' and t.get(k) is not None else _n(t.get(k)))}</td>"
+                   for k, _ in cols)
+    return (f'<div class="tablewrap"><table class="counts"><thead><tr><th>class</th>{head}<th>keep rate</th>'
+            f'</tr></thead><tbody>{"".join(rows)}</tbody><tfoot><tr><th>total</th>{foot}<td></td></tr></tfoot>'
+            f'</table></div>')
+
+
+def _section_classes(run: Run, s: dict, th: Thumbs, max_kept: int, max_dropped: int) -> str:
+    out = []
+    by_class: dict[str, list[dict]] = defaultdict(list)
+    for d in run.decisions:
+        by_class[d.get("class")].append(d)
+    for i, c in enumerate(s["classes"]):
+        r = s["per_class"][c]
+        rows = by_class.get(c, [])
+        parts = [f'<section class="cls" id="class-{i}"><h3><i class="dot" style="background:{_color(i)}"></i>'
+                 f'{e(c)}</h3>']
+        if rows:
+            kept = [d for d in rows if d.get("kept")]
+            parts.append(f'<h4>kept <span class="count">{len(kept)}</span></h4>')
+            tiles = [_tile(th, d, d.get("key") or d["id"][:16], f'{d.get("w")}×{d.get("h")}'
+                           + (f' · {d["teacher_conf"]:.2f}' if isinstance(d.get("teacher_conf"), (int, float)) else ""))
+                     for d in kept[:max_kept]]
+            parts.append(_grid(tiles, len(kept) - max_kept, "no image kept for this class"))
+            dropped = [d for d in rows if not d.get("kept")]
+            if dropped:
+                parts.append(f'<details class="dropped" open><summary>dropped <span class="count">{len(dropped)}</span> '
+                             + " ".join(f'<span class="pill" style="background:{REASON_COLORS.get(rz, "#6b7280")}">'
+                                        f'{e(REASON_LABELS.get(rz, rz))} {r.get(rz) or 0}</span>'
+                                        for rz in DROP_REASONS if r.get(rz)) + "</summary>")
+                parts.append('<div class="reasons">')
+                for rz in DROP_REASONS:
+                    group = [d for d in dropped if d.get("reason") == rz]
+                    if not group:
+                        continue
+                    more = len(group) - max_dropped
+                    parts.append(f'<div class="reasongroup" style="border-top-color:{REASON_COLORS[rz]}">'
+                                 f'<h5><span class="pill" style="background:{REASON_COLORS[rz]}">'
+                                 f'{e(REASON_LABELS[rz])}</span> {len(group)}</h5><div class="row">'
+                                 + "".join(_tile(th, d, d.get("detail") or rz, d["id"][:16])
+                                           for d in group[:max_dropped])
+                                 + "</div>" + (f'<p class="more">… and {more} more</p>' if more > 0 else "")
+                                 + "</div>")
+                parts.append("</div></details>")
+        else:
+            recs = [x for x in run.records if x.get("class") == c and x.get("status") == "ok"]
+            parts.append(f'<h4>downloaded <span class="count">{len(recs)}</span> <small>(not curated yet)</small></h4>')
+            parts.append(_grid([_tile(th, x, x.get("sha256", "")[:16], f'{x.get("w")}×{x.get("h")} · {x.get("engine")}',
+                                      title=x.get("url") or "") for x in recs[:max_kept]],
+                               len(recs) - max_kept, "nothing downloaded for this class"))
+        parts.append("</section>")
+        out.append("".join(parts))
+    return "".join(out)
+
+
+def _section_dups(run: Run, th: Thumbs, max_groups: int) -> str:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for d in run.decisions:
+        if d.get("dup_of") and d.get("reason") in DUP_REASONS:
+            groups[d["dup_of"]].append(d)
+    if not groups:
+        return '<p class="empty">no duplicate groups</p>'
+    rows = []
+    items = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    for orig_id, dups in items[:max_groups]:
+        orig = next((d for d in run.decisions if d["id"] == orig_id and d.get("kept")), None) or run.by_id.get(orig_id)
+        cells = []
+        if orig is not None:
+            cells.append(_tile(th, orig, f'{orig.get("class")} · {"kept" if orig.get("kept") else orig.get("reason")}',
+                               orig_id[:16], badge="original", badge_color="#16a34a"))
+        for d in dups:
+            cells.append(_tile(th, d, f'{d.get("class")} · {d.get("detail") or ""}', d["id"][:16],
+                               badge=REASON_LABELS[d["reason"]], badge_color=REASON_COLORS[d["reason"]]))
+        rows.append(f'<div class="dupgroup">{"".join(cells)}</div>')
+    more = len(items) - max_groups
+    tail = f'<p class="more">… and {more} more groups</p>' if more > 0 else ""
+    return f'<div class="dups">{"".join(rows)}</div>' + tail
+
+
+def _section_clip(run: Run, s: dict) -> str:
+    vals: dict[str, tuple[list[float], list[float]]] = {c: ([], []) for c in s["classes"]}
+    off = defaultdict(int)
+    allv = []
+    for d in run.decisions:
+        sc = d.get("clip_scores")
+        c = d.get("class")
+        if not sc or c not in vals:
+            continue
+        li = d.get("label")
+        if not isinstance(li, int) or not 0 <= li < len(sc):
+            li = s["classes"].index(c) if c in s["classes"] and s["classes"].index(c) < len(sc) else None
+        if li is None:
+            continue
+        v = float(sc[li])
+        allv.append(v)
+        vals[c][0 if d.get("kept") else 1].append(v)
+        if d.get("clip_top") and d.get("clip_top") != c:
+            off[c] += 1
+    if not allv:
+        return '<p class="empty">no CLIP scores in the decisions (embedding backend without text tower?)</p>'
+    lo, hi = (0.0, 1.0) if min(allv) >= 0 and max(allv) <= 1 else (min(allv), max(allv))
+    cards = []
+    for i, c in enumerate(s["classes"]):
+        k, d = vals[c]
+        if not k and not d:
+            continue
+        cards.append(f'<div class="histcard"><div class="histtitle"><i class="dot" style="background:{_color(i)}"></i>'
+                     f'{e(c)}<small>{len(k)} kept · {len(d)} dropped · CLIP top elsewhere: {off[c]}</small></div>'
+                     f'{_svg_hist(k, d, lo, hi)}</div>')
+    legend = ('<div class="legend"><span class="key"><i style="background:#16a34a"></i>kept</span>'
+              '<span class="key"><i style="background:#dc2626"></i>dropped</span></div>')
+    return f'<p class="note">score of each image for its own class</p>{legend}<div class="hists">{"".join(cards)}</div>'
+
+
+def _section_distill(run: Run, s: dict, th: Thumbs, max_unselected: int) -> str:
+    if not run.distill_runs:
+        return '<p class="empty">no distill runs yet (distill/*/metrics.json)</p>'
+    pool = run.pool_keys
+    out = []
+    for dr, ds in zip(run.distill_runs, s["distill"]):
+        tiles = [("student top-1", _pct(ds["top1"])), ("teacher top-1", _pct(ds["teacher_top1"])),
+                 ("agreement", _pct(ds["agreement"])), ("selected (last epoch)", _pct(ds["selected_fraction"])),
+                 ("epochs", str(ds["epochs"])), ("params", f'{ds["params"]:,}' if ds.get("params") else "–")]
+        cards = "".join(f'<div class="card small"><div class="big">{e(v)}</div><div class="cap">{e(k)}</div></div>'
+                        for k, v in tiles)
+        eval_note = f' · evaluated on {e(str(ds["eval"]))}' if ds.get("eval") else ""
+        status = "" if ds["finished"] else ' <span class="pill" style="background:#ca8a04">running / unfinished</span>'
+        parts = [f'<section class="drun" id="distill-{e(dr.name)}"><h3>{e(dr.name)}{status}</h3>'
+                 f'<p class="note">{e(str(ds["method"]))} · student {e(str(ds["student"]))} · '
+                 f'teacher {e(str(ds["teacher"]))}{eval_note}</p><div class="cards">{cards}</div>']
+        sel_src = [(ep.get("epoch", j), ep.get("selected_per_class") or {}) for j, ep in enumerate(dr.epochs)]
+        if not any(v for _, v in sel_src) and dr.selection:
+            sel_src = [(row.get("epoch", j), row.get("selected_per_class") or {}) for j, row in enumerate(dr.selection)]
+        series = []
+        for i, c in enumerate(s["classes"]):
+            pts = [(float(ep), float(v[c])) for ep, v in sel_src if c in v]
+            if pts:
+                series.append((f'{c} (of {s["per_class"][c]["kept"]})' if s["per_class"][c]["kept"] is not None else c,
+                               _color(i), pts))
+        acc = [("student top-1 (eval)", "#2563eb",
+                [(float(ep.get("epoch", j)), float(ep["eval_top1"])) for j, ep in enumerate(dr.epochs)
+                 if isinstance(ep.get("eval_top1"), (int, float))]),
+               ("agreement with teacher (val)", "#16a34a",
+                [(float(ep.get("epoch", j)), float(ep["val_agreement"])) for j, ep in enumerate(dr.epochs)
+                 if isinstance(ep.get("val_agreement"), (int, float))])]
+        acc = [a for a in acc if a[2]]
+        top = max((s["per_class"][c]["kept"] or 0) for c in s["classes"]) if s["classes"] else 0
+        parts.append('<div class="charts">')
+        parts.append(f'<div><h4>selected per class, per epoch</h4>'
+                     f'{_svg_lines(series, y_label="selected images", y_max=_nice_max(top) if top else None)}</div>')
+        parts.append(f'<div><h4>accuracy per epoch</h4>{_svg_lines(acc, y_label="accuracy", percent=True, y_max=1.0)}</div>')
+        parts.append("</div>")
+        if dr.selection:
+            chosen = dr.selected_keys()
+            never = [k for k in pool if k not in chosen]
+            parts.append(f'<h4>never selected <span class="count">{len(never)}</span> '
+                         f'<small>of {len(pool)} kept images, over {len(dr.selection)} epochs</small></h4>')
+            tiles_ = []
+            for k in never[:max_unselected]:
+                d = run.by_key.get(k)
+                if d is None:
+                    continue
+                conf = d.get("teacher_conf")
+                tiles_.append(_tile(th, d, d.get("class", ""), k + (f" · {conf:.2f}" if isinstance(conf, (int, float)) else "")))
+            parts.append(_grid(tiles_, len(never) - max_unselected, "every kept image was selected at least once"))
+        else:
+            parts.append(f'<p class="note">{e(str(ds["method"]))} keeps no selection log: '
+                         'every image is used every epoch.</p>')
+        parts.append("</section>")
+        out.append("".join(parts))
+    return "".join(out)
+
+
+CSS = """
+:root{--ink:#111827;--muted:#6b7280;--line:#e5e7eb;--bg:#f6f7f9;--card:#fff;--accent:#2563eb}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:var(--ink);background:var(--bg)}
+header.top{background:linear-gradient(120deg,#1e3a8a,#2563eb 60%,#0891b2);color:#fff;padding:28px 40px 22px}
+header.top h1{margin:0;font-size:26px;letter-spacing:-.01em}
+header.top h1 span{opacity:.75;font-weight:400}
+.meta{margin-top:10px;display:flex;flex-wrap:wrap;gap:8px}
+.meta span{background:rgba(255,255,255,.15);border-radius:999px;padding:2px 10px;font-size:12.5px}
+nav{position:sticky;top:0;z-index:5;background:rgba(255,255,255,.92);backdrop-filter:blur(6px);border-bottom:1px solid var(--line);padding:8px 40px;display:flex;gap:18px;flex-wrap:wrap}
+nav a{color:var(--ink);text-decoration:none;font-weight:500;font-size:13.5px}
+nav a:hover{color:var(--accent)}
+main{max-width:1280px;margin:0 auto;padding:8px 40px 60px}
+h2{font-size:19px;margin:34px 0 12px;padding-bottom:6px;border-bottom:2px solid var(--line)}
+h3{font-size:16px;margin:0 0 8px;display:flex;align-items:center;gap:8px}
+h4{font-size:13.5px;margin:14px 0 8px;color:#374151}
+h5{font-size:13px;margin:12px 0 6px;font-weight:500;display:flex;gap:8px;align-items:center}
+small{color:var(--muted);font-weight:400}
+.count{background:#eef2ff;color:#3730a3;border-radius:999px;padding:0 8px;font-size:12px;font-weight:600}
+.panel,section.cls,section.drun{background:var(--card);border:1px solid var(--line);border-radius:12px;padding:18px 20px;margin:14px 0;box-shadow:0 1px 2px rgba(0,0,0,.03)}
+.missing{background:#fffbeb;border:1px solid #fcd34d;border-radius:10px;padding:10px 16px;margin:18px 0 0}
+.missing li{margin:2px 0}
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin:12px 0}
+.card{background:var(--card);border:1px solid var(--line);border-radius:12px;padding:14px 18px;min-width:150px}
+.card.small{padding:10px 14px;min-width:120px;background:#f9fafb}
+.card .big{font-size:24px;font-weight:700;letter-spacing:-.02em}
+.card.small .big{font-size:19px}
+.card .cap{color:var(--muted);font-size:12.5px}
+.tablewrap{overflow-x:auto}
+table.counts{border-collapse:collapse;width:100%;background:var(--card);border:1px solid var(--line);border-radius:12px;overflow:hidden}
+table.counts th,table.counts td{padding:7px 8px;text-align:right;border-bottom:1px solid var(--line);white-space:nowrap}
+table.counts thead th{background:#f3f4f6;font-size:12px;text-transform:uppercase;letter-spacing:.03em;color:#4b5563}
+table.counts th[scope=row],table.counts thead th:first-child,table.counts tfoot th{text-align:left}
+table.counts tbody tr:nth-child(even){background:#fafafa}
+table.counts td.z{color:#d1d5db}
+table.counts td.kept{color:#15803d;font-weight:700}
+table.counts tfoot td,table.counts tfoot th{font-weight:700;background:#f9fafb}
+table.counts a{color:inherit;text-decoration:none}
+.ratecell{min-width:140px;text-align:left!important}
+.rate{display:inline-block;width:90px;height:8px;background:#eef0f3;border-radius:6px;overflow:hidden;vertical-align:middle;margin-right:6px}
+.rate div{height:100%}
+.dot{display:inline-block;width:10px;height:10px;border-radius:50%;margin-right:6px;vertical-align:baseline}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(128px,1fr));gap:10px}
+.tile{margin:0;position:relative;background:#f3f4f6;border-radius:8px;overflow:hidden;border:1px solid var(--line)}
+.tile img{display:block;width:100%;aspect-ratio:1;object-fit:cover;background:#e5e7eb}
+.tile figcaption{padding:4px 7px 6px;font-size:11.5px;line-height:1.3}
+.tile figcaption span,.tile figcaption small{display:block;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.tile figcaption small{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:10.5px}
+.badge{position:absolute;top:6px;left:6px;color:#fff;font-size:10.5px;font-weight:600;padding:1px 7px;border-radius:999px;box-shadow:0 1px 2px rgba(0,0,0,.25)}
+.pill{color:#fff;font-size:11.5px;font-weight:600;padding:1px 8px;border-radius:999px;margin-right:2px}
+details.dropped{margin-top:14px;border-top:1px dashed var(--line);padding-top:10px}
+.reasons{display:flex;flex-wrap:wrap;gap:12px;margin-top:10px}
+.reasongroup{background:#fafafa;border:1px solid var(--line);border-top:3px solid;border-radius:10px;padding:6px 10px 10px;max-width:100%}
+.reasongroup h5{margin:2px 0 8px}
+.reasongroup .row{display:flex;flex-wrap:wrap;gap:8px}
+.reasongroup .tile{width:128px}
+details.dropped summary{cursor:pointer;font-weight:600;font-size:13.5px;color:#374151}
+.dups{display:flex;flex-wrap:wrap;gap:14px}
+.dupgroup{display:flex;gap:10px;background:var(--card);border:1px solid var(--line);border-radius:12px;padding:12px}
+.dupgroup .tile{width:150px}
+.dupgroup .tile:first-child{outline:2px solid #16a34a;outline-offset:-2px}
+.hists{display:flex;flex-wrap:wrap;gap:12px}
+.histcard{background:var(--card);border:1px solid var(--line);border-radius:12px;padding:10px 12px}
+.histtitle{font-weight:600;margin-bottom:4px}
+.histtitle small{display:block;font-weight:400}
+.charts{display:flex;flex-wrap:wrap;gap:24px}
+.legend{display:flex;flex-wrap:wrap;gap:12px;margin:4px 0 0 4px;font-size:12.5px}
+.key i{display:inline-block;width:12px;height:4px;border-radius:2px;margin-right:5px;vertical-align:middle}
+svg.chart{max-width:100%;height:auto;overflow:visible}
+svg .lbl{font-size:13px;fill:#374151}
+svg .num{font-size:13px;font-weight:700;fill:#111827}
+svg .drop{font-size:12px;fill:#dc2626}
+svg .tick{font-size:11px;fill:#6b7280}
+svg .grid{stroke:#eef0f3}
+svg .axis{stroke:#9ca3af}
+.empty{color:var(--muted);font-style:italic}
+.more,.note{color:var(--muted);font-size:12.5px;margin:6px 0}
+footer{color:var(--muted);text-align:center;font-size:12px;padding:20px}
+"""
+
+
+def render_html(run: Run, out_dir: Path, *, max_kept: int = 48, max_dropped: int = 24, max_groups: int = 24,
+                max_unselected: int = 60) -> str:
+    s = summarize(run)
+    th = Thumbs(run, out_dir)
+    m = s.get("manifest") or {}
+    meta = [f'{len(s["classes"])} classes']
+    if m:
+        emb = m.get("embedding") or {}
+        meta += [f'{m.get("nsamples")} samples', f'{s["totals"].get("shards")} shards',
+                 f'embedding {emb.get("backend")}:{emb.get("model")}', f'config {m.get("config_hash")}',
+                 f'curated {m.get("created")}']
+    if s["distill"]:
+        meta.append(f'{len(s["distill"])} distill run(s)')
+    missing = ""
+    if s["missing"]:
+        missing = ('<div class="missing"><strong>Partial run — missing:</strong><ul>'
+                   + "".join(f"<li>{e(x)}</li>" for x in s["missing"]) + "</ul></div>")
+    nav = [("overview", "Overview"), ("funnel", "Funnel"), ("counts", "Per class"), ("classes", "Contact sheets")]
+    body = [f'<section id="overview">{_section_overview(s)}</section>',
+            f'<h2 id="funnel">Stage funnel</h2><div class="panel">{_svg_funnel(s["funnel"])}</div>',
+            f'<h2 id="counts">Per-class counts</h2>{_section_counts(s)}']
+    has_dec = bool(run.decisions)
+    body.append('<h2 id="classes">Contact sheets</h2>'
+                + ('<p class="note">kept images per class; the dropped ones below each, grouped by reason '
+                   '(click a thumbnail for the original file, hover for URL and detail)</p>' if has_dec else "")
+                + _section_classes(run, s, th, max_kept, max_dropped))
+    if has_dec:
+        nav += [("dups", "Duplicates"), ("clip", "CLIP scores")]
+        body.append(f'<h2 id="dups">Near-duplicate groups</h2><p class="note">the kept original (green) '
+                    f'beside what was dropped as its duplicate</p>{_section_dups(run, th, max_groups)}')
+        body.append(f'<h2 id="clip">CLIP class scores</h2>{_section_clip(run, s)}')
+    nav.append(("distill", "Distillation"))
+    body.append(f'<h2 id="distill">Distillation</h2>{_section_distill(run, s, th, max_unselected)}')
+    navhtml = "".join(f'<a href="#{a}">{e(b)}</a>' for a, b in nav)
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    log.info("report: %d new thumbnails", th.written)
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
+        f"<title>kd3 report · {e(s['run'])}</title>"
+        "<link rel=\"icon\" href=\"data:,\">"
+        f"<style>{CSS}</style></head><body>"
+        f'<header class="top"><h1>kd3 report <span>· {e(s["run"])}</span></h1>'
+        f'<div class="meta">{"".join(f"<span>{e(x)}</span>" for x in meta)}</div></header>'
+        f"<nav>{navhtml}</nav><main>{missing}{''.join(body)}</main>"
+        f"<footer>generated by kd3 inspect · {e(now)}</footer></body></html>\n"
+    )
+
+
+def write_report(run_dir, **kw) -> Path:
+    """Write ``runs/<name>/report/index.html`` (+ thumbs/); returns the path of index.html."""
+    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
+    out_dir = run.rd.report
+    out_dir.mkdir(parents=True, exist_ok=True)
+    page = render_html(run, out_dir, **kw)
+    path = out_dir / "index.html"
+    atomic_write_text(path, page)
+    return path
