@@ -434,8 +434,9 @@ def _make_handler(web: FakeWeb):
             if base == "huge":
                 self.send_response(200)
                 self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(HUGE_BYTES))
+                self.send_header("Connection", "close")  # no Content-Length: the client must cut it
                 self.end_headers()
+                self.close_connection = True
                 chunk = b"\xff\xd8\xff\xe0" + b"\0" * (1 << 16)
                 sent = 0
                 while sent < HUGE_BYTES and not web._stop.is_set():
