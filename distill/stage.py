@@ -1,0 +1,52 @@
+"""The distill stage: ``distill(cfg)`` for flows and tests, ``distill_cli(cfg, args)`` for ``kd3 distill``."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Optional
+
+from pipeline.errors import ConfigError, DataError
+from pipeline.runs import RunDir
+from pipeline.slug import slugify
+
+from .trainer import default_out_id, run_training
+
+log = logging.getLogger("kd3.distill")
+
+
+def output_dir(cfg, out_id: str | None = None) -> Path:
+    if cfg.teacher is None:
+        raise ConfigError("distill needs a teacher: set `teacher` (or --teacher / --set teacher=PATH)")
+    oid = out_id or default_out_id(cfg, Path(cfg.teacher))
+    if slugify(str(oid)) != str(oid):
+        raise ConfigError(f"--out-id {oid!r} must be a plain folder name (letters, digits, -, _)")
+    return RunDir(cfg.run_dir).distill / f"{cfg.distill.method}-{oid}"
+
+
+def distill(cfg, *, out_id: str | None = None, resume: bool = False, manifest: str | Path | None = None,
+            on_epoch_end: Optional[Callable[[int], None]] = None) -> dict:
+    """Distill a student on the run's shards; writes ``distill/<method>-<id>/``; returns metrics.
+
+    A finished output folder is returned as is; an unfinished one needs ``resume=True``.
+    """
+    rd = RunDir(cfg.run_dir)
+    mp = Path(manifest) if manifest is not None else rd.manifest
+    if not mp.is_file():
+        raise DataError(f"manifest {mp} is missing: run `kd3 curate` on {rd.root} first")
+    if cfg.teacher is None:
+        raise ConfigError("distill needs a teacher: set `teacher` (or --teacher / --set teacher=PATH)")
+    teacher = Path(cfg.teacher)
+    if not teacher.is_file():
+        raise DataError(f"teacher checkpoint {teacher} does not exist")
+    out = output_dir(cfg, out_id)
+    return run_training(cfg, mp, teacher, out, resume=resume, on_epoch_end=on_epoch_end)
+
+
+def distill_cli(cfg, args) -> int:
+    metrics = distill(cfg, out_id=getattr(args, "out_id", None), resume=bool(getattr(args, "resume", False)),
+                      manifest=getattr(args, "manifest", None))
+    f = metrics.get("final") or {}
+    print(f"kd3 distill: {metrics['method']} student {metrics['student']}: top1 {f.get('top1')} ({f.get('eval')}), "
+          f"teacher top1 {f.get('teacher_top1')}, agreement {f.get('agreement')}, params {f.get('params')}, "
+          f"{f.get('throughput_img_s') or 0:.1f} img/s")
+    return 0
