@@ -459,16 +459,34 @@ def _run_config(run: Run):
 
 
 def _embedder(run: Run):
-    """The embedding model the manifest names, built by the curate stage's own code."""
+    """The embedding model the manifest names, built by the curate stage's own code (pipeline.embed)."""
     emb = (run.manifest or {}).get("embedding") or {}
     if not emb:
         raise DataError(f"{run.manifest_path}: no `embedding` section; cannot embed a query the same way")
-    try:
-        from . import embed as embed_mod  # written by the curate stage
-    except ImportError as e:
-        raise Kd3Error(f"image queries need the curate embedding code (pipeline.embed): {e}") from None
+    from .embed import make_embedder
+
     cfg = _run_config(run)
-    return embed_mod.embedder_for_manifest(cfg, emb)
+    embedder = make_embedder(cfg.curate, run.classes, cfg.teacher)
+    if emb.get("backend") and embedder.backend != emb.get("backend") or (
+            emb.get("model") and embedder.model_name != emb.get("model")):
+        raise DataError(f"{run.rd.config} now names {embedder.backend}:{embedder.model_name} but the index was "
+                        f"built with {emb.get('backend')}:{emb.get('model')}; re-curate or restore the config")
+    return embedder
+
+
+def embed_image_file(run: Run, path: Path):
+    """Embed one image file with the run's embedding model -> (dim,) float32, L2-normalised."""
+    import torch
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"--similar {path}: not a readable image ({e})") from None
+    embedder = _embedder(run)
+    vec, _ = embedder.embed(torch.stack([embedder.preprocess(img)]))
+    return vec[0]
 
 
 def neighbours(run: Run, *, query_vec, k: int, exclude: Optional[str] = None) -> list[dict]:
@@ -503,7 +521,7 @@ def similar(run_dir: str | Path, query: str, k: int = 16) -> tuple[list[dict], d
     run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
     qpath = Path(query)
     if qpath.is_file():
-        vec = _embedder(run).embed_images([qpath])[0]
+        vec = embed_image_file(run, qpath)
         info = {"query": str(qpath), "path": qpath, "id": None}
         return neighbours(run, query_vec=vec, k=k), info
     vec, iid = _lookup_embedding(run, query)
@@ -521,14 +539,14 @@ def text_query(run_dir: str | Path, text: str, k: int = 16) -> list[dict]:
     if emb.get("backend") != "clip":
         raise Kd3Error(f"--text needs CLIP embeddings; this run was embedded with the "
                        f"{emb.get('backend') or 'unknown'} backend (set curate.embed_backend=clip and re-curate)")
-    cfg = _run_config(run)
-    if not emb.get("pretrained") and not cfg.curate.clip_weights:
+    trained = emb.get("trained")
+    if trained is False or (trained is None and not emb.get("pretrained")):
         raise Kd3Error(f"--text needs real CLIP weights; this run's embeddings come from {emb.get('model')} "
-                       "with random weights (set curate.clip_pretrained or curate.clip_weights)")
+                       "with random weights (set curate.clip_pretrained or curate.clip_weights and re-curate)")
     embedder = _embedder(run)
-    if not hasattr(embedder, "embed_texts"):
+    if not getattr(embedder, "has_text", False):
         raise Kd3Error(f"--text: the {emb.get('backend')} embedder of this run cannot embed text")
-    vec = embedder.embed_texts([text])[0]
+    vec = embedder.text_embeddings([text])[0]
     return neighbours(run, query_vec=vec, k=k)
 
 

@@ -309,3 +309,8 @@ def full_run(tmp_path_factory) -> RunDir:
 @pytest.fixture(scope="session")
 def crawl_only_run(tmp_path_factory) -> RunDir:
     return make_run(tmp_path_factory.mktemp("runs_crawl"), "crawlonly", stages=("crawl",))
+
+
+@pytest.fixture(scope="session")
+def curate_only_run(tmp_path_factory) -> RunDir:
+    return make_run(tmp_path_factory.mktemp("runs_curate"), "curonly", stages=("crawl", "curate"))
