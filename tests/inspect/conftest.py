@@ -314,3 +314,21 @@ def crawl_only_run(tmp_path_factory) -> RunDir:
 @pytest.fixture(scope="session")
 def curate_only_run(tmp_path_factory) -> RunDir:
     return make_run(tmp_path_factory.mktemp("runs_curate"), "curonly", stages=("crawl", "curate"))
+
+
+@pytest.fixture(scope="session")
+def real_curated_run(tmp_path_factory) -> RunDir:
+    """The fixture's crawl output curated by the real curate stage (tiny random-weight CLIP, CPU)."""
+    from pipeline.config import load_config, save_resolved
+    from pipeline.curate import curate
+
+    root = tmp_path_factory.mktemp("runs_real")
+    rd = make_run(root, "real", stages=("crawl",))
+    ov = {"name": "real", "runs_root": str(root), "classes": CLASSES}
+    for k, v in {"clip_model": "kd3-tiny-clip", "clip_pretrained": None, "batch_size": 8, "workers": 1,
+                 "device": "cpu", "max_side": 128, "near_dup_threshold": 0.9995}.items():
+        ov[f"curate.{k}"] = v
+    cfg = load_config(None, ov)
+    save_resolved(cfg)
+    curate(cfg)
+    return rd
