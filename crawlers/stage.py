@@ -104,6 +104,17 @@ class _State:
             self.ok[cls] += 1
 
 
+def _remove_stale_tmp(run: RunDir, age_s: float = 600.0) -> None:
+    """Temp files of downloads cut by a crash (old enough not to belong to a crawl running beside us)."""
+    if not run.images.is_dir():
+        return
+    now = time.time()
+    for p in run.images.rglob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - p.stat().st_mtime > age_s:
+                p.unlink()
+
+
 class Crawler:
     """One crawl: a run directory, a fetcher (shared rate limiter + deadline), the records log."""
 
@@ -116,6 +127,7 @@ class Crawler:
         self.deadline = self.t0 + (deadline_s if deadline_s is not None else self.c.deadline_s)
         self.fetcher = Fetcher(self.c, deadline=self.deadline)
         self.state = _State(self.run)
+        _remove_stale_tmp(self.run)
         self.records = JsonlAppender(self.run.records)
         self._url_lists: dict[str, list[str]] | None = None
         self.deadline_hit = False
