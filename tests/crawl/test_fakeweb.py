@@ -60,3 +60,15 @@ def test_request_log_and_error_routes(fw):
     assert requests.get(flaky, timeout=5).content[:3] == b"\xff\xd8\xff"
     assert [p for _, m, p, h in fw.requests if h.startswith("127.0.0.1:")][:2] == ["/err/404.jpg", "/err/html.jpg"]
     assert make_jpeg(seed=1) != make_jpeg(seed=2)
+
+
+def test_serve_tree_lists_each_class_folder(tmp_path, fw):
+    from crawlers.fakeweb import serve_tree
+
+    for cls, n in (("golden_retriever", 2), ("cat", 1)):
+        (tmp_path / cls).mkdir()
+        for i in range(n):
+            (tmp_path / cls / f"{i}.jpg").write_bytes(make_jpeg(seed=i + len(cls)))
+    (tmp_path / "cat" / "readme.txt").write_text("skip me")
+    assert serve_tree(fw, tmp_path) == {"cat": 1, "golden_retriever": 2}
+    assert len(_parse(BingParser, fw.base_url + "/images/async?q=golden%20retriever&first=0")) == 2
