@@ -331,6 +331,13 @@ def _funnel(t: dict, has_records: bool, has_decisions: bool) -> list[tuple[str, 
     return out
 
 
+def write_report(run_dir, **kw) -> Path:
+    """The static HTML report runs/<name>/report/index.html (see :mod:`pipeline.report`)."""
+    from .report import write_report as _write_report
+
+    return _write_report(run_dir, **kw)
+
+
 # ---------------------------------------------------------------- terminal output
 
 def _fmt_bytes(n: Optional[int]) -> str:

@@ -240,8 +240,8 @@ def _section_overview(s: dict) -> str:
 
 def _section_counts(s: dict) -> str:
     cols = [("crawled", "crawled"), ("downloaded", "downloaded"), ("valid", "valid"),
-            ("exact_dup", "exact dup"), ("phash_dup", "pHash dup"), ("near_dup", "near dup"),
-            ("cross_class_dup", "cross-class"), ("contaminated", "contam."), ("off_class", "off-class"),
+            ("exact_dup", "exact"), ("phash_dup", "pHash"), ("near_dup", "near"),
+            ("cross_class_dup", "x-class"), ("contaminated", "contam."), ("off_class", "off-class"),
             ("kept", "kept"), ("shards", "shards"), ("bytes", "bytes")]
     head = "".join(f"<th>{e(label)}</th>" for _, label in cols)
     rows = []
@@ -261,7 +261,9 @@ def _section_counts(s: dict) -> str:
     t = s["totals"]
     foot = "".join(f"<td>{e(_fmt_bytes(t.get(k)) if k == 'bytes' and t.get(k) is not None else _n(t.get(k)))}</td>"
                    for k, _ in cols)
-    return (f'<div class="tablewrap"><table class="counts"><thead><tr><th>class</th>{head}<th>keep rate</th>'
+    group = ('<tr class="group"><th colspan="4"></th><th colspan="4" class="grp">duplicates</th>'
+             f'<th colspan="{len(cols) - 6}"></th></tr>')
+    return (f'<div class="tablewrap"><table class="counts"><thead>{group}<tr><th>class</th>{head}<th>keep rate</th>'
             f'</tr></thead><tbody>{"".join(rows)}</tbody><tfoot><tr><th>total</th>{foot}<td></td></tr></tfoot>'
             f'</table></div>')
 
@@ -464,6 +466,8 @@ small{color:var(--muted);font-weight:400}
 table.counts{border-collapse:collapse;width:100%;background:var(--card);border:1px solid var(--line);border-radius:12px;overflow:hidden}
 table.counts th,table.counts td{padding:7px 8px;text-align:right;border-bottom:1px solid var(--line);white-space:nowrap}
 table.counts thead th{background:#f3f4f6;font-size:12px;text-transform:uppercase;letter-spacing:.03em;color:#4b5563}
+table.counts tr.group th{background:#f3f4f6;border-bottom:0;padding:6px 8px 0}
+table.counts th.grp{text-align:center!important;color:#b45309;border-bottom:2px solid #f59e0b!important;padding-bottom:2px}
 table.counts th[scope=row],table.counts thead th:first-child,table.counts tfoot th{text-align:left}
 table.counts tbody tr:nth-child(even){background:#fafafa}
 table.counts td.z{color:#d1d5db}
