@@ -114,12 +114,11 @@ def result_store_path(cfg: RunConfig) -> Path:
     return (Path(cfg.run_dir) / ".prefect").resolve()
 
 
-def result_storage(cfg: RunConfig):
-    from prefect.filesystems import LocalFileSystem
-
+def result_storage(cfg: RunConfig) -> Path:
+    """A folder: Prefect turns a ``Path`` into local file-system result storage (no saved block needed)."""
     path = result_store_path(cfg)
     path.mkdir(parents=True, exist_ok=True)
-    return LocalFileSystem(basepath=str(path))
+    return path
 
 
 def task_runner_for(cfg: RunConfig, max_workers: int):

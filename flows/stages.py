@@ -92,15 +92,14 @@ def crawl_class_task(config: RunConfig, class_name: str) -> dict:
         log.info("class %r is already crawled to target; skipped", class_name)
         return {"class": class_name, "skipped": True}
     summary = crawl_class(config, class_name)
+    # a class short of its target is crawled again on the next run (the flow refreshes its cache entry)
     return {"class": class_name, "skipped": False, "summary": _jsonable(summary)}
 
 
-@task(name="crawl-summary", result_serializer="json")
-def crawl_summary_task(config: RunConfig) -> dict:
-    """Write crawl/summary.json over all classes (every class is at target or exhausted by now)."""
-    from crawlers.stage import crawl
-
-    return _jsonable(crawl(config))
+def _read_crawl_summary(cfg: RunConfig) -> dict:
+    """crawl/summary.json, which every ``crawl_class`` merges its class into (under a lock)."""
+    p = RunDir(cfg.run_dir).crawl_summary
+    return read_json(p) if p.is_file() else {}
 
 
 @flow(name="kd3-crawl-classes", log_prints=True)
@@ -125,6 +124,7 @@ def _crawl_classes(config: RunConfig, force: bool = False) -> dict:
             running.append(fut)
         done = next(as_completed(running))
         running.remove(done)
+        done.wait()  # sets the future's final state locally (the API's copy may lag)
         states[owner[id(done)]] = done.state
     failed = {n: s for n, s in states.items() if s.is_failed() or s.is_crashed()}
     if failed:
@@ -133,7 +133,7 @@ def _crawl_classes(config: RunConfig, force: bool = False) -> dict:
         if isinstance(exc, BaseException):
             raise exc
         raise RuntimeError(f"crawl failed for classes {sorted(failed)}")
-    summary = crawl_summary_task.with_options(persist_result=False)(cfg)
+    summary = _read_crawl_summary(cfg)
     return {"classes": {n: ("cached" if _cached(s) else "crawled") for n, s in states.items()},
             "summary": summary}
 
@@ -144,13 +144,14 @@ def _crawl_artifact(cfg: RunConfig, result: dict) -> None:
     rows = []
     for name, how in result["classes"].items():
         s = per_class.get(name, {}) if isinstance(per_class, dict) else {}
-        counts = {k: v for k, v in s.items() if isinstance(v, (int, float))} if isinstance(s, dict) else {}
-        rows.append([name, how, ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "-"])
+        failed = s.get("failed") or {}
+        rows.append([name, how, s.get("target", "-"), s.get("downloaded", "-"), s.get("duplicates", "-"),
+                     ", ".join(f"{k} {v}" for k, v in sorted(failed.items())) or "-"])
     md = "\n\n".join([
         f"# kd3 crawl — `{cfg.name}`",
         f"ok: **{summary.get('ok', '?')}**, classes: {len(rows)}, "
         f"cached: {sum(1 for r in rows if r[1] == 'cached')}",
-        md_table(["class", "this run", "counts"], rows),
+        md_table(["class", "this run", "target", "downloaded", "duplicates", "failed by reason"], rows),
         run_links(cfg),
     ])
     publish_markdown("crawl", cfg, md, f"crawl summary of run {cfg.name}")
@@ -257,38 +258,41 @@ def _distill_key_parts(inputs: dict) -> dict:
     }
 
 
-def _torchrun_distill(cfg: RunConfig) -> dict:
-    """``flow.gpus > 1``: run the distill stage under ``torchrun --nproc-per-node <gpus>``."""
-    rd = RunDir(cfg.run_dir)
+def _torchrun_distill(cfg: RunConfig, out_dir: Path) -> dict:
+    """``flow.gpus > 1``: ``torchrun --standalone --nproc-per-node <gpus> -m pipeline.cli distill ...``.
+
+    The trainer reads WORLD_SIZE/LOCAL_RANK (DDP); rank 0 writes ``<out_dir>/metrics.json``.
+    """
     cfg_path = Path(cfg.run_dir) / ".prefect" / "distill-config.yaml"
-    atomic_write_text(cfg_path, dump_config(cfg))
-    result_path = Path(cfg.run_dir) / ".prefect" / "distill-result.json"
-    result_path.unlink(missing_ok=True)
-    torchrun = shutil.which("torchrun") or None
+    atomic_write_text(cfg_path, dump_config(cfg))  # secrets removed: distill needs none
+    torchrun = shutil.which("torchrun")
     launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    cmd = [*launcher, "--standalone", f"--nproc-per-node={cfg.flow.gpus}",
-           "-m", "distill.stage", "--config", str(cfg_path), "--result-json", str(result_path)]
+    cmd = [*launcher, "--standalone", f"--nproc-per-node={cfg.flow.gpus}", "-m", "pipeline.cli", "distill",
+           "--config", str(cfg_path), "--out-id", out_dir.name.split("-", 1)[1], "--resume"]
     log.info("launching %s", " ".join(cmd))
-    env = dict(os.environ)
-    if cfg.crawl.flickr_key():  # never needed by distill; keep secrets out of child env files
-        env.pop("FLICKR_API_KEY", None)
-    proc = subprocess.run(cmd, env=env)
+    proc = subprocess.run(cmd, cwd=str(Path(__file__).resolve().parent.parent))
     if proc.returncode != 0:
-        raise RuntimeError(f"torchrun distill exited with code {proc.returncode} (see {rd.distill}/*/train.log)")
-    return read_json(result_path)
+        raise RuntimeError(f"torchrun distill exited with code {proc.returncode} (see {out_dir}/train.log)")
+    return read_json(out_dir / "metrics.json")
 
 
 @task(name="distill", cache_key_fn=make_cache_key_fn(_distill_key_parts, ("distill", "pipeline")),
       result_serializer="json")
 def distill_task(config: RunConfig) -> dict:
-    """Distill the student (in-process on one device, torchrun for ``flow.gpus > 1``)."""
-    RunDir(config.run_dir).require(RunDir(config.run_dir).manifest, "curate")
-    if config.flow.gpus > 1:
-        return _jsonable(_torchrun_distill(config))
-    from distill.stage import distill as distill_fn
+    """Distill the student (in-process on one device, torchrun for ``flow.gpus > 1``).
 
-    metrics = distill_fn(config)
-    return _jsonable(metrics)
+    An unfinished output folder (a crash mid-training) is resumed from its last epoch checkpoint.
+    """
+    from distill.stage import distill as distill_fn
+    from distill.stage import output_dir
+
+    RunDir(config.run_dir).require(RunDir(config.run_dir).manifest, "curate")
+    out_dir = output_dir(config)
+    if config.flow.gpus > 1:
+        metrics = _torchrun_distill(config, out_dir)
+    else:
+        metrics = distill_fn(config, resume=True)
+    return dict(_jsonable(metrics), out_dir=str(out_dir.resolve()))
 
 
 def _student_of(result: dict) -> Optional[Path]:

@@ -102,7 +102,7 @@ def test_second_run_hits_cache_for_crawl_and_curate(first_run):
     assert len(_students(run_dir)) == 1
 
 
-def test_stage_distill_reruns_only_distill(first_run):
+def test_stage_distill_reruns_only_distill(first_run, make_cfg):
     from flows.cli import run_cli
 
     cfg, _ = first_run
@@ -110,12 +110,15 @@ def test_stage_distill_reruns_only_distill(first_run):
     before = _mtimes(run_dir, "crawl/records.jsonl", "manifest.json", "shards/*.tar")
     student_before = {p: p.stat().st_mtime_ns for p in _students(run_dir)}
     fr0, _ = _runs()
+    # as `kd3 run --run runs/e2e --stage distill --distill.seed 3`: a changed distill setting, new student
+    cfg = make_cfg("e2e", **{"distill.seed": 3})
     assert run_cli(cfg, argparse.Namespace(stage="distill")) == 0
     fr1, _ = _runs()
     assert (fr1 - fr0) == Counter({"kd3-distill": 1})
     assert _mtimes(run_dir, "crawl/records.jsonl", "manifest.json", "shards/*.tar") == before
     after = {p: p.stat().st_mtime_ns for p in _students(run_dir)}
-    assert any(p not in student_before or after[p] != student_before[p] for p in after)
+    assert {p: after[p] for p in student_before} == student_before  # the earlier student is kept
+    assert len(after) == len(student_before) + 1
 
 
 def test_failing_distill_keeps_crawl_and_curate_then_rerun_completes(first_run, make_cfg):
