@@ -66,7 +66,11 @@ def build_from_checkpoint(ck: dict, where: str) -> nn.Module:
     own = model.state_dict()
     if not set(sd) & set(own) and hasattr(model, "net"):  # raw timm/torchvision state dict
         sd = {"net." + k: v for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln][:1]
+        raise DataError(f"{where}: weights do not fit architecture {ck['arch']!r} ({'; '.join(first) or e})") from None
     if missing or unexpected:
         raise DataError(f"{where}: weights do not fit architecture {ck['arch']!r} "
                         f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
@@ -84,8 +88,12 @@ def load_teacher(path, device: str | torch.device = "cpu", classes: list[str] | 
         raise DataError(f"teacher checkpoint {p} does not exist")
     if is_torchscript(p):
         meta = read_checkpoint_meta(p)
+        import warnings
+
         try:
-            m = torch.jit.load(str(p), map_location="cpu")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                m = torch.jit.load(str(p), map_location="cpu")
         except Exception as e:
             raise DataError(f"{p}: cannot load TorchScript ({type(e).__name__}: {e})") from None
         model: nn.Module = ScriptedTeacher(m, str(p))

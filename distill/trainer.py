@@ -426,7 +426,10 @@ def _finish(metrics, method, teacher, tmeta, classes, size, mean, std, out_dir: 
         dev = next(module.parameters()).device
         x = torch.randn(2, 3, size, size, device=dev)
         mod32 = module.float()
-        with torch.no_grad():
+        import warnings
+
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
             traced = torch.jit.trace_module(mod32, {"forward": x, "forward_features": x})
         save_torchscript(out_dir / "student.torchscript.pt", traced.cpu(), meta)
     except Exception as e:  # pragma: no cover - architecture-specific tracing failures

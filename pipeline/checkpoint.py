@@ -144,7 +144,10 @@ def save_torchscript(path, scripted_module, meta: dict) -> Path:
     import torch
 
     meta = _validate_meta(dict(meta), str(path))
-    with atomic_path(path) as tmp:
+    import warnings
+
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still the portable format
         torch.jit.save(scripted_module, str(tmp), _extra_files={TS_EXTRA: json.dumps(meta)})
     return Path(path)
 

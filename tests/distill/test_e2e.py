@@ -1,0 +1,137 @@
+"""End to end on a tiny digits teacher and a 240-image web pool written as shards: each method, 2 epochs."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from distill.stage import distill, output_dir
+from distill.teacher import load_teacher
+from pipeline.config import load_config
+from pipeline.errors import DataError
+from pipeline.io import read_json, read_jsonl
+
+torch.set_num_threads(1)
+
+
+def _cfg(world, run, method, **d):
+    dd = {"method": method, "student": "cnn_tiny", "epochs": 2, "batch_size": 32, "workers": 0, "device": "cpu",
+          "eval_dir": str(world["eval_dir"]), "val_fraction": 0.1, "augment": "flip", "lr": 0.05}
+    dd.update(d)
+    return load_config(None, {"name": run.name, "runs_root": str(run.parent), "teacher": str(world["teacher"]),
+                              "distill": dd})
+
+
+@pytest.fixture()
+def run(digits_world, tmp_path):
+    r = tmp_path / "runs" / "web"
+    shutil.copytree(digits_world["run"], r)
+    return r
+
+
+@pytest.mark.parametrize("method", ["kd3", "kd", "dfnd"])
+def test_method_end_to_end(digits_world, run, method):
+    cfg = _cfg(digits_world, run, method)
+    m = distill(cfg, out_id="t")
+    out = run / "distill" / f"{method}-t"
+    for f in ("student.pt", "student.torchscript.pt", "checkpoint.pt", "metrics.json", "selection.jsonl", "train.log"):
+        assert (out / f).is_file(), f
+    assert read_json(out / "metrics.json") == json.loads(json.dumps(m))
+    f = m["final"]
+    assert f["done"] and f["epochs"] == 2 and f["eval"] == "eval_dir"
+    assert 0.0 <= f["top1"] <= 1.0 and 0.0 <= f["agreement"] <= 1.0
+    assert f["teacher_top1"] > 0.8  # the digits teacher is good on its own test set
+    assert f["params"] > 0 and f["throughput_img_s"] > 0
+    rows = read_jsonl(out / "selection.jsonl")
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for e in m["epochs"]:
+        assert set(e) >= {"epoch", "losses", "lr", "selected", "selected_per_class", "eval_top1", "val_agreement",
+                          "time_s"}
+        assert all(v == v and abs(v) < 1e6 for v in e["losses"].values())  # finite
+        assert sum(e["selected_per_class"].values()) == e["selected"]
+    if method == "kd":
+        assert rows[0]["selected_keys"] == "all" and f["selected_fraction"] == 1.0
+        assert set(m["epochs"][0]["losses"]) == {"kd", "total"}
+    if method == "dfnd":
+        assert rows[0]["selected_keys"] == rows[1]["selected_keys"]  # one-off selection
+        assert len(rows[0]["selected_keys"]) == m["epochs"][0]["selected"] == round(0.5 * len(
+            (out / "pool_keys.txt").read_text().split()))
+        assert set(m["epochs"][0]["losses"]) == {"kd", "nll", "total"}
+    if method == "kd3":
+        assert set(m["epochs"][0]["losses"]) == {"feat", "con", "total"}
+        assert rows[0]["alpha"] == pytest.approx(1 - 2.718281828 ** (-5 * (1 / (2 * 2 / 3) - 1) ** 2), rel=1e-4)
+        assert rows[1]["alpha"] == 0.0 and set(rows[0]["thresholds"]) == set(read_json(run / "manifest.json")["classes"])
+        keys = set((out / "pool_keys.txt").read_text().split())
+        assert set(rows[0]["selected_keys"]) <= keys and len(rows[0]["selected_keys"]) == m["epochs"][0]["selected"]
+    # the deployable student: contract file and TorchScript give the same predictions
+    student, meta = load_teacher(out / "student.pt", classes=read_json(run / "manifest.json")["classes"])
+    ts, ts_meta = load_teacher(out / "student.torchscript.pt")
+    x = torch.randn(3, 3, 16, 16)
+    assert torch.allclose(student(x), ts(x), atol=1e-4)
+    assert meta["arch"] == ("kd3_student" if method == "kd3" else "cnn_tiny") and ts_meta["mean"] == meta["mean"]
+    # a finished run is not redone
+    again = distill(cfg, out_id="t")
+    assert again["final"] == f
+
+
+def test_kd3_options_and_ablations_run(digits_world, run):
+    cfg = _cfg(digits_world, run, "kd3", epochs=1, cross_contrastive=True, mix_level="feature",
+               classifier_align_loss=True, weighting=False, val_fraction=0.0, eval_dir=None)
+    m = distill(cfg, out_id="opts")
+    assert set(m["epochs"][0]["losses"]) == {"feat", "con", "cls_align", "total"}
+    assert m["final"]["eval"] == "web-holdout" and m["final"]["top1"] is None  # no holdout, no eval set
+    cfg = _cfg(digits_world, run, "kd3", epochs=1, selection=False, sharing=False, mixdist=False)
+    m = distill(cfg, out_id="abl")
+    assert m["epochs"][0]["selected"] == len((run / "distill" / "kd3-abl" / "pool_keys.txt").read_text().split())
+    assert set(m["epochs"][0]["losses"]) == {"kd", "feat", "total"}
+    assert m["final"]["selected_fraction"] == 1.0
+
+
+def test_resume_after_interruption_continues_exactly(digits_world, run):
+    cfg = _cfg(digits_world, run, "kd3", epochs=3)
+    full = distill(cfg, out_id="full")
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_first(e):
+        if e == 0:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        distill(cfg, out_id="cut", on_epoch_end=crash_after_first)
+    out = run / "distill" / "kd3-cut"
+    assert not (out / "student.pt").exists() and (out / "checkpoint.pt").exists()
+    with pytest.raises(DataError, match="unfinished run: pass --resume"):
+        distill(cfg, out_id="cut")
+    resumed = distill(cfg, out_id="cut", resume=True)
+    assert resumed["final"]["epochs"] == 3 == len(resumed["epochs"])
+    assert [r["epoch"] for r in read_jsonl(out / "selection.jsonl")] == [0, 1, 2]
+    # same RNG, same data order: identical selections, losses and weights
+    assert [e["selected"] for e in resumed["epochs"]] == [e["selected"] for e in full["epochs"]]
+    assert resumed["epochs"][-1]["losses"] == pytest.approx(full["epochs"][-1]["losses"], rel=1e-5)
+    a = torch.load(run / "distill" / "kd3-full" / "student.pt", weights_only=True)["state_dict"]
+    b = torch.load(out / "student.pt", weights_only=True)["state_dict"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+def test_cli_distill_and_teacher_info(digits_world, run, capsys):
+    from pipeline.cli import main
+
+    rc = main(["distill", "--manifest", str(run / "manifest.json"), "--teacher", str(digits_world["teacher"]),
+               "--student", "cnn_tiny", "--method", "kd", "--epochs", "1", "--distill.workers", "0",
+               "--distill.device", "cpu", "--distill.batch_size", "64", "--out-id", "cli"])
+    assert rc == 0
+    assert (run / "distill" / "kd-cli" / "student.pt").is_file()
+    assert "kd3 distill: kd student cnn_tiny" in capsys.readouterr().out
+    assert main(["teacher", "info", str(digits_world["teacher"])]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["classes"] == ["digit0", "digit1", "digit2", "digit3"] and info["input_size"] == 16
+    assert 250_000 < info["params"] < 400_000
+    # user errors: one line, exit 2
+    assert main(["distill", "--manifest", str(run / "manifest.json"), "--teacher", str(run / "nope.pt"),
+                 "--distill.device", "cpu"]) == 2
+    assert "teacher checkpoint" in capsys.readouterr().err
+    assert main(["distill", "--manifest", str(run / "manifest.json"), "--teacher", str(digits_world["teacher"]),
+                 "--method", "bogus", "--distill.device", "cpu", "--distill.workers", "0"]) == 2
+    assert "unknown distillation method 'bogus'" in capsys.readouterr().err

@@ -1,0 +1,150 @@
+"""Each KD3_SPEC formula on hand-made tensors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.methods.losses import (alpha_schedule, class_thresholds, disagreement_weights, kd_loss, match_spatial,
+                                    mix_distribution, mixed_probs, noise_adaptation_matrix, noisy_nll, nt_xent,
+                                    ramp_epochs, select_confident, weighted_feature_mse)
+
+torch.set_num_threads(1)
+
+
+def test_alpha_schedule_release_values():
+    e_ramp, e_cut = ramp_epochs(240, 2 / 3, 1 / 2)
+    assert (e_ramp, e_cut) == pytest.approx((160, 120))
+    assert alpha_schedule(0, e_ramp, e_cut) == pytest.approx(1 - math.exp(-5 * (1 / 160 - 1) ** 2))
+    assert alpha_schedule(79, e_ramp, e_cut) == pytest.approx(1 - math.exp(-5 * 0.25))  # (80/160 - 1)^2 = 0.25
+    assert alpha_schedule(119, e_ramp, e_cut) == pytest.approx(1 - math.exp(-5 * 0.0625))
+    assert alpha_schedule(120, e_ramp, e_cut) == 0.0  # e >= E_cut
+    assert alpha_schedule(200, e_ramp, e_cut) == 0.0
+    vals = [alpha_schedule(e, e_ramp, e_cut) for e in range(120)]
+    assert all(a > b for a, b in zip(vals, vals[1:]))  # trust moves from teacher to student
+
+
+def test_mixed_probs_mixes_logits_not_probabilities():
+    zt = torch.tensor([[4.0, 0.0]])
+    zs = torch.tensor([[0.0, 2.0]])
+    q = mixed_probs(zt, zs, 0.25)
+    assert torch.allclose(q, F.softmax(torch.tensor([[1.0, 1.5]]), 1))
+    p_mix = 0.25 * F.softmax(zt, 1) + 0.75 * F.softmax(zs, 1)
+    assert not torch.allclose(q, p_mix)
+
+
+def test_class_thresholds_for_given_counts():
+    pred = torch.tensor([0] * 8 + [1] * 4 + [2] * 2)  # N = [8, 4, 2, 0]
+    thr = class_thresholds(pred, 4, 0.95)
+    sig = torch.tensor([1.0, 0.5, 0.25, 0.0])
+    assert torch.allclose(thr, 0.95 * sig / (2 - sig))
+    assert thr[0] == pytest.approx(0.95)
+    assert thr[1] == pytest.approx(0.95 * 0.5 / 1.5)
+    assert thr[3] == 0.0
+
+
+def test_selected_set():
+    # class 0 predicted 3x, class 1 once: tau_0 = 0.9, tau_1 = 0.9 * (1/3)/(5/3) = 0.18
+    q = torch.tensor([[0.95, 0.05], [0.85, 0.15], [0.91, 0.09], [0.30, 0.70]])
+    keep, pred, thr = select_confident(q, 0.9)
+    assert thr.tolist() == pytest.approx([0.9, 0.18])
+    assert pred.tolist() == [0, 0, 0, 1]
+    assert keep.tolist() == [True, False, True, True]
+
+
+def test_disagreement_weights_range_and_detach():
+    zs = torch.randn(64, 10, requires_grad=True)
+    zt = torch.randn(64, 10)
+    w = disagreement_weights(zs, zt)
+    assert not w.requires_grad
+    assert (w >= 0.5).all() and (w < 1).all()
+    assert disagreement_weights(zt, zt).tolist() == pytest.approx([0.5] * 64)
+    big = disagreement_weights(zt + 3, zt)
+    assert (big > 0.99).all() and (big < 1).all()
+    assert torch.allclose(w, torch.sigmoid((zs - zt).norm(dim=1)))
+
+
+def test_weighted_feature_mse_hand_value():
+    fs = torch.zeros(2, 1, 1, 2)
+    ft = torch.tensor([[[[1.0, 1.0]]], [[[2.0, 0.0]]]])
+    w = torch.tensor([0.5, 1.0])
+    # sample 0: mean sq = 1 -> 0.5; sample 1: (4 + 0)/2 = 2 -> 2; mean over all elements = (0.5*2 + 1*4)/4
+    assert weighted_feature_mse(fs, ft, w).item() == pytest.approx((0.5 * 2 + 4) / 4)
+    assert weighted_feature_mse(fs, ft, None).item() == pytest.approx(6 / 4)
+
+
+def test_match_spatial_pools_the_larger_map():
+    a, b = match_spatial(torch.ones(2, 3, 8, 8), torch.ones(2, 3, 4, 4))
+    assert a.shape == b.shape == (2, 3, 4, 4)
+    a, b = match_spatial(torch.ones(2, 3, 2, 2), torch.ones(2, 3, 4, 4))
+    assert a.shape == b.shape == (2, 3, 2, 2)
+
+
+def test_mix_distribution_moves_channel_statistics():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, generator=g) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1) \
+        + torch.arange(4.0).view(4, 1, 1, 1)
+    perm = torch.tensor([1, 2, 3, 0])
+    mu = x.mean(dim=(2, 3))
+    sig = (x.var(dim=(2, 3)) + 1e-6).sqrt()
+    # lam -> 0: each image takes its partner's per-channel mean and std
+    out = mix_distribution(x, lam=torch.zeros(4), perm=perm)
+    assert out.shape == x.shape
+    assert torch.allclose(out.mean(dim=(2, 3)), mu[perm], atol=1e-4)
+    assert torch.allclose((out.var(dim=(2, 3)) + 1e-6).sqrt(), sig[perm], atol=1e-3)
+    # lam = 1: unchanged; lam = 0.3: statistics are the convex mix
+    assert torch.allclose(mix_distribution(x, lam=torch.ones(4), perm=perm), x, atol=1e-4)
+    lam = torch.full((4,), 0.3)
+    out = mix_distribution(x, lam=lam, perm=perm)
+    assert torch.allclose(out.mean(dim=(2, 3)), 0.3 * mu + 0.7 * mu[perm], atol=1e-4)
+    assert torch.allclose((out.var(dim=(2, 3)) + 1e-6).sqrt(), 0.3 * sig + 0.7 * sig[perm], atol=1e-3)
+    # random lam ~ Beta(0.1, 0.1): mostly near 0 or 1
+    torch.manual_seed(0)
+    lam = torch.distributions.Beta(0.1, 0.1).sample((2000,))
+    assert ((lam < 0.1) | (lam > 0.9)).float().mean() > 0.6
+    assert mix_distribution(x).shape == x.shape
+
+
+def test_nt_xent_equals_hand_computation():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 1.0], [-1.0, 1.0]])
+    t = 0.3
+    z = F.normalize(torch.cat([a, b]), dim=1)
+    sim = (z @ z.t()).tolist()
+    total = 0.0
+    for i in range(4):
+        pos = (i + 2) % 4
+        denom = sum(math.exp(sim[i][k] / t) for k in range(4) if k != i)
+        total += -math.log(math.exp(sim[i][pos] / t) / denom)
+    assert nt_xent(a, b, t).item() == pytest.approx(total / 4, rel=1e-5)
+    # perfect positives give a lower loss than random pairs
+    x = torch.randn(16, 8)
+    assert nt_xent(x, x + 0.01, 0.3) < nt_xent(x, torch.randn(16, 8), 0.3)
+
+
+def test_kd_loss_hand_value_and_zero_at_match():
+    zt = torch.tensor([[2.0, 0.0]])
+    zs = torch.tensor([[0.0, 0.0]])
+    T = 4.0
+    pt = F.softmax(zt / T, 1)[0]
+    ps = torch.tensor([0.5, 0.5])
+    want = float((pt * (pt / ps).log()).sum()) * T * T
+    assert kd_loss(zs, zt, T).item() == pytest.approx(want, rel=1e-5)
+    assert kd_loss(zt, zt, T).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dfnd_q_matrix_rows_sum_to_one():
+    theta = torch.randn(5, 5, requires_grad=True)
+    Q = noise_adaptation_matrix(theta, 0.8)
+    assert torch.allclose(Q.sum(1), torch.ones(5), atol=1e-6)
+    assert torch.allclose(torch.diagonal(Q), torch.full((5,), 0.8))
+    assert (Q >= 0).all()
+    z = torch.randn(3, 5)
+    loss = noisy_nll(z, Q, torch.tensor([0, 1, 2]))
+    loss.backward()
+    assert theta.grad is not None and theta.grad.abs().sum() > 0  # off-diagonal is learnable
+    assert torch.allclose(torch.diagonal(theta.grad), torch.zeros(5))
+    # Q = identity (acc 1): the NLL is plain cross-entropy
+    eye_q = noise_adaptation_matrix(torch.zeros(5, 5), 1.0)
+    assert noisy_nll(z, eye_q, torch.tensor([0, 1, 2])).item() == pytest.approx(
+        F.cross_entropy(z, torch.tensor([0, 1, 2])).item(), rel=1e-5)
