@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from .errors import DataError, Kd3Error
 from .io import read_json, read_jsonl
@@ -64,10 +64,34 @@ class DistillRun:
     def epochs(self) -> list[dict]:
         return self.metrics.get("epochs") or []
 
-    def selected_keys(self) -> set[str]:
+    @property
+    def selects(self) -> bool:
+        """True when the log names a subset per epoch (kd3); False for "all" (kd, dfnd) or no log."""
+        return any(isinstance(r.get("selected_keys"), list) or r.get("selected_mask_hex") is not None
+                   for r in self.selection)
+
+    def selected_keys(self, pool: Optional[Iterable[str]] = None) -> set[str]:
+        """Union over epochs of the selected keys. Rows hold a key list, "all" (every pool key), or,
+        for very large pools, ``selected_mask_hex`` over the order of ``pool_keys.txt``."""
         out: set[str] = set()
+        order: Optional[list[str]] = None
         for row in self.selection:
-            out.update(row.get("selected_keys") or [])
+            keys = row.get("selected_keys")
+            if isinstance(keys, list):
+                out.update(str(k) for k in keys)
+            elif keys == "all":
+                out.update(pool or [])
+            elif row.get("selected_mask_hex") is not None:
+                if order is None:
+                    path = self.path / str(row.get("mask_order") or "pool_keys.txt")
+                    if not path.is_file():
+                        raise DataError(f"{self.path / 'selection.jsonl'} uses a key mask but {path} is missing")
+                    order = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+                bits = bin(int(row["selected_mask_hex"], 16))[2:].zfill(len(order))
+                if len(bits) != len(order):
+                    raise DataError(f"{self.path / 'selection.jsonl'}: epoch {row.get('epoch')} mask has "
+                                    f"{len(bits)} bits for {len(order)} pool keys")
+                out.update(k for k, b in zip(order, bits) if b == "1")
         return out
 
 
@@ -298,7 +322,7 @@ def summarize(run_dir: str | Path) -> dict:
             "top1": f.get("top1", last.get("eval_top1")), "teacher_top1": f.get("teacher_top1"),
             "agreement": f.get("agreement", last.get("val_agreement")), "params": f.get("params"),
             "throughput_img_s": f.get("throughput_img_s"), "selected_fraction": f.get("selected_fraction"),
-            "eval": f.get("eval"), "selection_rate": rates, "has_selection_log": bool(dr.selection),
+            "eval": f.get("eval"), "selection_rate": rates, "has_selection_log": dr.selects,
             "finished": bool(dr.metrics.get("final")),
         })
     m = run.manifest or {}

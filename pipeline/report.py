@@ -413,8 +413,8 @@ def _section_distill(run: Run, s: dict, th: Thumbs, max_unselected: int) -> str:
                      f'{_svg_lines(series, y_label="selected images", y_max=_nice_max(top) if top else None)}</div>')
         parts.append(f'<div><h4>accuracy per epoch</h4>{_svg_lines(acc, y_label="accuracy", percent=True, y_max=1.0)}</div>')
         parts.append("</div>")
-        if dr.selection:
-            chosen = dr.selected_keys()
+        if dr.selects:
+            chosen = dr.selected_keys(pool)
             never = [k for k in pool if k not in chosen]
             parts.append(f'<h4>never selected <span class="count">{len(never)}</span> '
                          f'<small>of {len(pool)} kept images, over {len(dr.selection)} epochs</small></h4>')
@@ -427,7 +427,7 @@ def _section_distill(run: Run, s: dict, th: Thumbs, max_unselected: int) -> str:
                 tiles_.append(_tile(th, d, d.get("class", ""), k + (f" · {conf:.2f}" if isinstance(conf, (int, float)) else "")))
             parts.append(_grid(tiles_, len(never) - max_unselected, "every kept image was selected at least once"))
         else:
-            parts.append(f'<p class="note">{e(str(ds["method"]))} keeps no selection log: '
+            parts.append(f'<p class="note">{e(str(ds["method"]))} selects nothing: '
                          'every image is used every epoch.</p>')
         parts.append("</section>")
         out.append("".join(parts))

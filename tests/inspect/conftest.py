@@ -298,6 +298,10 @@ def make_run(root: Path, name: str = "fixture", *, stages=("crawl", "curate", "d
                     "val_agreement": 0.6, "time_s": 1.0} for e in range(2)],
         "final": {"top1": 0.55, "teacher_top1": 0.85, "agreement": 0.6, "params": 12345,
                   "throughput_img_s": 950.0, "selected_fraction": 1.0, "eval": "web-holdout"}})
+    # as the trainer writes it for methods without selection
+    write_jsonl_atomic(kd / "selection.jsonl", [{"epoch": e, "alpha": None, "thresholds": None,
+                                                 "selected_per_class": {c: len(keys[c]) for c in CLASSES},
+                                                 "selected_keys": "all"} for e in range(2)])
     return rd
 
 

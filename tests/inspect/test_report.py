@@ -127,7 +127,7 @@ def test_report_is_complete_and_self_contained(full_run):
         assert k in page
     # charts: funnel, one histogram per class, two line charts per distill run
     assert page.count("<svg") == 1 + len(m["classes"]) + 2 * 2
-    assert "kd3 keeps no selection log" not in page and "kd keeps no selection log" in page
+    assert "kd3 selects nothing" not in page and "kd selects nothing" in page
 
 
 def test_partial_run_report(crawl_only_run):

@@ -196,3 +196,21 @@ def test_class_sheet_has_every_image_of_the_class(full_run, tmp_path):
     assert im.height > rows * 128 and im.height < (rows + 1) * 128 + 140
     # kept tiles carry a green accent bar under the thumbnail
     assert im.getpixel((10 + 5, 44 + 22 + 10 + 128 + 1)) == (22, 163, 74)
+
+
+def test_selection_log_formats(tmp_path):
+    """Key lists, "all" (kd/dfnd) and the bitmask over pool_keys.txt used for very large pools."""
+    from pipeline.inspect import DistillRun
+
+    keys = [f"{i:016x}" for i in range(10)]
+    (tmp_path / "pool_keys.txt").write_text("\n".join(keys) + "\n")
+    mask = int("".join("1" if i in (0, 3, 9) else "0" for i in range(10)), 2)
+    rows = [{"epoch": 0, "selected_keys": [keys[1]]},
+            {"epoch": 1, "selected_mask_hex": format(mask, "x"), "mask_order": "pool_keys.txt"}]
+    dr = DistillRun("kd3-x", tmp_path, {"epochs": []}, rows)
+    assert dr.selects and dr.selected_keys(keys) == {keys[0], keys[1], keys[3], keys[9]}
+    everything = DistillRun("kd-x", tmp_path, {}, [{"epoch": 0, "selected_keys": "all"}])
+    assert not everything.selects and everything.selected_keys(keys) == set(keys)
+    (tmp_path / "pool_keys.txt").write_text("\n".join(keys[:4]) + "\n")
+    with pytest.raises(DataError, match="mask has"):
+        DistillRun("kd3-x", tmp_path, {}, rows).selected_keys(keys)
