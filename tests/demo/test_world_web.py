@@ -30,3 +30,33 @@ def test_every_query_finds_its_images_and_only_those(pool):
             assert r.headers["Content-Type"] == p.content_type
             # nothing in the URL or the result title says what the image is
             assert p.kind not in urls[p.name] and (p.truth or "zzz") not in urls[p.name]
+
+
+def test_crawled_by_the_bing_source_same_path_as_a_real_crawl(pool, tmp_path):
+    stage = pytest.importorskip("crawlers.stage")
+    from pipeline.config import load_config
+    from pipeline.io import read_jsonl
+
+    per_query = max(sum(v.values()) for v in dw.composition(pool).values())
+    truth = dw.truth_by_sha([p.truth_row() for p in pool])
+    with fakeweb.FakeWeb() as web:
+        dw.register_on_fakeweb(web, pool)
+        cfg = load_config(None, {
+            "name": "w", "runs_root": str(tmp_path), "classes": list(dw.DIGIT_NAMES),
+            "crawl.sources": ["bing"], "crawl.engine_urls.bing": web.engine_urls()["bing"],
+            "crawl.allow_private_hosts": True, "crawl.per_class": per_query, "crawl.query_templates": ["{c}"],
+            "crawl.threads": 2, "crawl.rate_limit_per_domain": 1000.0, "crawl.retries": 0,
+        })
+        stage.crawl(cfg, classes=["three", "seven"])
+        assert any(path.startswith("/images/async") for path in web.requested_paths())  # Bing's endpoint
+    recs = read_jsonl(tmp_path / "w" / "crawl" / "records.jsonl")
+    assert {r["class"] for r in recs} == {"three", "seven"}
+    for cls in ("three", "seven"):
+        mine = [p for p in pool if p.query == cls]
+        ok = {r["sha256"] for r in recs if r["class"] == cls and r["status"] == "ok"}
+        good = {p.sha256 for p in mine if not p.kind.startswith("broken")}
+        assert ok == good  # every decodable file once (exact duplicates collapse), nothing from elsewhere
+        assert all(truth[s]["query"] == cls for s in ok)
+        # the junk under the query was crawled like the digits: only the side file knows
+        assert any(truth[s]["kind"] in dw.JUNK_KINDS for s in ok)
+        assert any(r["status"] == "error" for r in recs if r["class"] == cls)  # the broken files
