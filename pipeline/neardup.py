@@ -30,13 +30,20 @@ def similar_pairs(emb: np.ndarray, threshold: float, *, exact_max: int = EXACT_M
     if n <= exact_max:
         index = faiss.IndexFlatIP(d)
     else:
-        nlist = nlist or max(16, int(math.sqrt(n)))
-        quantizer = faiss.IndexFlatIP(d)
+        # many small lists (~4 sqrt(N)) keep each probe cheap; an HNSW quantizer keeps the
+        # assignment of N vectors to thousands of lists cheap too
+        nlist = nlist or max(16, int(4 * math.sqrt(n)))
+        quantizer = (faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT) if nlist > 1024
+                     else faiss.IndexFlatIP(d))
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = 10
+        index.cp.max_points_per_centroid = 32
         rng = np.random.default_rng(0)
-        sample = emb[np.sort(rng.choice(n, size=min(n, 40 * nlist), replace=False))]
+        sample = emb[np.sort(rng.choice(n, size=min(n, 32 * nlist), replace=False))]
         index.train(sample)
         index.nprobe = nprobe
+        if nlist > 1024:
+            quantizer.hnsw.efSearch = max(32, 2 * nprobe)
     index.add(emb)
     # faiss returns sim > radius for inner product; nudge so that == threshold counts too
     radius = float(np.nextafter(np.float32(threshold), np.float32(-1)))
