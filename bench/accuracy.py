@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flows.demo import DemoSettings, run_demo, train_demo_teacher  # noqa: E402
+from flows.demo import DemoSettings, run_demo  # noqa: E402
 from pipeline.io import atomic_write_json  # noqa: E402
 
 ABLATIONS = {
@@ -33,12 +33,14 @@ ABLATIONS = {
 ORIGINAL = "student on original labels"
 
 
-def train_on_original(world, out: Path, arch: str, epochs: int, seed: int, batch_size: int) -> float:
+def train_on_original(world, out: Path, arch: str, epochs: int, seed: int, batch_size: int, lr: float) -> float:
     """The student architecture trained with labels on the original train split (upper reference)."""
-    from distill.teacher_cli import evaluate_checkpoint
+    from distill.teacher_cli import train_teacher
 
-    path = train_demo_teacher(world, out / "original-student", arch, epochs, seed, batch_size)
-    return float(evaluate_checkpoint(path, world.test_dir)["top1"])
+    summary = train_teacher(world.train_dir, arch, out / "student-original-labels.pt", epochs=epochs,
+                            img_size=world.spec.img_size, batch_size=batch_size, lr=lr,
+                            val_dir=world.test_dir, device="cpu", seed=seed)
+    return float(summary["val_acc"])
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.demo_world import load_world
 
         world = load_world(Path(summary["run_dir"]).parent.parent / "world")
-        ref = train_on_original(world, Path(s.out), summary["student"], summary["epochs"], seed, s.batch_size or 128)
+        ref = train_on_original(world, Path(s.out), summary["student"], summary["epochs"], seed,
+                                summary["batch_size"], summary["lr"])
         summary["methods"].append({"method": ORIGINAL, "top1": ref, "teacher_top1": summary["teacher_top1"],
                                    "gap": ref - summary["teacher_top1"], "selected_fraction": None})
         per_seed[seed] = summary

@@ -67,6 +67,7 @@ class WorldSpec:
     train_per_class: int | None = None  # cap on original train images per class (None = all)
     min_side: int = 32
     max_side: int = 72
+    scan_fraction: float = 0.3  # rendered text drawn "scan-like": grey, light ink on dark, low resolution
 
     def __post_init__(self) -> None:
         if self.n_per_class < 1:
@@ -81,6 +82,8 @@ class WorldSpec:
             raise ConfigError(f"demo world: n_broken must be >= 0, got {self.n_broken}")
         if not 8 <= self.img_size <= 256:
             raise ConfigError(f"demo world: img_size must be in [8, 256], got {self.img_size}")
+        if not 0 <= self.scan_fraction <= 1:
+            raise ConfigError(f"demo world: scan_fraction must be in [0, 1], got {self.scan_fraction}")
         if not 16 <= self.min_side <= self.max_side:
             raise ConfigError(f"demo world: need 16 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
 
@@ -357,10 +360,23 @@ def _finish(rng: np.random.Generator, im: "Image.Image", params: dict) -> bytes:
 
 
 def render_text_image(rng: np.random.Generator, text: str, spec: WorldSpec) -> tuple[bytes, dict]:
+    """A glyph in a random DejaVu font. Most are "web-styled" (colour, textured background); a
+    ``scan_fraction`` are "scan-like" (grey, light ink on a dark background, rendered at low
+    resolution and upsampled): still printed glyphs, not handwriting, but the part of a real web pool
+    that looks most like the original data."""
     from PIL import Image
 
     params: dict[str, Any] = {"text": text}
     w, h = _size(rng, spec)
+    if rng.random() < spec.scan_fraction:
+        bg = Image.new("RGB", (w, h), (int(rng.integers(0, 50)),) * 3)
+        ink = int(rng.integers(170, 256))
+        layer = _glyph_layer(rng, text, w, h, (ink, ink, ink), params)
+        im = Image.alpha_composite(bg.convert("RGBA"), layer).convert("L")
+        low = int(rng.integers(8, 17))
+        im = im.resize((low, low), Image.BILINEAR).resize((w, h), Image.BILINEAR).convert("RGB")
+        params.update(background="scan", low_res=low)
+        return _finish(rng, im, params), params
     bg, bg_kind = _background(rng, w, h)
     color = _contrasting(rng, bg)
     layer = _glyph_layer(rng, text, w, h, color, params)
