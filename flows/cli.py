@@ -45,6 +45,7 @@ def run_cli(cfg: RunConfig, args) -> int:
     from flows.e2e import kd3_pipeline
     from flows.stages import STAGE_FLOWS
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     stage = getattr(args, "stage", None)
     if stage is None:
         kd3_pipeline(cfg)

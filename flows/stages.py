@@ -263,14 +263,27 @@ def _torchrun_distill(cfg: RunConfig, out_dir: Path) -> dict:
 
     The trainer reads WORLD_SIZE/LOCAL_RANK (DDP); rank 0 writes ``<out_dir>/metrics.json``.
     """
-    cfg_path = Path(cfg.run_dir) / ".prefect" / "distill-config.yaml"
-    atomic_write_text(cfg_path, dump_config(cfg))  # secrets removed: distill needs none
+    from flows.cli import absolute_config
+
+    cfg_path = (Path(cfg.run_dir) / ".prefect" / "distill-config.yaml").resolve()
+    atomic_write_text(cfg_path, dump_config(absolute_config(cfg)))  # secrets removed: distill needs none
     torchrun = shutil.which("torchrun")
     launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     cmd = [*launcher, "--standalone", f"--nproc-per-node={cfg.flow.gpus}", "-m", "pipeline.cli", "distill",
            "--config", str(cfg_path), "--out-id", out_dir.name.split("-", 1)[1], "--resume"]
     log.info("launching %s", " ".join(cmd))
-    proc = subprocess.run(cmd, cwd=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        proc.wait()
+    finally:  # a cancelled/crashed flow must not leave the ranks running
+        if proc.poll() is None:
+            import signal
+
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun distill exited with code {proc.returncode} (see {out_dir}/train.log)")
     return read_json(out_dir / "metrics.json")
