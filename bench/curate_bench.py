@@ -156,7 +156,9 @@ def _table(title: str, rows: list[dict]) -> None:
         t.add_column(k)
     for r in rows:
         t.add_row(*[str(v) for v in r.values()])
-    Console().print(t)
+    Console(width=240).print(t)
+    for r in rows:
+        print(json.dumps(r))
 
 
 def main(argv=None) -> int:

@@ -276,7 +276,8 @@ def curate(cfg: RunConfig) -> dict[str, Any]:
     embed_stats: dict[str, Any] = {}
     log.info("curate: %d candidate images (%d unique files) in %d classes; embedder %s",
              len(cands), len(uniq), len(classes), embedder.key)
-    _scan(uniq + [x for x in ev_uniq if x[0] not in dict(uniq)], cfg, embedder, facts, emb_cache, embed_stats)
+    web_shas = {s for s, _ in uniq}
+    _scan(uniq + [x for x in ev_uniq if x[0] not in web_shas], cfg, embedder, facts, emb_cache, embed_stats)
 
     rows: list[dict] = []
     for x in cands:
