@@ -168,6 +168,15 @@ def _variant_cfg(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     return RunConfig.model_validate(d)
 
 
+def _truth_by_sha(truth_rows: list[dict]) -> dict[str, dict]:
+    """sha256 → truth row; an exact duplicate shares its original's bytes, so the original wins."""
+    out: dict[str, dict] = {}
+    for r in truth_rows:
+        if r["sha256"] not in out or out[r["sha256"]]["kind"] == "duplicate":
+            out[r["sha256"]] = r
+    return out
+
+
 def selection_breakdown(method_dir: Path, truth_rows: list[dict]) -> dict[str, Any]:
     """What a method trained on in its last epoch, by ground-truth kind (analysis only)."""
     sel = read_jsonl(method_dir / "selection.jsonl")
@@ -175,9 +184,9 @@ def selection_breakdown(method_dir: Path, truth_rows: list[dict]) -> dict[str, A
         return {}
     last = sel[-1]
     keys = set(last.get("selected_keys") or [])
-    by_key: dict[str, dict] = {}
-    for r in truth_rows:
-        by_key.setdefault(r["sha256"][:16], r)
+    if not isinstance(last.get("selected_keys"), list) or not last["selected_keys"]:
+        return {"epoch": last.get("epoch"), "selected": last.get("selected"), "by_kind": {}}
+    by_key = {sha[:16]: r for sha, r in _truth_by_sha(truth_rows).items()}
     kinds: dict[str, int] = {}
     correct = 0
     for k in keys:
@@ -190,9 +199,7 @@ def selection_breakdown(method_dir: Path, truth_rows: list[dict]) -> dict[str, A
 def curate_breakdown(run_dir: Path, truth_rows: list[dict]) -> dict[str, Any]:
     """Curate decisions by ground-truth kind: {kind: {"kept": n, reason: n}} (analysis only)."""
     rows = read_jsonl(run_dir / "curate" / "decisions.jsonl")
-    truth = {}
-    for r in truth_rows:
-        truth.setdefault(r["sha256"], r)
+    truth = _truth_by_sha(truth_rows)
     out: dict[str, dict[str, int]] = {}
     for d in rows:
         t = truth.get(d.get("id"))
