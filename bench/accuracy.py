@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     print("Last-epoch selection by ground-truth kind (seed %d):" % seeds[0])
     for mth in first["methods"]:
         sel = mth.get("selection") or {}
-        if sel:
+        if sel.get("by_kind"):
             print(f"  {mth['method']:<28} {sel['selected']:>5} selected: {json.dumps(sel['by_kind'])}")
     print("Curate decisions by ground-truth kind (seed %d): %s" % (seeds[0], json.dumps(first["curate"])))
     print(f"\ntotal time {time.time() - t0:.0f}s")

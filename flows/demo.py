@@ -233,6 +233,10 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     from pipeline import demo_world as dw
 
     s = _resolved(s)
+    # offline, no analytics: the demo never reaches out (also when not started through `make demo`)
+    for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
+                 ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1")):
+        os.environ.setdefault(k, v)
     for noisy in ("httpx", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     t0 = time.time()

@@ -1,6 +1,6 @@
 """`kd3 demo --size tiny` end to end (world, teacher, fake web, Prefect flow, kd/dfnd, report).
 
-~1.5 min on 2 shared CPU cores (Prefect's temporary server alone takes ~15 s): marked slow."""
+30-90 s on 2 shared CPU cores (Prefect's temporary server alone takes ~15 s): marked slow."""
 import os
 
 import pytest
