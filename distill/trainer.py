@@ -354,6 +354,7 @@ def _run(cfg, dc, rt: Runtime, manifest_path, teacher_path, out_dir, ck_path, me
                    train_img_s=(n_img * rt.world / t_train) if t_train > 0 else None,
                    alpha=sel_log.get("alpha") if isinstance(sel_log, dict) else None)
         metrics["epochs"].append(row)
+        rngs = _gather_rng(rt)  # a collective: every rank takes part
         if rt.main:
             thr = sel_log.get("thresholds") if isinstance(sel_log, dict) else None
             with JsonlAppender(sel_path) as app:
@@ -362,7 +363,7 @@ def _run(cfg, dc, rt: Runtime, manifest_path, teacher_path, out_dir, ck_path, me
                            "selected_per_class": per_class,
                            **_selected_field(pool, sel, all_sel),
                            **{k: v for k, v in sel_log.items() if k not in ("alpha", "thresholds")}})
-            _save_checkpoint(ck_path, e, method, opt, sched, rt)
+            _save_checkpoint(ck_path, e, method, opt, sched, rngs)
             atomic_write_json(metrics_path, metrics)
             log.info("epoch %d/%d: selected %d/%d, loss %s, lr %.4g, eval_top1 %s, val_agreement %s, %.1fs "
                      "(select %.1fs, train %.1fs, eval %.1fs)", e + 1, dc.epochs, len(sel), len(pool),
@@ -403,12 +404,17 @@ def _fmt(v):
     return "-" if v is None else f"{v:.4f}"
 
 
-def _save_checkpoint(path: Path, epoch: int, method, opt, sched, rt: Runtime) -> None:
-    rngs = [rng_state()]
-    if rt.ddp:
-        gathered = [None] * rt.world
-        dist.all_gather_object(gathered, rngs[0])  # pragma: no cover - multi-process only
-        rngs = gathered
+def _gather_rng(rt: Runtime) -> list:
+    """Every rank's RNG state (rank order), so a resumed DDP run continues each rank's stream."""
+    mine = rng_state()
+    if not rt.ddp:
+        return [mine]
+    gathered: list = [None] * rt.world
+    dist.all_gather_object(gathered, {k: v.cpu() if torch.is_tensor(v) else v for k, v in mine.items()})
+    return gathered
+
+
+def _save_checkpoint(path: Path, epoch: int, method, opt, sched, rngs: list) -> None:
     obj = {"epoch": epoch, "method": method.state_dict(), "optimizer": opt.state_dict(),
            "scheduler": sched.state_dict(), "extra_state": json.dumps(method.extra_state()), "rng": rngs}
     with atomic_path(path) as tmp:

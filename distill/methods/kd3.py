@@ -77,9 +77,12 @@ class KD3(Method):
         alpha = alpha_schedule(epoch, e_ramp, e_cut)
 
         def mixed_logits(x):
-            z_t = self.teacher(x)
-            z_s = self.student_logits(x) if alpha < 1.0 else z_t
-            return alpha * z_t.float() + (1.0 - alpha) * z_s.float()
+            # each net runs only when its weight is non-zero (alpha is exactly 0 after E_cut)
+            if alpha >= 1.0:
+                return self.teacher(x).float()
+            if alpha <= 0.0:
+                return self.student_logits(x).float()
+            return alpha * self.teacher(x).float() + (1.0 - alpha) * self.student_logits(x).float()
 
         logits = infer(mixed_logits)
         q = mixed_probs(logits, logits, 1.0)  # logits are already mixed: q = softmax(mix)

@@ -1,0 +1,171 @@
+"""Distill benchmark: per-epoch wall time of kd3 vs kd on the same pool and models, in one run.
+
+The selection pass is included; the time is split into selection and training (eval is off:
+no eval set, no held-out slice). Three runs share the data, teacher and student:
+  kd            Hinton KD on every image
+  kd3           KD³ as configured (its selection decides how many images it trains on)
+  kd3-all       KD³ with every image kept (selection pass still runs): the cost per epoch when the
+                selection keeps everything — the worst case for the kd3/kd ratio
+Also prints training throughput (img/s, training phase only).
+
+    python bench/distill_bench.py                       # CPU, tiny (cnn_small -> cnn_small, 32 px)
+    python bench/distill_bench.py --device cuda --teacher-arch resnet34 --student resnet18 \
+        --n 20000 --batch-size 256 --epochs 3 --workers 8     # GPU: bf16 autocast + channels_last
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline.io import atomic_write_json, sha256_file  # noqa: E402
+
+CLASSES = [f"digit{i}" for i in range(10)]
+
+
+def digit_images(n: int, size: int, seed: int = 0):
+    """n RGB images (digits, tinted/inverted/shifted variants) with their query labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        i = int(rng.integers(len(d.images)))
+        a = (d.images[i] / 16.0 * 255).astype(np.uint8)
+        if rng.random() < 0.2:
+            a = 255 - a
+        im = Image.fromarray(a, "L").resize((size, size), Image.BILINEAR).convert("RGB")
+        x = np.asarray(im).astype(np.float32) * rng.uniform(0.6, 1.0, size=3).astype(np.float32)
+        out.append((Image.fromarray(x.clip(0, 255).astype(np.uint8)), int(d.target[i])))
+    return out
+
+
+def write_pool(root: Path, items, per_shard: int = 5000) -> Path:
+    """Webdataset shards + a manifest, as the curate stage writes them."""
+    (root / "shards").mkdir(parents=True, exist_ok=True)
+    shardlist = []
+    for s0 in range(0, len(items), per_shard):
+        p = root / "shards" / f"bench-{s0 // per_shard:06d}.tar"
+        with tarfile.open(p, "w") as tf:
+            for j, (im, y) in enumerate(items[s0:s0 + per_shard]):
+                b = io.BytesIO()
+                im.save(b, "PNG")
+                key = f"{s0 + j:016x}"
+                for ext, data in (("png", b.getvalue()), ("cls", str(y).encode()),
+                                  ("json", json.dumps({"class": CLASSES[y], "label": y}).encode())):
+                    ti = tarfile.TarInfo(f"{key}.{ext}")
+                    ti.size = len(data)
+                    tf.addfile(ti, io.BytesIO(data))
+        shardlist.append({"url": f"shards/{p.name}", "nsamples": len(items[s0:s0 + per_shard]),
+                          "filesize": p.stat().st_size, "sha256": sha256_file(p)})
+    atomic_write_json(root / "manifest.json", {"__kind__": "wids-shard-index-v1", "wids_version": 1,
+                                               "name": root.name, "shardlist": shardlist, "classes": CLASSES,
+                                               "nsamples": len(items)})
+    return root / "manifest.json"
+
+
+def make_teacher(base: Path, arch: str, size: int, epochs: int, device: str) -> Path:
+    """A teacher trained briefly on labelled digits (so that kd3's selection sees real confidences)."""
+    from distill.teacher_cli import train_teacher
+
+    folder = base / "labelled"
+    for k, (im, y) in enumerate(digit_images(600, size, seed=1)):
+        d = folder / CLASSES[y]
+        d.mkdir(parents=True, exist_ok=True)
+        im.save(d / f"{k:05d}.png")
+    out = base / "teacher.pt"
+    train_teacher(folder, arch, out, epochs=epochs, img_size=size, batch_size=64, lr=0.05, device=device)
+    return out
+
+
+def epoch_times(metrics: dict, skip_first: bool) -> dict:
+    rows = metrics["epochs"][1:] if skip_first and len(metrics["epochs"]) > 1 else metrics["epochs"]
+    sel = float(np.mean([r["time_select_s"] for r in rows]))
+    tr = float(np.mean([r["time_train_s"] for r in rows]))
+    imgs = float(np.mean([r["train_img_s"] or 0 for r in rows]))
+    return {"select_s": sel, "train_s": tr, "epoch_s": sel + tr, "train_img_s": imgs,
+            "selected": float(np.mean([r["selected"] for r in rows]))}
+
+
+def run_bench(n: int = 512, size: int = 32, teacher_arch: str = "cnn_small", student: str = "cnn_tiny",
+              epochs: int = 2, batch_size: int = 64, device: str = "cpu", workers: int = 0,
+              teacher_epochs: int = 3, threads: int | None = None, workdir: Path | None = None) -> dict:
+    from distill.stage import distill
+    from pipeline.config import load_config
+
+    if threads:
+        torch.set_num_threads(threads)
+    base = Path(workdir or tempfile.mkdtemp(prefix="kd3-distill-bench-"))
+    run = base / "runs" / "bench"
+    manifest = write_pool(run, digit_images(n, size))
+    teacher = make_teacher(base, teacher_arch, size, teacher_epochs, "cpu" if device == "cpu" else device)
+    res: dict = {"n": n, "size": size, "teacher": teacher_arch, "student": student, "epochs": epochs,
+                 "batch_size": batch_size, "device": device, "threads": torch.get_num_threads(), "runs": {}}
+    for label, method, extra in (("kd", "kd", {}), ("kd3", "kd3", {}), ("kd3-all", "kd3", {"tau": 1e-9})):
+        cfg = load_config(None, {"name": "bench", "runs_root": str(run.parent), "teacher": str(teacher),
+                                 "distill": {"method": method, "student": student, "epochs": epochs,
+                                             "batch_size": batch_size, "workers": workers, "device": device,
+                                             "val_fraction": 0.0, "augment": "rrc_flip", **extra}})
+        t0 = time.perf_counter()
+        m = distill(cfg, out_id=label.replace("-", "_"))
+        res["runs"][label] = dict(epoch_times(m, skip_first=epochs > 1), wall_s=time.perf_counter() - t0,
+                                  final_throughput_img_s=m["final"]["throughput_img_s"])
+    kd, k3, k3a = res["runs"]["kd"], res["runs"]["kd3"], res["runs"]["kd3-all"]
+    res["ratio_kd3_over_kd"] = k3["epoch_s"] / kd["epoch_s"]
+    res["ratio_kd3_all_over_kd"] = k3a["epoch_s"] / kd["epoch_s"]
+    res["kd3_all_select_fraction_of_epoch"] = k3a["select_s"] / k3a["epoch_s"]
+    res["manifest"] = str(manifest)
+    return res
+
+
+def format_report(r: dict) -> str:
+    lines = [f"distill bench: {r['n']} images {r['size']}px, teacher {r['teacher']} -> student {r['student']}, "
+             f"batch {r['batch_size']}, {r['epochs']} epochs, device {r['device']}, torch threads {r['threads']}",
+             f"{'run':9s} {'selected':>9s} {'select s':>9s} {'train s':>9s} {'epoch s':>9s} {'train img/s':>12s}"]
+    for k, v in r["runs"].items():
+        lines.append(f"{k:9s} {v['selected']:9.0f} {v['select_s']:9.3f} {v['train_s']:9.3f} {v['epoch_s']:9.3f} "
+                     f"{v['train_img_s']:12.1f}")
+    lines.append(f"per-epoch ratio kd3/kd = {r['ratio_kd3_over_kd']:.2f}x (kd3 keeps what it selects); "
+                 f"kd3-all/kd = {r['ratio_kd3_all_over_kd']:.2f}x (every image kept); "
+                 f"selection pass = {100 * r['kd3_all_select_fraction_of_epoch']:.0f}% of a kd3-all epoch")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=384)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--teacher-arch", default="cnn_small")
+    ap.add_argument("--student", default="cnn_small")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--teacher-epochs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, help="also write the result as JSON here")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    r = run_bench(a.n, a.size, a.teacher_arch, a.student, a.epochs, a.batch_size, a.device, a.workers,
+                  a.teacher_epochs, a.threads)
+    print(format_report(r))
+    if a.json:
+        atomic_write_json(a.json, r)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
