@@ -359,6 +359,30 @@ def _finish(rng: np.random.Generator, im: "Image.Image", params: dict) -> bytes:
     return buf.getvalue()
 
 
+def _scan_like(rng: np.random.Generator, text: str, params: dict) -> "Image.Image":
+    """``text`` in a random DejaVu font through an optdigits-like acquisition → 8×8 greyscale (L)."""
+    from PIL import Image, ImageDraw
+
+    fonts = font_files()
+    fpath = fonts[int(rng.integers(len(fonts)))]
+    stroke = int(rng.integers(0, 5))
+    angle = float(rng.uniform(-10, 10))
+    S = 128
+    im = Image.new("L", (S, S), 0)
+    ImageDraw.Draw(im).text((S / 2, S / 2), text, font=_font(fpath, 96), fill=255, anchor="mm",
+                            stroke_width=stroke, stroke_fill=255)
+    im = im.rotate(angle, resample=Image.BILINEAR)
+    bb = im.getbbox() or (0, 0, S, S)
+    g = im.crop(bb)
+    widen = float(rng.uniform(0.9, 1.4))
+    gw = int(np.clip(round(32 * widen * g.width / max(1, g.height)), 4, 32))
+    box = Image.new("L", (32, 32), 0)
+    box.paste(g.resize((gw, 32), Image.BILINEAR), ((32 - gw) // 2, 0))
+    counts = (np.asarray(box) > 127).astype(np.float32).reshape(8, 4, 8, 4).sum(axis=(1, 3))
+    params.update(font=fpath.name, stroke=stroke, angle=round(angle, 2), widen=round(widen, 3))
+    return Image.fromarray(np.clip(counts / 16 * 255, 0, 255).astype(np.uint8), mode="L")
+
+
 def render_text_image(rng: np.random.Generator, text: str, spec: WorldSpec) -> tuple[bytes, dict]:
     """A glyph in a random DejaVu font. Most are "web-styled" (colour, textured background); a
     ``scan_fraction`` are "scan-like" (grey, light ink on a dark background, rendered at low
@@ -369,13 +393,8 @@ def render_text_image(rng: np.random.Generator, text: str, spec: WorldSpec) -> t
     params: dict[str, Any] = {"text": text}
     w, h = _size(rng, spec)
     if rng.random() < spec.scan_fraction:
-        bg = Image.new("RGB", (w, h), (int(rng.integers(0, 50)),) * 3)
-        ink = int(rng.integers(170, 256))
-        layer = _glyph_layer(rng, text, w, h, (ink, ink, ink), params)
-        im = Image.alpha_composite(bg.convert("RGBA"), layer).convert("L")
-        low = int(rng.integers(8, 17))
-        im = im.resize((low, low), Image.BILINEAR).resize((w, h), Image.BILINEAR).convert("RGB")
-        params.update(background="scan", low_res=low)
+        im = _scan_like(rng, text, params).resize((w, h), Image.BILINEAR).convert("RGB")
+        params["background"] = "scan"
         return _finish(rng, im, params), params
     bg, bg_kind = _background(rng, w, h)
     color = _contrasting(rng, bg)
