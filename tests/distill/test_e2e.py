@@ -135,3 +135,32 @@ def test_cli_distill_and_teacher_info(digits_world, run, capsys):
     assert main(["distill", "--manifest", str(run / "manifest.json"), "--teacher", str(digits_world["teacher"]),
                  "--method", "bogus", "--distill.device", "cpu", "--distill.workers", "0"]) == 2
     assert "unknown distillation method 'bogus'" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_cpu(digits_world, run, tmp_path):
+    """DDP on CPU (gloo): the selection pass is sharded and all-gathered, training split across ranks."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from pipeline.config import load_config\n"
+        "from distill.stage import distill\n"
+        f"cfg = load_config(None, {{'name': 'web', 'runs_root': {str(run.parent)!r}, "
+        f"'teacher': {str(digits_world['teacher'])!r}, 'distill': {{'method': 'dfnd', 'student': 'cnn_tiny', "
+        "'epochs': 1, 'batch_size': 32, 'workers': 0, 'device': 'cpu', 'val_fraction': 0.1}})\n"
+        "distill(cfg, out_id='ddp')\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    p = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = read_json(run / "distill" / "dfnd-ddp" / "metrics.json")
+    assert m["world_size"] == 2 and m["final"]["done"]
+    n_pool = len((run / "distill" / "dfnd-ddp" / "pool_keys.txt").read_text().split())
+    assert m["epochs"][0]["selected"] == round(0.5 * n_pool)  # the gathered selection covers the whole pool
+    assert (run / "distill" / "dfnd-ddp" / "student.pt").is_file()
