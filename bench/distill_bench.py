@@ -93,9 +93,10 @@ def make_teacher(base: Path, arch: str, size: int, epochs: int, device: str) -> 
 
 def epoch_times(metrics: dict, skip_first: bool) -> dict:
     rows = metrics["epochs"][1:] if skip_first and len(metrics["epochs"]) > 1 else metrics["epochs"]
-    sel = float(np.mean([r["time_select_s"] for r in rows]))
-    tr = float(np.mean([r["time_train_s"] for r in rows]))
-    imgs = float(np.mean([r["train_img_s"] or 0 for r in rows]))
+    # medians over the epochs after the first (warm-up), robust to a noisy shared machine
+    sel = float(np.median([r["time_select_s"] for r in rows]))
+    tr = float(np.median([r["time_train_s"] for r in rows]))
+    imgs = float(np.median([r["train_img_s"] or 0 for r in rows]))
     return {"select_s": sel, "train_s": tr, "epoch_s": sel + tr, "train_img_s": imgs,
             "selected": float(np.mean([r["selected"] for r in rows]))}
 
@@ -146,11 +147,11 @@ def format_report(r: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=384)
+    ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--teacher-arch", default="cnn_small")
     ap.add_argument("--student", default="cnn_small")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=0)
