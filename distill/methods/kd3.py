@@ -25,6 +25,8 @@ class KD3(Method):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         cfg = self.cfg
+        if not getattr(self.teacher, "has_features", True):
+            self.teacher.classifier  # raises: a TorchScript teacher without forward_features/classifier
         c_s = self.student.feature_dim
         c_t = self.teacher.feature_dim
         self.c_t = c_t
