@@ -167,7 +167,9 @@ def build_transforms(size: int, mean, std, augment: str = "rrc_flip", train: boo
         return T.Compose([T.Resize(size), T.CenterCrop(size), T.RandomHorizontalFlip(), *norm])
     if augment == "rrc_flip":
         return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
-    raise DataError(f"unknown augmentation {augment!r} (rrc_flip, flip, none)")
+    if augment == "crop":  # pad + random crop, no flip: for digits, text, anything not mirror-symmetric
+        return T.Compose([T.Resize(size), T.CenterCrop(size), T.RandomCrop(size, padding=max(1, size // 8)), *norm])
+    raise DataError(f"unknown augmentation {augment!r} (rrc_flip, crop, flip, none)")
 
 
 def decode(data: bytes, where: str) -> Image.Image:

@@ -254,6 +254,12 @@ def cnn_small(num_classes: int, widths=(32, 64, 128, 192), **kw):
     return SmallCNN(num_classes, widths=tuple(widths))
 
 
+@register("cnn_mini")
+def cnn_mini(num_classes: int, **kw):
+    """cnn_small at half width (~80k parameters): a 4x-compressed student of cnn_small."""
+    return SmallCNN(num_classes, widths=(16, 32, 64, 96))
+
+
 @register("cnn_tiny")
 def cnn_tiny(num_classes: int, **kw):
     """A few thousand parameters: for tests and benchmarks on a shared CPU."""

@@ -25,7 +25,6 @@ SECTIONS_OF = {
     "distill": ("distill",),
     "run": ("crawl", "curate", "distill", "flow"),
     "serve": ("crawl", "curate", "distill", "flow"),
-    "demo": (),
 }
 
 
@@ -239,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
         from flows.demo import add_demo_arguments
 
         add_demo_arguments(p)
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a field of the demo run's config, e.g. --set distill.epochs=5")
+        p.add_argument("--log-level", default=os.environ.get("KD3_LOG_LEVEL", "INFO"), help="logging level")
 
     add("demo", _cmd_demo, "offline end-to-end demo: fake web of digits -> curate -> kd3/kd/dfnd -> report",
         demo_extra)

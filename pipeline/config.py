@@ -148,7 +148,8 @@ class DistillConfig(_Section):
         description="lr x0.1 at these fractions of the epochs",
     )
     img_size: Optional[int] = Field(None, description="input size (default: the teacher's)")
-    augment: Literal["rrc_flip", "flip", "none"] = Field("rrc_flip", description="training augmentation")
+    augment: Literal["rrc_flip", "crop", "flip", "none"] = Field(
+        "rrc_flip", description="training augmentation: rrc_flip (release), crop (pad+crop, no flip), flip, none")
     eval_dir: Optional[Path] = Field(None, description="labelled ImageFolder of original-domain images")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="held-out slice of the web pool for validation")
     device: str = Field("auto", description="auto, cpu, cuda, ...")
