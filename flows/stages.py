@@ -229,18 +229,24 @@ def _curate_artifact(cfg: RunConfig, result: dict, cached: bool) -> None:
     publish_markdown("curate", cfg, md, f"curation summary of run {cfg.name}")
 
 
+def _run_coarse(task, cfg: RunConfig, force: bool, outputs_ok, artifact, stale_msg: str) -> dict:
+    """Run a coarse cached stage task; a cache hit whose outputs are gone runs again."""
+    state = _configured(task, cfg, refresh=force)(cfg, return_state=True)
+    result = state.result()
+    if _cached(state) and not outputs_ok(result):
+        log.warning(stale_msg)
+        state = _configured(task, cfg, refresh=True)(cfg, return_state=True)
+        result = state.result()
+    artifact(cfg, result, _cached(state))
+    return dict(result, cached=_cached(state))
+
+
 @flow(name="kd3-curate", log_prints=True)
 def curate(config: RunConfig, run_name: Optional[str] = None, force: bool = False) -> dict:
     """Curate the crawl of this run into shards + manifest (one coarse, cached task)."""
     cfg = with_run_name(config, run_name)
-    state = _configured(curate_task, cfg, refresh=force)(cfg, return_state=True)
-    result = state.result()
-    if _cached(state) and not _curate_outputs_ok(result):
-        log.warning("cached curate result points at a missing or changed manifest; curating again")
-        state = _configured(curate_task, cfg, refresh=True)(cfg, return_state=True)
-        result = state.result()
-    _curate_artifact(cfg, result, _cached(state))
-    return dict(result, cached=_cached(state))
+    return _run_coarse(curate_task, cfg, force, _curate_outputs_ok, _curate_artifact,
+                       "cached curate result points at a missing or changed manifest; curating again")
 
 
 # ====================================================================== distill
@@ -335,14 +341,8 @@ def _distill_artifact(cfg: RunConfig, result: dict, cached: bool) -> None:
 def distill(config: RunConfig, run_name: Optional[str] = None, force: bool = False) -> dict:
     """Distill a student on this run's manifest (one coarse, cached task)."""
     cfg = with_run_name(config, run_name)
-    state = _configured(distill_task, cfg, refresh=force)(cfg, return_state=True)
-    result = state.result()
-    if _cached(state) and not _distill_outputs_ok(result):
-        log.warning("cached distill result points at a missing student; distilling again")
-        state = _configured(distill_task, cfg, refresh=True)(cfg, return_state=True)
-        result = state.result()
-    _distill_artifact(cfg, result, _cached(state))
-    return dict(result, cached=_cached(state))
+    return _run_coarse(distill_task, cfg, force, _distill_outputs_ok, _distill_artifact,
+                       "cached distill result points at a missing student; distilling again")
 
 
 STAGE_FLOWS = {"crawl": crawl, "curate": curate, "distill": distill}

@@ -264,14 +264,7 @@ class EmbeddingCache:
             except Exception:
                 log.warning("curate: ignoring unreadable embedding cache part %s", p)
                 continue
-            for i, sid in enumerate(ids):
-                if sid in self.index:
-                    continue
-                self.index[sid] = len(self.ids)
-                self.ids.append(sid)
-                self.rows.append(emb[i])
-                if extra is not None and extra.size:
-                    self.extra[sid] = extra[i]
+            self._absorb(ids, emb, extra if extra is not None and extra.size else None)
 
     def __contains__(self, sha: str) -> bool:
         return sha in self.index
@@ -298,6 +291,9 @@ class EmbeddingCache:
                     np.savez(fh, ids=np.array(ids), emb=emb.astype(np.float32), extra=extra.astype(np.float32))
                 else:
                     np.savez(fh, ids=np.array(ids), emb=emb.astype(np.float32))
+        self._absorb(ids, emb, extra)
+
+    def _absorb(self, ids: list[str], emb: np.ndarray, extra: Optional[np.ndarray]) -> None:
         for i, sid in enumerate(ids):
             if sid in self.index:
                 continue
