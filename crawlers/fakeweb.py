@@ -20,7 +20,9 @@ Image routes: ``add_image(...)`` -> ``/img/<n>-<name>.jpg`` (every image URL end
 Bing's parser keeps only such URLs); ``add_redirect(target)``; ``add_flaky(status, fails)``. Fixed error
 routes under ``/err/``: ``404.jpg``, ``slow.jpg`` (headers, then a long pause), ``redirect/<n>.jpg`` (a
 chain of n redirects ending at an image), ``loop.jpg``, ``html.jpg`` (HTML served as image/jpeg),
-``huge.jpg`` (50 MB streamed), ``truncated.jpg``, ``noai.jpg`` (``X-Robots-Tag: noai``), ``private.jpg``
+``huge.jpg`` (``huge_bytes``, default 50 MB, generated lazily chunk by chunk: a 2 GB body costs the server
+64 KiB of memory), ``drip.jpg`` (an endless body, one byte every 0.2 s: only a total cap or the deadline
+ends it), ``bomb.png`` (a 200-byte PNG declaring 50000 x 50000 pixels), ``truncated.jpg``, ``noai.jpg`` (``X-Robots-Tag: noai``), ``private.jpg``
 (redirect to a private address). ``malformed`` (a set of engine names) makes those engines answer
 with broken pages. Every request is logged in ``.requests`` as ``(time, method, path, host_header)``.
 
@@ -91,6 +93,19 @@ def make_png(size: tuple[int, int] = (40, 40), color: tuple[int, int, int] = (10
     return buf.getvalue()
 
 
+def bomb_png(w: int = 50_000, h: int = 50_000) -> bytes:
+    """A ~100-byte PNG whose header declares ``w x h`` pixels: a decompression bomb by its header."""
+    import struct
+    import zlib
+
+    def chunk(t: bytes, d: bytes) -> bytes:
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
 @dataclass
 class _Image:
     path: str
@@ -130,8 +145,9 @@ class FakeWeb:
     """See the module docstring. Use as a context manager (``with FakeWeb() as fw:``)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, google_results: bool = False,
-                 flickr_key: str | None = "fake-flickr-key", slow_s: float = 30.0):
+                 flickr_key: str | None = "fake-flickr-key", slow_s: float = 30.0, huge_bytes: int = HUGE_BYTES):
         self.host = host
+        self.huge_bytes = int(huge_bytes)
         self.port = port
         self.google_results = google_results
         self.flickr_key = flickr_key
@@ -437,13 +453,27 @@ def _make_handler(web: FakeWeb):
                 self.send_header("Connection", "close")  # no Content-Length: the client must cut it
                 self.end_headers()
                 self.close_connection = True
-                chunk = b"\xff\xd8\xff\xe0" + b"\0" * (1 << 16)
+                chunk = b"\xff\xd8\xff\xe0" + b"\0" * (1 << 16)  # one chunk, reused: memory stays flat
                 sent = 0
-                while sent < HUGE_BYTES and not web._stop.is_set():
-                    piece = chunk[: min(len(chunk), HUGE_BYTES - sent)]
+                while sent < web.huge_bytes and not web._stop.is_set():
+                    piece = chunk[: min(len(chunk), web.huge_bytes - sent)]
                     self.wfile.write(piece)
                     sent += len(piece)
                 return
+            if base == "drip":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                self.wfile.write(b"\xff\xd8\xff\xe0")
+                self.wfile.flush()
+                while not web._stop.wait(0.2):
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                return
+            if base == "bomb":
+                return self._send(200, bomb_png(), "image/png")
             return self._send(404, b"not found", "text/plain")
 
         def _flickr(self, qs):

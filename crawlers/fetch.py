@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
 
 log = logging.getLogger("kd3.crawl.fetch")
 
@@ -307,8 +308,15 @@ class Fetcher:
         t0 = time.monotonic()
         cap = max(3 * self.cfg.read_timeout_s, self.cfg.connect_timeout_s + self.cfg.read_timeout_s)
         buf = bytearray()
+        # read1: return whatever arrived (<= CHUNK) instead of blocking until CHUNK bytes came, so a body
+        # that drips one byte at a time (never idle long enough for the read timeout) still hits the
+        # per-body cap and the crawl deadline between reads
+        read = getattr(r.raw, "read1", None)
         try:
-            for chunk in r.iter_content(CHUNK):
+            while True:
+                chunk = read(CHUNK, decode_content=True) if read is not None else r.raw.read(CHUNK, decode_content=True)
+                if not chunk:
+                    break
                 buf += chunk
                 if len(buf) > max_bytes:
                     raise FetchError("too_large", f"body exceeds max_bytes {max_bytes}")
@@ -316,6 +324,10 @@ class Fetcher:
                     raise FetchError("timeout", f"body took more than {cap:g}s")
                 if self.past_deadline():
                     raise FetchError("deadline", "crawl deadline reached while reading")
+        except (urllib3.exceptions.ReadTimeoutError, socket.timeout, TimeoutError):
+            raise FetchError("timeout", f"body stalled for {self.cfg.read_timeout_s:g}s") from None
+        except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError, ConnectionError) as e:
+            raise FetchError("truncated", f"connection broke mid-body ({type(e).__name__})") from None
         except requests.exceptions.ConnectionError as e:
             if "timed out" in str(e).lower() or "timeout" in type(e).__name__.lower():
                 raise FetchError("timeout", f"body stalled for {self.cfg.read_timeout_s:g}s") from None

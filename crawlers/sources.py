@@ -182,10 +182,19 @@ def engine_results(engine: str, ccfg, query: str, fetcher: Fetcher) -> Iterator[
         response = SimpleNamespace(content=content, url=page_url, status_code=200)
         if engine == "flickr":
             _check_flickr(content)
-            tasks = parser.parse(response, apikey=ccfg.flickr_key(), size_preference=FLICKR_SIZES)
-        else:
-            tasks = parser.parse(response)
-        urls = [t["file_url"] for t in (tasks or []) if isinstance(t, dict) and t.get("file_url")]
+        try:
+            if engine == "flickr":
+                tasks = parser.parse(response, apikey=ccfg.flickr_key(), size_preference=FLICKR_SIZES)
+            else:
+                tasks = parser.parse(response)
+            # icrawler parsers are generators: a malformed page raises while it is iterated
+            urls = [t["file_url"] for t in (tasks or []) if isinstance(t, dict) and t.get("file_url")]
+        except Exception as e:  # noqa: BLE001 - any parser failure on a malformed page
+            msg = f"{engine}: result page for {query!r} is malformed ({type(e).__name__}: {e})"[:300]
+            if i == 0:
+                raise EngineError(redact(msg)) from None
+            log.warning("%s", redact(msg))
+            return
         new = [u for u in urls if u not in seen]
         seen.update(new)
         if i == 0 and not urls:
