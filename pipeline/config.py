@@ -259,6 +259,8 @@ class RunConfig(BaseModel):
 
 
 def _check_class_list(names: list[str], where: str) -> list[str]:
+    if not names:
+        raise ConfigError(f"{where} lists no class names")
     try:
         return RunConfig._classes(names)  # type: ignore[call-arg]
     except ValueError as e:
