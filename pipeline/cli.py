@@ -259,6 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kd3: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk is the user's to fix: one line, finished work is kept
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"kd3: error: {e.strerror or e}{where}: free space and rerun the same command; "
+              "finished files are kept and nothing half-written was left", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
