@@ -92,8 +92,9 @@ def test_served_deployment_runs_to_completion(tmp_path, make_cfg):
         dep = _wait(lambda: _get(f"{api}/deployments/name/kd3-pipeline/served"), 120, "served deployments", procs)
         crons = [s["schedule"].get("cron") for s in dep.get("schedules", [])]
         assert crons == ["0 3 * * *"]
-        for stage in ("crawl", "curate", "distill"):
-            assert _get(f"{api}/deployments/name/kd3-{stage}/served")["name"] == "served"
+        for stage in ("crawl", "curate", "distill"):  # `serve` registers the deployments one after another
+            got = _wait(lambda: _get(f"{api}/deployments/name/kd3-{stage}/served"), 60, f"kd3-{stage} deployment", procs)
+            assert got["name"] == "served"
         assert dep["parameters"]["config"]["name"] == "served"
         run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "kd3-pipeline/served",
                               "--watch", "--watch-timeout", "240"],
