@@ -45,9 +45,43 @@ ROBOTS_DISALLOWED = ("noai", "noimageai", "noindex", "noimageindex")
 _SECRET_PARAM = re.compile(r"((?:api_key|apikey|key|token|access_token|sig)=)[^&\s]+", re.I)
 
 
+_CRED_IN_URL = re.compile(r"(//[^/@\s:]+):[^@\s/]+@")
+_SECRETS: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """A value (API key, proxy password) that ``redact`` removes wherever it appears."""
+    if value and len(value) >= 4:
+        _SECRETS.add(value)
+
+
 def redact(text: str) -> str:
-    """Remove API keys and tokens from a URL or message before it is logged or recorded."""
-    return _SECRET_PARAM.sub(r"\1***", str(text))
+    """Remove API keys, tokens and URL credentials from a URL or message before it is logged or recorded."""
+    s = _CRED_IN_URL.sub(r"\1:***@", _SECRET_PARAM.sub(r"\1***", str(text)))
+    for v in _SECRETS:
+        s = s.replace(v, "***")
+    return s
+
+
+class RedactFilter(logging.Filter):
+    """Redacts records of third-party loggers (urllib3 logs every request URL, key included, at DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is not ours to break
+            return True
+        red = redact(msg)
+        if red != msg:
+            record.msg, record.args = red, ()
+        return True
+
+
+_REDACT = RedactFilter()
+for _name in ("urllib3.connectionpool", "urllib3.poolmanager", "urllib3.connection", "urllib3.util.retry",
+              "urllib3.response", "requests", "icrawler", "kd3", "kd3.crawl", "kd3.crawl.fetch",
+              "kd3.crawl.sources", "crawlers.sources", "crawlers.stage"):
+    logging.getLogger(_name).addFilter(_REDACT)
 
 
 # ---------------------------------------------------------------- image sniffing
@@ -191,6 +225,13 @@ class Fetcher:
         self._sleep = sleep
         self._networks = [ipaddress.ip_network(n, strict=False) for n in (ccfg.allowed_networks or [])]
         self.ua_token = (ccfg.user_agent.split("/")[0] or "kd3").strip()
+        key = ccfg.flickr_key() if hasattr(ccfg, "flickr_key") else None
+        register_secret(key)
+        if getattr(ccfg, "proxy", None) is not None:
+            try:
+                register_secret(urlsplit(ccfg.proxy.get_secret_value()).password)
+            except ValueError:
+                pass
 
     # -- plumbing
     def _session(self) -> requests.Session:
