@@ -28,7 +28,7 @@ def test_kill9_mid_crawl_then_resume(tmp_path, fw, cfg_for):
     fw.add_result(fw.err_url("404"), ["cat"])
     dup = make_jpeg(seed=1)
     for i in range(16):
-        fw.add_image(f"cat{i}.jpg", dup if i == 3 else make_jpeg(seed=i), terms=["cat"], delay_s=0.25)
+        fw.add_image(f"cat{i}.jpg", dup if i == 3 else make_jpeg(seed=i), terms=["cat"], delay_s=0.6)  # slow enough to be killed mid-way under load
     runs = tmp_path / "runs"
     args = ["crawl", "--set", f"runs_root={runs}", "--set", "name=killed", "--set", "classes=[cat]",
             "--crawl.sources", "bing", "--crawl.engine_urls.bing", fw.base_url, "--crawl.allow_private_hosts",
@@ -39,7 +39,7 @@ def test_kill9_mid_crawl_then_resume(tmp_path, fw, cfg_for):
     try:
         t_end = time.monotonic() + 120
         while time.monotonic() < t_end and proc.poll() is None:
-            if records.exists() and sum(r["status"] == "ok" for r in read_jsonl(records)) >= 4:
+            if records.exists() and sum(r["status"] == "ok" for r in read_jsonl(records)) >= 3:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, (tmp_path / "kd3.log").read_text()[-2000:]
@@ -51,7 +51,7 @@ def test_kill9_mid_crawl_then_resume(tmp_path, fw, cfg_for):
         log.close()
     first = read_jsonl(records)
     n_ok_first = sum(r["status"] == "ok" for r in first)
-    assert 4 <= n_ok_first < 12
+    assert 3 <= n_ok_first < 12
     mark = len(fw.requests)
     assert main(args) == 0  # resume in-process
     second_paths = _image_paths(fw.requests, mark)
