@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from pipeline.config import RunConfig
+from pipeline.io import sha256_file
 
 log = logging.getLogger("kd3.flows")
 
@@ -37,11 +38,7 @@ def file_fingerprint(path: Optional[str | os.PathLike]) -> Optional[str]:
     p = Path(path)
     if not p.is_file():
         return "missing"
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(p)
 
 
 def tree_fingerprint(root: Optional[str | os.PathLike]) -> Optional[str]:
