@@ -13,6 +13,7 @@ the ``kd3.json`` extra file (``torch.jit.save(m, path, _extra_files={"kd3.json":
 from __future__ import annotations
 
 import json
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def make_meta(arch: str, classes, input_size: int, mean, std, arch_kwargs: dict 
 def save_checkpoint(path, arch: str, classes, input_size: int, mean, std, state_dict: dict,
                     arch_kwargs: dict | None = None) -> Path:
     """Write the contract atomically (temp file + rename). Tensors are moved to CPU."""
-    import torch
+    import torch  # heavy: the kernel loads torch only when a checkpoint is read or written
 
     meta = make_meta(arch, classes, input_size, mean, std, arch_kwargs)
     sd = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in state_dict.items()}
@@ -96,7 +97,7 @@ def _read_ts_meta(path: Path) -> dict:
 
 def load_checkpoint(path, map_location: str = "cpu") -> dict:
     """Load a contract file: metadata + ``state_dict``. Pickled objects are refused."""
-    import torch
+    import torch  # heavy: the kernel loads torch only when a checkpoint is read or written
 
     p = Path(path)
     if not p.is_file():
@@ -110,7 +111,7 @@ def load_checkpoint(path, map_location: str = "cpu") -> dict:
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "Unpickl" in type(e).__name__:
             raise DataError(f"{p}: refused: the file holds pickled Python objects, not only tensors and "
                             f"plain data; kd3 loads checkpoints with weights_only=True and never runs pickled "
-                            f"code (re-save it with pipeline.checkpoint.save_checkpoint)") from None
+                            f"code (re-save it with pipeline.core.checkpoint.save_checkpoint)") from None
         raise DataError(f"{p}: not a readable checkpoint ({type(e).__name__}: {msg[:200]})") from None
     if not isinstance(obj, dict) or "state_dict" not in obj:
         raise DataError(f"{p}: not a kd3 checkpoint (expected a dict with 'state_dict' and metadata)")
@@ -141,11 +142,9 @@ def read_teacher_classes(path) -> list[str]:
 
 def save_torchscript(path, scripted_module, meta: dict) -> Path:
     """Save a TorchScript module with the contract metadata in its ``kd3.json`` extra file."""
-    import torch
+    import torch  # heavy: the kernel loads torch only when a checkpoint is read or written
 
     meta = _validate_meta(dict(meta), str(path))
-    import warnings
-
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still the portable format
         torch.jit.save(scripted_module, str(tmp), _extra_files={TS_EXTRA: json.dumps(meta)})

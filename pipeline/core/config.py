@@ -7,6 +7,7 @@ excluded). Defaults serve a real user with internet and a GPU. Unknown keys are 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 from pathlib import Path
@@ -15,8 +16,11 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from . import plugins
+from .checkpoint import read_teacher_classes
 from .errors import ConfigError
-from .slug import validate_class_name
+from .io import atomic_write_text
+from .slug import slugify, validate_class_name
 
 SECRET_FIELDS = ("flickr_api_key", "proxy")
 
@@ -94,8 +98,6 @@ class CrawlConfig(_Section):
     @field_validator("allowed_networks")
     @classmethod
     def _networks(cls, v: list[str]) -> list[str]:
-        import ipaddress
-
         for n in v:
             try:
                 ipaddress.ip_network(n, strict=False)
@@ -135,9 +137,52 @@ class CurateConfig(_Section):
     shard_max_bytes: int = Field(1_000_000_000, gt=0, description="bytes per shard")
 
 
+class Kd3Config(_Section):
+    """KD3 (KD3_SPEC.md sections 2-6); the switches are the ablations and the paper-prose options."""
+
+    tau: float = Field(0.95, gt=0, le=1, description="base confidence threshold")
+    ramp_frac: float = Field(2 / 3, gt=0, description="E_ramp as a fraction of epochs")
+    cut_frac: float = Field(1 / 2, ge=0, description="E_cut as a fraction of epochs")
+    lambda_con: float = Field(0.001, ge=0, description="weight of the contrastive loss")
+    con_temperature: float = Field(0.3, gt=0, description="NT-Xent temperature")
+    selection: bool = Field(True, description="dynamic instance selection")
+    weighting: bool = Field(True, description="disagreement weights on the feature loss")
+    sharing: bool = Field(True, description="teacher-classifier sharing")
+    mixdist: bool = Field(True, description="MixDistribution + contrastive alignment")
+    cross_contrastive: bool = Field(False, description="paper-prose option: student x~ <-> teacher x")
+    mix_level: Literal["input", "feature"] = Field("input", description="where MixDistribution acts")
+    classifier_align_loss: bool = Field(False, description="paper-prose option: align classifiers by a loss")
+    kd_temperature: float = Field(4.0, gt=0, description="temperature of the KD term of the no-sharing ablation")
+
+
+class KdConfig(_Section):
+    """Hinton KD."""
+
+    temperature: float = Field(4.0, gt=0, description="KD temperature")
+
+
+class DfndConfig(_Section):
+    """DFND (Chen et al., CVPR 2021)."""
+
+    keep: float = Field(0.5, gt=0, le=1, description="fraction of the web pool kept")
+    temperature: float = Field(4.0, gt=0, description="KD temperature")
+
+
+# keys of the flat distill section before the per-method sections: each names where it went
+MOVED_DISTILL_KEYS = {
+    **{k: f"kd3.{k}" for k in ("tau", "ramp_frac", "cut_frac", "lambda_con", "con_temperature", "selection",
+                               "weighting", "sharing", "mixdist", "cross_contrastive", "mix_level",
+                               "classifier_align_loss")},
+    "kd_temperature": "kd.temperature (and dfnd.temperature, kd3.kd_temperature)",
+    "dfnd_keep": "dfnd.keep",
+}
+
+
 class DistillConfig(_Section):
-    method: str = Field("kd3", description="kd3, kd or dfnd")
-    student: str = Field("resnet18", description="student architecture (registry name or timm:<name>)")
+    """Trainer settings; each method's own settings live in its section (``kd3``, ``kd``, ``dfnd``)."""
+
+    method: str = Field("kd3", description="distillation method: kd3, kd or dfnd (plugins: entry points kd3.methods)")
+    student: str = Field("resnet18", description="student architecture (registry name, timm:<name>, torchvision:<name>)")
     epochs: int = Field(240, gt=0, description="training epochs")
     batch_size: int = Field(256, gt=0, description="training batch size")
     lr: float = Field(0.05, gt=0, description="SGD learning rate")
@@ -157,22 +202,40 @@ class DistillConfig(_Section):
     channels_last: bool = Field(True, description="channels_last memory format on GPU")
     workers: int = Field(4, ge=0, description="data loader workers")
     seed: int = Field(0, description="random seed")
-    # KD3 (spec sections 2-6)
-    tau: float = Field(0.95, gt=0, le=1, description="KD3 base confidence threshold")
-    ramp_frac: float = Field(2 / 3, gt=0, description="E_ramp as a fraction of epochs")
-    cut_frac: float = Field(1 / 2, ge=0, description="E_cut as a fraction of epochs")
-    lambda_con: float = Field(0.001, ge=0, description="weight of the contrastive loss")
-    con_temperature: float = Field(0.3, gt=0, description="NT-Xent temperature")
-    selection: bool = Field(True, description="KD3 dynamic instance selection")
-    weighting: bool = Field(True, description="KD3 disagreement weights on the feature loss")
-    sharing: bool = Field(True, description="KD3 teacher-classifier sharing")
-    mixdist: bool = Field(True, description="KD3 MixDistribution + contrastive alignment")
-    cross_contrastive: bool = Field(False, description="paper-prose option: student x~ <-> teacher x")
-    mix_level: Literal["input", "feature"] = Field("input", description="where MixDistribution acts")
-    classifier_align_loss: bool = Field(False, description="paper-prose option: align classifiers by a loss")
-    # baselines
-    kd_temperature: float = Field(4.0, gt=0, description="KD / DFND temperature")
-    dfnd_keep: float = Field(0.5, gt=0, le=1, description="DFND: fraction of the web pool kept")
+    kd3: Kd3Config = Field(default_factory=Kd3Config)
+    kd: KdConfig = Field(default_factory=KdConfig)
+    dfnd: DfndConfig = Field(default_factory=DfndConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in MOVED_DISTILL_KEYS.items():
+                if old in data:
+                    raise ValueError(f"distill.{old} is now distill.{new}")
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v not in plugins.names("kd3.methods"):
+            raise ValueError(f"unknown distillation method {v!r}; choose one of "
+                             f"{', '.join(plugins.names('kd3.methods'))}")
+        return v
+
+    @field_validator("student")
+    @classmethod
+    def _student(cls, v: str) -> str:
+        if v.split(":", 1)[0] in ("timm", "torchvision") and v.split(":", 1)[1:] != [""]:
+            return v  # resolved by timm / torchvision when the model is built
+        if v not in plugins.names("kd3.models"):
+            raise ValueError(f"unknown student architecture {v!r}; choose one of "
+                             f"{', '.join(plugins.names('kd3.models'))}, timm:<name> or torchvision:<name>")
+        return v
+
+    def method_config(self) -> Optional[_Section]:
+        """The section of the chosen method (None for a plugin method without one)."""
+        return getattr(self, self.method, None)
 
 
 class FlowConfig(_Section):
@@ -204,8 +267,6 @@ class RunConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        from .slug import slugify
-
         if not v or slugify(v) != v:
             raise ValueError(f"run name {v!r} must be a plain folder name (letters, digits, -, _)")
         return v
@@ -238,8 +299,6 @@ class RunConfig(BaseModel):
             names = [n for n in names if n and not n.startswith("#")]
             return _check_class_list(names, str(p))
         if self.teacher is not None:
-            from .checkpoint import read_teacher_classes
-
             return _check_class_list(read_teacher_classes(self.teacher), str(self.teacher))
         raise ConfigError("no classes: set `classes`, `classes_file` or `teacher` in the config")
 
@@ -317,6 +376,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
             raise ConfigError(f"{p}: top level must be a mapping")
     for k, v in (overrides or {}).items():
         set_by_path(data, k, v)
+    moved = [k for k in MOVED_DISTILL_KEYS if isinstance(data.get("distill"), dict) and k in data["distill"]]
+    if moved:
+        raise ConfigError(f"{where}: distill.{moved[0]} is now distill.{MOVED_DISTILL_KEYS[moved[0]]}")
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
@@ -329,11 +391,26 @@ def dump_config(cfg: RunConfig) -> str:
 
 def save_resolved(cfg: RunConfig) -> Path:
     """Write ``runs/<name>/config.yaml`` (atomically, secrets removed)."""
-    from .io import atomic_write_text
-
     out = cfg.run_dir / "config.yaml"
     atomic_write_text(out, dump_config(cfg))
     return out
+
+
+PATH_FIELDS = (("runs_root",), ("teacher",), ("classes_file",), ("crawl", "folder"), ("crawl", "url_list"),
+               ("curate", "clip_weights"), ("curate", "decontaminate"), ("distill", "eval_dir"),
+               ("flow", "result_store"))
+
+
+def absolute_config(cfg: RunConfig) -> RunConfig:
+    """The same config with every path made absolute (a served flow or a torchrun rank may run elsewhere)."""
+    d = cfg.model_dump()
+    for keys in PATH_FIELDS:
+        cur = d
+        for k in keys[:-1]:
+            cur = cur[k]
+        if cur.get(keys[-1]) is not None:
+            cur[keys[-1]] = Path(cur[keys[-1]]).expanduser().resolve()
+    return RunConfig.model_validate(d)
 
 
 def iter_fields(model: type[BaseModel] = RunConfig, prefix: str = ""):

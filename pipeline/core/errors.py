@@ -1,4 +1,7 @@
 """User-facing errors: the CLI prints ``kd3: error: <message>`` and exits 2, no traceback."""
+from __future__ import annotations
+
+import sys
 
 
 class Kd3Error(Exception):
@@ -13,3 +16,9 @@ class ConfigError(Kd3Error):
 
 class DataError(Kd3Error):
     """A run directory, manifest, shard or checkpoint is missing, corrupt or inconsistent."""
+
+
+def report(e: Kd3Error) -> int:
+    """The one-line message every kd3 entry point prints for a user error; returns the exit code."""
+    print(f"kd3: error: {e}", file=sys.stderr)
+    return e.exit_code

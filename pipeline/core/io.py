@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -111,8 +112,6 @@ class JsonlAppender:
     """
 
     def __init__(self, path: str | os.PathLike, sync_every: int = 1):
-        import threading
-
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._repair_tail()

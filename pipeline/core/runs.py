@@ -3,7 +3,7 @@
 ```
 runs/<name>/
   config.yaml                 resolved config (secrets removed)
-  crawl/records.jsonl         one row per URL tried (RECORD_FIELDS), append-only
+  crawl/records.jsonl         one row per URL tried, append-only
   crawl/images/<sha[:2]>/<sha256>.<ext>   content-addressed raw files, never overwritten
   crawl/summary.json          per-class counts of the last crawl
   curate/decisions.jsonl      one row per raw image: kept or the reason dropped, + scores
@@ -14,6 +14,7 @@ runs/<name>/
   distill/<method>-<id>/      student, metrics.json, selection log, training log
   report/                     index.html + contact sheets
 ```
+The format of each file is owned by :mod:`pipeline.core.records`; this module only knows where they are.
 """
 from __future__ import annotations
 
@@ -21,28 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
-
-# One row per URL (or local file) tried by the crawl stage.
-RECORD_FIELDS = (
-    "class",     # original class name (not the slug)
-    "query",     # the query that found it (or "" for url lists / folders)
-    "engine",    # bing | baidu | google | flickr | urls | folder
-    "url",       # image URL, or file:// path for folder sources
-    "status",    # ok | duplicate | error   (duplicate = content already stored for this class)
-    "error",     # reason when status == error: http_404, timeout, too_large, not_image, private_host, robots, ...
-    "sha256",    # content hash when downloaded
-    "bytes",     # body size
-    "w", "h",    # decoded size (0 when unknown)
-    "path",      # file path relative to the run directory
-    "time",      # unix time of the attempt
-)
-
-DROP_REASONS = (
-    "invalid", "too_small", "bad_aspect", "bomb",
-    "exact_dup", "phash_dup", "near_dup", "cross_class_dup",
-    "contaminated", "off_class",
-)
-
 
 @dataclass(frozen=True)
 class RunDir:
