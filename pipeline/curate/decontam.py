@@ -1,4 +1,4 @@
-"""Step 7 of curation: remove web images that duplicate evaluation images.
+"""Decontamination (the ``decontaminate`` step, :mod:`.steps.decontaminate`): remove web images that duplicate evaluation images.
 
 The evaluation folder (``curate.decontaminate``, any depth, e.g. an ImageFolder) is read once per
 run: every decodable image gives a sha256, a pHash and an embedding (through the same cache as the
@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
+from pipeline.core.errors import ConfigError
+from pipeline.core.io import sha256_file
+
 from .hashing import any_within
-from .io import sha256_file
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -43,7 +44,7 @@ def match(web_sha: list[str], web_phash: list[str], web_emb: np.ndarray | None,
         if out[i] is None and j is not None:
             out[i] = ("phash", ev_sha[j])
     if web_emb is not None and ev_emb is not None and len(ev_emb) and len(web_emb):
-        import faiss
+        import faiss  # heavy: only when there are embeddings to compare
 
         index = faiss.IndexFlatIP(ev_emb.shape[1])
         index.add(np.ascontiguousarray(ev_emb, dtype=np.float32))

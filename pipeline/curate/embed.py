@@ -1,25 +1,28 @@
-"""Step 3 of curation: image embeddings (open_clip or the teacher's pooled features).
+"""Image embeddings for curation: open_clip here, the teacher's pooled features as a plugin.
 
-``make_embedder(cfg.curate, classes, teacher)`` returns an :class:`Embedder` with
+``make_embedder(cfg.curate, classes, teacher)`` returns an :class:`pipeline.core.embedding.Embedder` with
 ``preprocess(pil) -> tensor`` (runs in the decode threads), ``embed(batch) -> (emb, extra)``
 (L2-normalised float32, + teacher class probabilities for the teacher backend), ``key`` (the
 cache key: model + weights, so a cache is never reused across models) and, for CLIP,
 ``text_embeddings(prompts)`` for zero-shot relevance.
 
-Model configs shipped in ``pipeline/model_configs/*.json`` (e.g. ``kd3-tiny-clip``, random
+Model configs shipped in ``pipeline/curate/model_configs/*.json`` (e.g. ``kd3-tiny-clip``, random
 weights, used by the tests and the offline demo) are registered with open_clip on import.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
-import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
-from .errors import ConfigError
+from pipeline.core import plugins
+from pipeline.core.embedding import Embedder, autocast, normalise, resolve_device
+from pipeline.core.errors import ConfigError
+from pipeline.core.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -32,58 +35,10 @@ def register_model_configs() -> None:
     global _registered
     if _registered:
         return
-    import open_clip
+    import open_clip  # heavy: loaded when a CLIP model is built
 
     open_clip.add_model_config(MODEL_CONFIG_DIR)
     _registered = True
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"curate.device {device!r}: CUDA is not available on this machine")
-    return device
-
-
-class Embedder:
-    backend = "clip"
-    key: str
-    dim: int
-    model_name: str
-    pretrained: Optional[str]
-    trained: bool  # weights are known to be trained (relevance filtering allowed)
-    has_text = False
-
-    def preprocess(self, img):  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def embed(self, batch) -> tuple[np.ndarray, Optional[np.ndarray]]:  # pragma: no cover
-        raise NotImplementedError
-
-    def info(self) -> dict[str, Any]:
-        return {"backend": self.backend, "model": self.model_name, "pretrained": self.pretrained,
-                "dim": self.dim, "trained": self.trained, "key": self.key}
-
-
-def _autocast(device: str):
-    import contextlib
-
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _normalise(x) -> np.ndarray:
-    import torch
-
-    x = x.float()
-    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return x.cpu().numpy().astype(np.float32)
 
 
 class ClipEmbedder(Embedder):
@@ -91,7 +46,7 @@ class ClipEmbedder(Embedder):
     has_text = True
 
     def __init__(self, model_name: str, pretrained: Optional[str], weights: Optional[Path], device: str):
-        import open_clip
+        import open_clip  # heavy: loaded when a CLIP model is built
         import torch
 
         register_model_configs()
@@ -154,78 +109,31 @@ class ClipEmbedder(Embedder):
         return self._preprocess(img)
 
     def embed(self, batch):
-        import torch
+        import torch  # heavy: a model exists, so torch is loaded already
 
-        with torch.inference_mode(), _autocast(self.device):
+        with torch.inference_mode(), autocast(self.device):
             f = self.model.encode_image(batch.to(self.device, non_blocking=True))
-        return _normalise(f), None
+        return normalise(f), None
 
     def text_embeddings(self, texts: list[str]) -> np.ndarray:
-        import torch
+        import torch  # heavy: a model exists, so torch is loaded already
 
-        with torch.inference_mode(), _autocast(self.device):
+        with torch.inference_mode(), autocast(self.device):
             t = self.model.encode_text(self.tokenizer(texts).to(self.device))
-        return _normalise(t)
+        return normalise(t)
 
     def logit_scale(self) -> float:
         ls = getattr(self.model, "logit_scale", None)
         return float(ls.detach().float().exp()) if ls is not None else 100.0
 
 
-class TeacherEmbedder(Embedder):
-    """Embeddings = the teacher's pooled features; ``extra`` = teacher class probabilities."""
-
-    backend = "teacher"
-
-    def __init__(self, teacher_path: Optional[Path], device: str, classes: list[str]):
-        if teacher_path is None:
-            raise ConfigError("curate.embed_backend is 'teacher' but no `teacher` checkpoint is set")
-        tp = Path(teacher_path)
-        if not tp.is_file():
-            raise ConfigError(f"teacher checkpoint {tp} does not exist")
-        from distill.teacher import load_teacher  # lazy: pipeline must not import distill at module level
-
-        import torchvision.transforms as T
-
-        self.device = resolve_device(device)
-        model, meta = load_teacher(str(tp), self.device)
-        model.eval()
-        self.model = model
-        self.meta = meta
-        size = int(meta.get("input_size", 32))
-        self._preprocess = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
-                                      T.Normalize(meta.get("mean", [0.5] * 3), meta.get("std", [0.5] * 3))])
-        st = tp.stat()
-        self.model_name = tp.name
-        self.pretrained = str(tp.resolve())
-        self.key = f"teacher:{tp.name}:{st.st_size}:{int(st.st_mtime)}"
-        self.trained = True
-        tclasses = list(meta.get("classes") or [])
-        self.class_map = [tclasses.index(c) if c in tclasses else None for c in classes]
-        import torch
-
-        with torch.inference_mode():
-            f = model.pool(model.forward_features(torch.zeros(1, 3, size, size, device=self.device)))
-        self.dim = int(f.shape[-1])
-
-    def preprocess(self, img):
-        return self._preprocess(img)
-
-    def embed(self, batch):
-        import torch
-
-        with torch.inference_mode(), _autocast(self.device):
-            h = self.model.pool(self.model.forward_features(batch.to(self.device, non_blocking=True)))
-            clf = getattr(self.model, "classifier", None)
-            probs = torch.softmax(clf(h).float(), dim=-1) if clf is not None else None
-        return _normalise(h), (probs.cpu().numpy().astype(np.float32) if probs is not None else None)
-
-
 def make_embedder(cfg, classes: list[str], teacher: Optional[Path]) -> Embedder:
-    """``cfg`` is the ``curate`` config section."""
-    if cfg.embed_backend == "teacher":
-        return TeacherEmbedder(teacher, cfg.device, classes)
-    return ClipEmbedder(cfg.clip_model, cfg.clip_pretrained, cfg.clip_weights, cfg.device)
+    """``cfg`` is the ``curate`` config section. ``clip`` is built here; any other backend is a plugin
+    (entry points ``kd3.embedders``; ``teacher`` is ``distill.embedder.TeacherEmbedder``)."""
+    if cfg.embed_backend == "clip":
+        return ClipEmbedder(cfg.clip_model, cfg.clip_pretrained, cfg.clip_weights, cfg.device)
+    factory = plugins.load("kd3.embedders", cfg.embed_backend, "curate.embed_backend")
+    return factory(teacher, cfg.device, classes)
 
 
 class EmbeddingCache:
@@ -237,12 +145,8 @@ class EmbeddingCache:
     """
 
     def __init__(self, root: Path, key: str):
-        import hashlib
-
         self.dir = Path(root) / ("emb-" + hashlib.sha256(key.encode()).hexdigest()[:16])
         self.dir.mkdir(parents=True, exist_ok=True)
-        from .io import atomic_write_json
-
         if not (self.dir / "key.json").exists():
             atomic_write_json(self.dir / "key.json", {"key": key})
         self.ids: list[str] = []
@@ -276,8 +180,6 @@ class EmbeddingCache:
         return self.rows[self.index[sha]]
 
     def add_part(self, ids: list[str], emb: np.ndarray, extra: Optional[np.ndarray]) -> None:
-        from .io import atomic_path
-
         if not ids:
             return
         n = len(self._parts())

@@ -1,4 +1,4 @@
-"""Step 2 of curation: exact (sha256) and perceptual (pHash) duplicate detection.
+"""Perceptual (pHash) duplicate detection, used by the ``phash_dedup`` step and decontamination.
 
 Perceptual groups are found with *multi-index hashing*: the 64-bit pHash is split into
 ``t + 1`` disjoint chunks; by the pigeonhole principle two hashes within Hamming distance ``t``

@@ -1,20 +1,18 @@
-"""Step 4 of curation: a FAISS index of the kept embeddings (cosine = inner product).
+"""A FAISS index of the kept embeddings (cosine = inner product).
 
 Embeddings are L2-normalised, so inner product is cosine similarity. The index kind is chosen
 by size: exact ``IndexFlatIP`` up to ``FLAT_MAX`` vectors, ``IndexIVFFlat`` (nlist ~ 4 sqrt(N),
 nprobe stored in the index) up to ``IVF_MAX``, ``IndexHNSWFlat`` beyond. The id map
-(row -> image sha256) is saved next to it as JSON, so plain ``faiss.read_index`` + ``json.load``
-is all a user needs.
+(row -> image sha256) is saved next to it as JSON by :func:`pipeline.core.records.write_index`, so
+plain ``faiss.read_index`` + ``json.load`` is all a user needs.
 """
 from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +21,7 @@ IVF_MAX = 5_000_000
 
 
 def _ivf(d: int, n: int, nlist: int | None = None, nprobe: int = 8):
-    import faiss
+    import faiss  # heavy: loaded when an index is built, not when curate starts
 
     nlist = nlist or max(16, min(65536, int(4 * math.sqrt(n))))
     quantizer = faiss.IndexFlatIP(d)
@@ -41,7 +39,7 @@ def _train_sample(emb: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 
 def build_index(emb: np.ndarray, kind: str = "auto"):
     """Build (and fill) a FAISS index over ``emb`` [N, D] float32 L2-normalised."""
-    import faiss
+    import faiss  # heavy: loaded when an index is built, not when curate starts
 
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     n, d = emb.shape
@@ -63,28 +61,10 @@ def build_index(emb: np.ndarray, kind: str = "auto"):
 
 
 def index_kind(index) -> str:
-    import faiss
+    import faiss  # heavy: loaded when an index is built, not when curate starts
 
     if isinstance(index, faiss.IndexFlat):
         return "flat"
     if isinstance(index, faiss.IndexIVF):
         return "ivf"
     return type(index).__name__
-
-
-def save_index(index, ids: list[str], index_path: Path, ids_path: Path) -> None:
-    import faiss
-
-    with atomic_path(index_path) as tmp:
-        faiss.write_index(index, str(tmp))
-    atomic_write_json(ids_path, list(ids), indent=None)
-
-
-def load_index(index_path: Path, ids_path: Path):
-    import faiss
-    import json
-
-    index = faiss.read_index(str(index_path))
-    with open(ids_path, encoding="utf-8") as fh:
-        ids = json.load(fh)
-    return index, ids

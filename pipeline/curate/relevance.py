@@ -1,4 +1,4 @@
-"""Step 6 of curation: class relevance by CLIP zero-shot classification.
+"""Class relevance (the ``relevance`` step, :mod:`.steps.relevance`) by CLIP zero-shot classification.
 
 Each class gets the mean text embedding of its prompts (``curate.prompt_templates``); each
 negative prompt ("text", "a logo", ...) is one extra label. Scores are the softmax over all labels
@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 
 def label_embeddings(embedder, classes: list[str], templates: list[str], negatives: list[str]) -> np.ndarray:

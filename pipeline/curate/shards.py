@@ -1,4 +1,4 @@
-"""Step 8 of curation: webdataset tar shards, written atomically and resumably.
+"""Webdataset tar shards, written atomically and resumably.
 
 Each sample is ``<key>.jpg`` (re-encoded, longer side <= max_side) or the original bytes with
 their extension, ``<key>.json`` and ``<key>.cls``. A shard closes at ``shard_max_samples`` or
@@ -13,14 +13,16 @@ import io
 import json
 import logging
 import tarfile
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from PIL import Image
 
-from .io import atomic_path, atomic_write_json, read_json, sha256_file
+from pipeline.core.io import atomic_path, atomic_write_json, read_json, sha256_file
+
 from .validate import inspect_image
 
 log = logging.getLogger(__name__)
@@ -48,8 +50,6 @@ def bounded_map(fn: Callable, items: Iterable, workers: int, window: int) -> Ite
         for it in items:
             yield fn(it)
         return
-    from collections import deque
-
     with ThreadPoolExecutor(max_workers=workers) as ex:
         pending: deque = deque()
         for it in items:
@@ -93,6 +93,7 @@ class _OpenShard:
         self.tmp = self._cm.__enter__()
         self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
         self.n = 0
+        self.closed = False
 
     def add(self, s: Sample) -> None:
         for ext, data in s.files.items():
@@ -107,6 +108,7 @@ class _OpenShard:
     def close(self) -> None:
         self.tar.close()
         self._cm.__exit__(None, None, None)
+        self.closed = True
 
     def abort(self, exc: BaseException) -> None:
         try:
@@ -116,6 +118,101 @@ class _OpenShard:
                 self._cm.__exit__(type(exc), exc, exc.__traceback__)
             except BaseException:
                 pass
+
+
+class _Plan:
+    """One ``write_shards`` call: the shards done so far (reused or new) and the state file behind them."""
+
+    def __init__(self, shard_dir: Path, name: str, state_path: Path, params: dict,
+                 on_change: Optional[Callable[[], None]], progress: Optional[Callable[[int], None]]):
+        self.dir, self.name, self.state_path, self.params = shard_dir, name, state_path, params
+        self.on_change, self.progress = on_change, progress
+        self.done: list[dict] = []
+        self.key_to_shard: dict[str, str] = {}
+        self.changed = False
+
+    def url(self) -> str:
+        return f"shards/{self.name}-{len(self.done):06d}.tar"
+
+    def mark_changed(self) -> None:
+        if not self.changed and self.on_change is not None:
+            self.on_change()
+        self.changed = True
+
+    def save_state(self) -> None:
+        atomic_write_json(self.state_path, {"params": self.params, "shards": self.done}, indent=None)
+
+    def add(self, entry: dict, chunk: list[Sample]) -> None:
+        self.done.append(entry)
+        for s in chunk:
+            self.key_to_shard[s.key] = entry["url"]
+        if self.progress:
+            self.progress(len(chunk))
+
+    def reuse_prefix(self, samples: list[Sample], old_shards: list[dict]) -> int:
+        """Keep the finished shards whose planned content is unchanged; returns how many samples they hold."""
+        pos = 0
+        for entry in old_shards:
+            url, n = self.url(), entry["nsamples"]
+            chunk = samples[pos:pos + n]
+            p = self.dir / Path(url).name
+            if (entry.get("url") != url or len(chunk) != n or [s.key for s in chunk] != entry["keys"]
+                    or _chunk_hash(chunk) != entry["content"] or not p.is_file()
+                    or p.stat().st_size != entry["filesize"]
+                    or (entry.get("closed_by") == "end" and pos + n < len(samples))):
+                break
+            self.add(entry, chunk)
+            pos += n
+        if len(self.done) != len(old_shards):
+            self.mark_changed()
+            self.save_state()
+        return pos
+
+    def write(self, encoded: Iterable[Sample], max_samples: int, max_bytes: int) -> None:
+        """Stream the encoded samples into temporary tars, each renamed into place when it closes."""
+        cur: Optional[_OpenShard] = None
+        cur_samples: list[Sample] = []
+        cur_bytes = 1024
+
+        def close(closed_by: str) -> None:
+            url = self.url()
+            path = self.dir / Path(url).name
+            cur.close()
+            self.add({"url": url, "nsamples": len(cur_samples), "filesize": path.stat().st_size,
+                      "sha256": sha256_file(path), "keys": [x.key for x in cur_samples],
+                      "content": _chunk_hash(cur_samples), "closed_by": closed_by}, cur_samples)
+            self.save_state()
+
+        try:
+            for s in encoded:
+                size = _tar_size(s.files)
+                if cur is not None and cur_bytes + size > max_bytes:
+                    close("bytes")
+                    cur, cur_samples, cur_bytes = None, [], 1024
+                if cur is None:
+                    self.mark_changed()
+                    cur = _OpenShard(self.dir / Path(self.url()).name)
+                cur.add(s)
+                s.files = {}  # memory stays bounded by the prefetch window
+                cur_samples.append(s)
+                cur_bytes += size
+                if len(cur_samples) >= max_samples:
+                    close("samples")
+                    cur, cur_samples, cur_bytes = None, [], 1024
+            if cur is not None:
+                close("end")
+        except BaseException as e:
+            if cur is not None and not cur.closed:
+                cur.abort(e)
+            raise
+
+    def remove_stale(self) -> None:
+        """Delete shards of an earlier, longer plan."""
+        keep = {Path(e["url"]).name for e in self.done}
+        for p in self.dir.glob(f"{self.name}-*.tar"):
+            if p.name not in keep:
+                self.mark_changed()
+                p.unlink()
 
 
 def write_shards(samples: list[Sample], shard_dir: Path, name: str, state_path: Path, *,
@@ -130,100 +227,17 @@ def write_shards(samples: list[Sample], shard_dir: Path, name: str, state_path: 
     params = {"image_format": image_format, "max_side": max_side, "jpeg_quality": jpeg_quality,
               "max_samples": max_samples, "max_bytes": max_bytes}
     old = read_json(state_path) if state_path.exists() else {}
-    old_shards = old.get("shards", []) if old.get("params") == params else []
-    done: list[dict] = []
-    key_to_shard: dict[str, str] = {}
-    pos = 0
-    changed = False
+    plan = _Plan(shard_dir, name, state_path, params, on_change, progress)
+    pos = plan.reuse_prefix(samples, old.get("shards", []) if old.get("params") == params else [])
+    reused = len(plan.done)
 
-    def _changed():
-        nonlocal changed
-        if not changed and on_change is not None:
-            on_change()
-        changed = True
-
-    # 1) reuse the finished prefix whose planned content is unchanged
-    for entry in old_shards:
-        idx = len(done)
-        url = f"shards/{name}-{idx:06d}.tar"
-        n = entry["nsamples"]
-        chunk = samples[pos:pos + n]
-        p = shard_dir / Path(url).name
-        if (entry.get("url") != url or len(chunk) != n or [s.key for s in chunk] != entry["keys"]
-                or _chunk_hash(chunk) != entry["content"] or not p.is_file()
-                or p.stat().st_size != entry["filesize"]
-                or (entry.get("closed_by") == "end" and pos + n < len(samples))):
-            break
-        done.append(entry)
-        for s in chunk:
-            key_to_shard[s.key] = url
-        pos += n
-        if progress:
-            progress(n)
-    reused = len(done)
-
-    def _save_state():
-        atomic_write_json(state_path, {"params": params, "shards": done}, indent=None)
-
-    if reused != len(old_shards):
-        _changed()
-        _save_state()
-
-    # 2) write the rest, streaming samples into an open temporary tar
-    cur: Optional[_OpenShard] = None
-    cur_samples: list[Sample] = []
-    cur_bytes = 1024
-
-    def _open() -> _OpenShard:
-        _changed()
-        return _OpenShard(shard_dir / f"{name}-{len(done):06d}.tar")
-
-    def _close(closed_by: str) -> None:
-        nonlocal cur, cur_samples, cur_bytes
-        url = f"shards/{name}-{len(done):06d}.tar"
-        path = shard_dir / Path(url).name
-        cur.close()
-        entry = {"url": url, "nsamples": len(cur_samples), "filesize": path.stat().st_size,
-                 "sha256": sha256_file(path), "keys": [x.key for x in cur_samples],
-                 "content": _chunk_hash(cur_samples), "closed_by": closed_by}
-        done.append(entry)
-        for x in cur_samples:
-            key_to_shard[x.key] = url
-        _save_state()
-        if progress:
-            progress(len(cur_samples))
-        cur, cur_samples, cur_bytes = None, [], 1024
-
-    def _enc(s: Sample) -> Sample:
+    def enc(s: Sample) -> Sample:
         return encode_sample(s, image_format, max_side, jpeg_quality, max_pixels)
 
-    try:
-        for s in bounded_map(_enc, samples[pos:], workers, window=max(4, 4 * max(1, workers))):
-            size = _tar_size(s.files)
-            if cur is not None and cur_bytes + size > max_bytes:
-                _close("bytes")
-            if cur is None:
-                cur = _open()
-            cur.add(s)
-            s.files = {}  # memory stays bounded by the prefetch window
-            cur_samples.append(s)
-            cur_bytes += size
-            if len(cur_samples) >= max_samples:
-                _close("samples")
-        if cur is not None:
-            _close("end")
-    except BaseException as e:
-        if cur is not None:
-            cur.abort(e)
-        raise
-
-    # 3) remove stale shards from an earlier, longer plan
-    keep = {Path(e["url"]).name for e in done}
-    for p in shard_dir.glob(f"{name}-*.tar"):
-        if p.name not in keep:
-            _changed()
-            p.unlink()
-    return [{k: e[k] for k in ("url", "nsamples", "filesize", "sha256")} for e in done], key_to_shard, reused
+    plan.write(bounded_map(enc, samples[pos:], workers, window=max(4, 4 * max(1, workers))), max_samples, max_bytes)
+    plan.remove_stale()
+    return ([{k: e[k] for k in ("url", "nsamples", "filesize", "sha256")} for e in plan.done], plan.key_to_shard,
+            reused)
 
 
 def _chunk_hash(chunk: list[Sample]) -> str:

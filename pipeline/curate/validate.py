@@ -1,4 +1,4 @@
-"""Step 1 of curation: decode and check one image.
+"""Decode and check one image (the facts the ``validate`` step, :mod:`.steps.validate`, decides on).
 
 ``inspect_image(data, max_pixels)`` returns the *facts* about a file (decodable, size after EXIF
 orientation, mode, format) plus the decoded RGB image. Facts are cached per sha256 and the

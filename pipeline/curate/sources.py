@@ -1,0 +1,101 @@
+"""Where curate's images come from: the crawl's ``status: ok`` records, or (no crawl output) the
+``crawl.folder`` tree read by the same reader the crawl uses (:mod:`pipeline.core.folder`)."""
+from __future__ import annotations
+
+import logging
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.core.config import RunConfig
+from pipeline.core.errors import ConfigError, DataError
+from pipeline.core.folder import class_files
+from pipeline.core.io import sha256_file
+from pipeline.core.records import read_records
+from pipeline.core.runs import RunDir
+
+log = logging.getLogger("pipeline.curate")
+
+
+@dataclass
+class Candidate:
+    cls: str
+    label: int
+    sha: str
+    path: str      # as recorded (relative to the run dir) or an absolute path for folder sources
+    file: Path     # where to read it
+    url: str
+    order: int
+
+
+@dataclass
+class Sources:
+    cands: list[Candidate]
+    records: int       # rows (or files) looked at
+    ok: int            # of them usable
+    collapsed: int     # the same file twice under one class: counted once, as an exact duplicate
+    where: str
+
+
+def from_records(rd: RunDir, classes: list[str]) -> Sources:
+    rows = read_records(rd.records)
+    ok = [r for r in rows if r.status == "ok" and r.sha256 and r.path]
+    cidx = {c: i for i, c in enumerate(classes)}
+    seen: set[tuple[str, str]] = set()
+    out: list[Candidate] = []
+    unknown: Counter = Counter()
+    for r in ok:
+        if r.cls not in cidx:
+            unknown[r.cls] += 1
+        elif (r.cls, r.sha256) not in seen:
+            seen.add((r.cls, r.sha256))
+            out.append(Candidate(r.cls, cidx[r.cls], r.sha256, r.path, rd.root / r.path, r.url or "", len(out)))
+    for c, n in unknown.items():
+        log.warning("curate: %d records of class %r, which is not in the class list, are ignored", n, c)
+    collapsed = len(ok) - len(out) - sum(unknown.values())
+    return Sources(out, len(rows), len(ok), collapsed, str(rd.records))
+
+
+def from_folder(folder: Path, classes: list[str]) -> Sources:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"crawl.folder {folder} is not a folder")
+    out: list[Candidate] = []
+    seen: set[tuple[str, str]] = set()
+    n_files = 0
+    for label, c in enumerate(classes):
+        d, files = class_files(folder, c)
+        if d is None:
+            log.warning("curate: class %r has no folder under %s", c, folder)
+        for p in files:
+            n_files += 1
+            sha = sha256_file(p)
+            if (c, sha) not in seen:
+                seen.add((c, sha))
+                ap = p.resolve()
+                out.append(Candidate(c, label, sha, str(ap), ap, ap.as_uri(), len(out)))
+    return Sources(out, n_files, n_files, n_files - len(out), f"crawl.folder {folder}")
+
+
+def classes_of(cfg: RunConfig, rd: RunDir) -> list[str]:
+    """The config's classes; without any, those the crawl records name, in order."""
+    try:
+        return cfg.resolved_classes()
+    except ConfigError:
+        if rd.records.exists():
+            names = list(OrderedDict.fromkeys(r.cls for r in read_records(rd.records) if r.cls))
+            if names:
+                return names
+        raise
+
+
+def load(cfg: RunConfig, rd: RunDir, classes: list[str]) -> Sources:
+    if rd.records.exists():
+        src = from_records(rd, classes)
+    elif cfg.crawl.folder is not None:
+        src = from_folder(cfg.crawl.folder, classes)
+    else:
+        raise DataError(f"{rd.records} is missing: run `kd3 crawl` on {rd.root} first (or set crawl.folder)")
+    if not src.cands:
+        raise DataError(f"{src.where}: no usable images (status ok) for classes {classes}: nothing to curate")
+    return src
