@@ -32,6 +32,7 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
+from PIL import Image
 
 log = logging.getLogger("kd3.crawl.fetch")
 
@@ -118,8 +119,6 @@ def looks_truncated(data: bytes, ext: str) -> bool:
 
 def image_size(data: bytes) -> tuple[int, int]:
     """(w, h) from the header only (cheap); raises on an unreadable image."""
-    from PIL import Image
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with Image.open(io.BytesIO(data)) as im:

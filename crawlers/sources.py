@@ -25,8 +25,8 @@ from icrawler.builtin.flickr import FlickrFeeder, FlickrParser
 from icrawler.builtin.google import GoogleFeeder, GoogleParser
 from icrawler.utils import Signal
 
-from pipeline.errors import ConfigError
-from pipeline.slug import slugify
+from pipeline.core.errors import ConfigError
+from pipeline.core.folder import match_class
 
 from .fetch import FetchError, Fetcher, redact
 
@@ -228,15 +228,7 @@ def expand_queries(ccfg, name: str) -> list[str]:
     return out
 
 
-# ---- URL lists and folders ----
-
-def _match_class(value: str, classes: list[str]) -> str | None:
-    v = (value or "").strip()
-    for c in classes:
-        if v == c or v == slugify(c) or v.lower() == c.lower():
-            return c
-    return None
-
+# ---- URL lists (local folders: pipeline.core.folder) ----
 
 def load_url_list(path: Path, classes: list[str], url_column: str = "url",
                   class_column: str = "class") -> dict[str, list[str]]:
@@ -247,7 +239,7 @@ def load_url_list(path: Path, classes: list[str], url_column: str = "url",
     rows: list[tuple[str, str | None]] = []
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # heavy: only for parquet URL lists
 
         schema = pq.read_schema(path)
         if url_column not in schema.names:
@@ -280,7 +272,7 @@ def load_url_list(path: Path, classes: list[str], url_column: str = "url",
                                   f"{len(classes)} classes: add a class column / <TAB>class")
             name = classes[0]
         else:
-            name = _match_class(str(cls), classes)
+            name = match_class(str(cls), classes)
             if name is None:
                 unknown += 1
                 continue
@@ -289,26 +281,3 @@ def load_url_list(path: Path, classes: list[str], url_column: str = "url",
     if unknown:
         log.warning("%s: %d rows name classes that are not in this run; skipped", path, unknown)
     return out
-
-
-def folder_files(root: Path, name: str) -> tuple[Path | None, list[Path]]:
-    """Files of ``root/<class>`` (the class name, its slug or a case-insensitive match)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ConfigError(f"crawl.folder {root} is not a folder")
-    cand = None
-    for d in sorted(root.iterdir()):
-        if d.is_dir() and _match_class(d.name, [name]) is not None:
-            cand = d
-            break
-    if cand is None:
-        return None, []
-    root_res = cand.resolve()
-    files = []
-    for f in sorted(cand.rglob("*")):
-        if f.name.startswith(".") or not f.is_file():
-            continue
-        if root_res not in f.resolve().parents:  # a symlink out of the tree
-            continue
-        files.append(f)
-    return cand, files

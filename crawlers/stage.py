@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import sys
 import threading
@@ -26,14 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.config import RunConfig, save_resolved
-from pipeline.errors import ConfigError
-from pipeline.io import JsonlAppender, atomic_write_bytes, atomic_write_json, read_json, read_jsonl, sha256_bytes
-from pipeline.runs import RECORD_FIELDS, RunDir
-from pipeline.slug import unique_slugs
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from pipeline.core.config import RunConfig, save_resolved
+from pipeline.core.errors import ConfigError
+from pipeline.core.folder import class_files
+from pipeline.core.io import atomic_write_bytes, sha256_bytes
+from pipeline.core.records import ClassSummary, CrawlRecord, CrawlSummary, RecordLog, read_records, \
+    update_crawl_summary
+from pipeline.core.runs import RunDir
+from pipeline.core.slug import unique_slugs
 
 from .fetch import Fetcher, FetchResult, check_image_bytes, redact
-from .sources import ENGINES, EngineError, engine_results, expand_queries, folder_files, load_url_list
+from .sources import ENGINES, EngineError, engine_results, expand_queries, load_url_list
 
 log = logging.getLogger("kd3.crawl")
 
@@ -82,25 +88,25 @@ class _State:
         self.dup: Counter = Counter()
         self.failed: dict[str, Counter] = defaultdict(Counter)
         self.urls: dict[str, set[str]] = defaultdict(set)
-        for r in read_jsonl(run.records):
+        for r in read_records(run.records):
             self.add(r)
 
-    def add(self, r: dict) -> None:
-        cls, url = r.get("class"), r.get("url")
+    def add(self, r: CrawlRecord) -> None:
+        cls, url = r.cls, r.url
         self.urls[cls].add(url)
-        if r.get("status") == "error":
-            self.failed[cls][r.get("error") or "error"] += 1
-        elif r.get("status") == "duplicate":
+        if r.status == "error":
+            self.failed[cls][r.error or "error"] += 1
+        elif r.status == "duplicate":
             self.dup[cls] += 1
-        if r.get("error") in RETRYABLE:
+        if r.error in RETRYABLE:
             return
         self.tried.add((cls, url))
         prev = self.by_url.get(url)
-        if prev is None or prev.get("status") == "error":
+        if prev is None or prev.status == "error":
             self.by_url[url] = r
-        if r.get("status") in ("ok", "duplicate") and r.get("sha256"):
-            self.class_shas[cls].add(r["sha256"])
-        if r.get("status") == "ok":
+        if r.status in ("ok", "duplicate") and r.sha256:
+            self.class_shas[cls].add(r.sha256)
+        if r.status == "ok":
             self.ok[cls] += 1
 
 
@@ -128,7 +134,7 @@ class Crawler:
         self.fetcher = Fetcher(self.c, deadline=self.deadline)
         self.state = _State(self.run)
         _remove_stale_tmp(self.run)
-        self.records = JsonlAppender(self.run.records)
+        self.records = RecordLog(self.run.records)
         self._url_lists: dict[str, list[str]] | None = None
         self.deadline_hit = False
 
@@ -160,7 +166,7 @@ class Crawler:
                 for u in self.url_list(classes).get(name, []):
                     yield Candidate(u, "", "urls")
             elif source == "folder":
-                d, files = folder_files(Path(self.c.folder), name)
+                d, files = class_files(Path(self.c.folder), name)
                 if d is None:
                     msg = f"folder: no sub-folder for class {name!r} under {self.c.folder}"
                     notes.append(msg)
@@ -198,17 +204,16 @@ class Crawler:
         return res
 
     def _record(self, name: str, cand: Candidate, status: str, error: str = "", sha: str = "",
-                nbytes: int = 0, w: int = 0, h: int = 0, path: str = "") -> dict:
-        row = {"class": name, "query": cand.query, "engine": cand.engine, "url": redact(cand.url),
-               "status": status, "error": error or None, "sha256": sha or None, "bytes": nbytes,
-               "w": w, "h": h, "path": path or None, "time": round(time.time(), 3)}
-        assert tuple(row) == RECORD_FIELDS
-        self.records.write(row)
+                nbytes: int = 0, w: int = 0, h: int = 0, path: str = "") -> CrawlRecord:
+        rec = CrawlRecord(cls=name, query=cand.query, engine=cand.engine, url=redact(cand.url), status=status,
+                          error=error or None, sha256=sha or None, bytes=nbytes, w=w, h=h, path=path or None,
+                          time=round(time.time(), 3))
+        self.records.append(rec)
         with self.state.lock:
-            self.state.add(row)
-        return row
+            self.state.add(rec)
+        return rec
 
-    def _commit(self, name: str, cand: Candidate, res: FetchResult) -> dict:
+    def _commit(self, name: str, cand: Candidate, res: FetchResult) -> CrawlRecord:
         if res.ok:
             sha = res.detail
             path = _rel(self.run, self.run.image_path(sha, res.ext))
@@ -219,22 +224,21 @@ class Crawler:
         log.debug("%s %s: %s %s", name, redact(cand.url), res.error, res.detail)
         return self._record(name, cand, "error", res.error, nbytes=len(res.data or b""))
 
-    def _reuse(self, name: str, cand: Candidate) -> dict | None:
+    def _reuse(self, name: str, cand: Candidate) -> CrawlRecord | None:
         """A URL already tried for another class: record its outcome without fetching again."""
         prev = self.state.by_url.get(cand.url)
         if prev is None:
             return None
-        if prev.get("status") in ("ok", "duplicate"):
-            if not prev.get("path") or not (self.run.root / prev["path"]).exists():
+        if prev.status in ("ok", "duplicate"):
+            if not prev.path or not (self.run.root / prev.path).exists():
                 return None  # file lost: fetch again
-            sha = prev["sha256"]
-            status = "duplicate" if sha in self.state.class_shas[name] else "ok"
-            return self._record(name, cand, status, "", sha, prev.get("bytes") or 0, prev.get("w") or 0,
-                                prev.get("h") or 0, prev["path"])
-        return self._record(name, cand, "error", prev.get("error") or "error", nbytes=prev.get("bytes") or 0)
+            status = "duplicate" if prev.sha256 in self.state.class_shas[name] else "ok"
+            return self._record(name, cand, status, "", prev.sha256, prev.bytes, prev.w, prev.h, prev.path)
+        return self._record(name, cand, "error", prev.error or "error", nbytes=prev.bytes)
 
     # ---- one class
-    def crawl_class(self, name: str, classes: list[str] | None = None) -> dict:
+    def crawl_class(self, name: str, classes: list[str] | None = None) -> ClassSummary:
+        """Crawl one class up to ``per_class``; a class already there is skipped (the records decide)."""
         classes = classes or [name]
         target = self.c.per_class
         have = self.state.ok[name]
@@ -243,8 +247,6 @@ class Crawler:
         if have >= target:
             log.info("class %r: already has %d/%d images, skipped", name, have, target)
             return self._class_summary(name, notes, counts, skipped=True)
-        from tqdm import tqdm
-
         bar = tqdm(total=target, initial=have, desc=name[:24], unit="img", disable=None, leave=True,
                    file=sys.stderr)
         seen: set[str] = set()
@@ -271,8 +273,8 @@ class Crawler:
                         counts["found"] += 1
                         row = self._reuse(name, cand)
                         if row is not None:
-                            counts[row["status"]] += 1
-                            if row["status"] == "ok":
+                            counts[row.status] += 1
+                            if row.status == "ok":
                                 bar.update(1)
                             continue
                         inflight[ex.submit(self._download, cand)] = cand
@@ -287,8 +289,8 @@ class Crawler:
                             log.exception("unexpected error on %s", redact(cand.url))
                             res = FetchResult(url=cand.url, ok=False, error="internal", detail=str(e)[:200])
                         row = self._commit(name, cand, res)
-                        counts[row["status"]] += 1
-                        if row["status"] == "ok":
+                        counts[row.status] += 1
+                        if row.status == "ok":
                             bar.update(1)
             finally:
                 gen.close()
@@ -298,109 +300,63 @@ class Crawler:
             notes.append(f"deadline of {self.c.deadline_s:g}s reached")
         return self._class_summary(name, notes, counts)
 
-    def _class_summary(self, name: str, notes: list[str], counts: Counter, skipped: bool = False) -> dict:
+    def _class_summary(self, name: str, notes: list[str], counts: Counter, skipped: bool = False) -> ClassSummary:
         st = self.state
         with st.lock:
             failed = Counter(st.failed[name])
             ok, dup, found = st.ok[name], st.dup[name], len(st.urls[name])
-        return {
-            "target": self.c.per_class,
-            "found": found,
-            "downloaded": ok,
-            "duplicates": dup,
-            "failed": dict(sorted(failed.items())),
-            "done": ok >= self.c.per_class,
-            "skipped": skipped,
-            "this_run": {"found": counts["found"], "ok": counts["ok"], "duplicate": counts["duplicate"],
-                         "error": counts["error"]},
-            "notes": notes,
-        }
+        return ClassSummary(
+            target=self.c.per_class, found=found, downloaded=ok, duplicates=dup,
+            failed=dict(sorted(failed.items())), done=ok >= self.c.per_class, skipped=skipped,
+            this_run={"found": counts["found"], "ok": counts["ok"], "duplicate": counts["duplicate"],
+                      "error": counts["error"]},
+            notes=notes)
 
 
 # ---------------------------------------------------------------- summary
 
-@contextlib.contextmanager
-def _summary_lock(run: RunDir):
-    run.crawl.mkdir(parents=True, exist_ok=True)
-    fh = open(run.crawl / ".summary.lock", "w")
-    try:
-        try:
-            import fcntl
-
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except ImportError:  # pragma: no cover - not POSIX
-            pass
-        yield
-    finally:
-        fh.close()
-
-
-def _write_summary(cfg: RunConfig, per_class: dict[str, dict], extra: dict | None = None) -> dict:
+def _write_summary(cfg: RunConfig, per_class: dict[str, ClassSummary], **extra) -> CrawlSummary:
     """Merge per-class summaries into ``crawl/summary.json`` (locked: flows crawl classes in parallel)."""
     run = RunDir(cfg.run_dir)
+    run.crawl.mkdir(parents=True, exist_ok=True)
     slugs = unique_slugs(cfg.resolved_classes()) if (cfg.classes or cfg.classes_file or cfg.teacher) else {}
-    with _summary_lock(run):
-        old = read_json(run.crawl_summary) if run.crawl_summary.exists() else {}
-        classes = dict(old.get("classes", {}))
-        for name, s in per_class.items():
-            s = dict(s)
-            s["slug"] = slugs.get(name) or unique_slugs([name])[name]
-            classes[name] = s
-        total = {"found": 0, "downloaded": 0, "duplicates": 0, "failed": 0}
-        for s in classes.values():
-            total["found"] += s["found"]
-            total["downloaded"] += s["downloaded"]
-            total["duplicates"] += s["duplicates"]
-            total["failed"] += sum(s["failed"].values())
-        summary = {
-            "ok": all(s["downloaded"] > 0 for s in classes.values()) if classes else False,
-            "run_dir": str(run.root),
-            "sources": list(cfg.crawl.sources),
-            "per_class": cfg.crawl.per_class,
-            "classes": classes,
-            "total": total,
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        summary.update(extra or {})
-        atomic_write_json(run.crawl_summary, summary)
-    return summary
+    for name, s in per_class.items():
+        s.slug = slugs.get(name) or unique_slugs([name])[name]
+    return update_crawl_summary(run.crawl_summary, per_class, run_dir=str(run.root), sources=list(cfg.crawl.sources),
+                                target_per_class=cfg.crawl.per_class, **extra)
 
 
-def print_summary(summary: dict, file=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    reasons = sorted({r for s in summary["classes"].values() for r in s["failed"]})
-    t = Table(title=f"crawl summary: {summary['run_dir']}")
+def print_summary(summary: CrawlSummary, file=None) -> None:
+    reasons = sorted({r for s in summary.classes.values() for r in s.failed})
+    t = Table(title=f"crawl summary: {summary.run_dir}")
     t.add_column("class")
     for col in ("target", "found", "downloaded", "duplicates"):
         t.add_column(col, justify="right")
     t.add_column("failed by reason")
-    for name, s in summary["classes"].items():
-        fails = ", ".join(f"{r} {s['failed'][r]}" for r in reasons if r in s["failed"]) or "-"
-        style = None if s["done"] else "yellow"
-        t.add_row(name, str(s["target"]), str(s["found"]), str(s["downloaded"]), str(s["duplicates"]), fails,
-                  style=style)
+    for name, s in summary.classes.items():
+        fails = ", ".join(f"{r} {s.failed[r]}" for r in reasons if r in s.failed) or "-"
+        t.add_row(name, str(s.target), str(s.found), str(s.downloaded), str(s.duplicates), fails,
+                  style=None if s.done else "yellow")
     console = Console(file=file or sys.stderr, width=max(100, shutil.get_terminal_size((120, 20)).columns))
     console.print(t)
-    for name, s in summary["classes"].items():
-        for n in s.get("notes", [])[:5]:
+    for name, s in summary.classes.items():
+        for n in s.notes[:5]:
             console.print(f"[yellow]{name}[/yellow]: {n}", markup=True, highlight=False)
-    if summary.get("deadline_hit"):
+    if summary.deadline_hit:
         console.print("[yellow]the crawl deadline was reached; rerun to continue[/yellow]")
 
 
 # ---------------------------------------------------------------- public API
 
 def crawl(cfg: RunConfig, classes: list[str] | None = None) -> dict:
-    """Crawl every class (or ``classes``); returns the summary (also ``crawl/summary.json``)."""
+    """Crawl every class (or ``classes``); returns the summary (also ``crawl/summary.json``) as a dict."""
     names = list(classes) if classes is not None else cfg.resolved_classes()
     if not names:
         raise ConfigError("no classes to crawl")
     check_sources(cfg)
     save_resolved(cfg)
     crawler = Crawler(cfg)
-    per: dict[str, dict] = {}
+    per: dict[str, ClassSummary] = {}
     t0 = time.time()
     try:
         for name in names:
@@ -412,14 +368,14 @@ def crawl(cfg: RunConfig, classes: list[str] | None = None) -> dict:
                 break
     finally:
         crawler.close()
-    summary = _write_summary(cfg, per, {"deadline_hit": crawler.deadline_hit,
-                                        "elapsed_s": round(time.time() - t0, 2)})
+    summary = _write_summary(cfg, per, deadline_hit=crawler.deadline_hit, elapsed_s=round(time.time() - t0, 2))
     print_summary(summary)
-    return summary
+    return summary.to_row()
 
 
 def crawl_class(cfg: RunConfig, name: str) -> dict:
-    """Crawl one class (resumable); returns its summary and merges it into ``crawl/summary.json``."""
+    """Crawl one class (resumable; a class at its target is skipped and says so: ``skipped``, ``done``);
+    returns its summary and merges it into ``crawl/summary.json``. Flows fan out on it."""
     check_sources(cfg)
     save_resolved(cfg)
     try:
@@ -433,14 +389,13 @@ def crawl_class(cfg: RunConfig, name: str) -> dict:
         s = crawler.crawl_class(name, classes)
     finally:
         crawler.close()
-    _write_summary(cfg, {name: s}, {"deadline_hit": crawler.deadline_hit})
-    log.info("class %r: %d/%d images (%d found, %d duplicates, %d failed)", name, s["downloaded"], s["target"],
-             s["found"], s["duplicates"], sum(s["failed"].values()))
-    return s
+    _write_summary(cfg, {name: s}, deadline_hit=crawler.deadline_hit, elapsed_s=None)
+    log.info("class %r: %d/%d images (%d found, %d duplicates, %d failed)", name, s.downloaded, s.target,
+             s.found, s.duplicates, sum(s.failed.values()))
+    return s.to_row()
 
 
 def class_done(cfg: RunConfig, name: str) -> bool:
     """True when the records hold ``crawl.per_class`` downloaded images for ``name``."""
-    run = RunDir(cfg.run_dir)
-    n = sum(1 for r in read_jsonl(run.records) if r.get("class") == name and r.get("status") == "ok")
+    n = sum(1 for r in read_records(RunDir(cfg.run_dir).records) if r.cls == name and r.status == "ok")
     return n >= cfg.crawl.per_class
