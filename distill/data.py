@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import tarfile
@@ -18,9 +19,12 @@ from typing import Optional
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision import transforms as T
 
-from pipeline.errors import DataError
-from pipeline.io import read_json, sha256_file
+from pipeline.core.errors import DataError
+from pipeline.core.io import sha256_file
+from pipeline.core.records import read_manifest
+from pipeline.core.slug import slugify
 
 log = logging.getLogger("kd3.distill")
 
@@ -28,24 +32,6 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "ppm", "tif", "tiff")
 
 
 # ---------------------------------------------------------------- manifest + shards
-def load_manifest(path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"manifest {p} does not exist: run `kd3 curate` first")
-    try:
-        man = read_json(p)
-    except ValueError as e:
-        raise DataError(f"manifest {p} is not valid JSON ({e})") from None
-    if not isinstance(man, dict) or not isinstance(man.get("shardlist"), list):
-        raise DataError(f"manifest {p} has no 'shardlist'")
-    if not man.get("classes"):
-        raise DataError(f"manifest {p} has no 'classes'")
-    for i, s in enumerate(man["shardlist"]):
-        if not isinstance(s, dict) or "url" not in s:
-            raise DataError(f"manifest {p}: shardlist[{i}] has no 'url'")
-    return man
-
-
 def _shard_path(manifest_path: Path, url: str) -> Path:
     if "://" in url and not url.startswith("file://"):
         raise DataError(f"manifest {manifest_path}: shard {url} is remote; kd3 distill reads local shards")
@@ -57,7 +43,7 @@ def _shard_path(manifest_path: Path, url: str) -> Path:
 def verify_shards(manifest_path, manifest: dict | None = None) -> list[Path]:
     """Check every shard exists and matches its manifest sha256/filesize. Returns the paths."""
     mp = Path(manifest_path)
-    man = manifest or load_manifest(mp)
+    man = manifest or read_manifest(mp)
     paths = []
     for s in man["shardlist"]:
         sp = _shard_path(mp, s["url"])
@@ -133,8 +119,6 @@ def index_shard(path: Path, shard_idx: int, classes: list[str]) -> list[Sample]:
                     except ValueError:
                         s.label = -1
                 if "json" in g:
-                    import json
-
                     fh.seek(g["json"][0])
                     try:
                         s.meta = json.loads(fh.read(g["json"][1]).decode("utf-8"))
@@ -158,8 +142,6 @@ def holdout_of(key: str, fraction: float) -> bool:
 
 # ---------------------------------------------------------------- transforms
 def build_transforms(size: int, mean, std, augment: str = "rrc_flip", train: bool = True):
-    from torchvision import transforms as T
-
     norm = [T.ToTensor(), T.Normalize(mean, std)]
     if not train or augment == "none":
         return T.Compose([T.Resize(size), T.CenterCrop(size), *norm])
@@ -245,8 +227,6 @@ class LabelledFolder(Dataset):
     """ImageFolder (``root/<class>/*``) mapped onto the teacher's class indices."""
 
     def __init__(self, root, classes: list[str], transform):
-        from pipeline.slug import slugify
-
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"eval_dir {root} does not exist")
@@ -287,7 +267,7 @@ class WebData:
 def open_web_data(manifest_path, size: int, mean, std, augment: str = "rrc_flip",
                   val_fraction: float = 0.0) -> WebData:
     mp = Path(manifest_path)
-    man = load_manifest(mp)
+    man = read_manifest(mp)
     shards = verify_shards(mp, man)
     classes = list(man["classes"])
     samples: list[Sample] = []

@@ -1,17 +1,30 @@
-"""The distill stage: ``distill(cfg)`` for flows and tests, ``distill_cli(cfg, args)`` for ``kd3 distill``."""
+"""The distill stage: ``distill(cfg)`` for flows and tests, ``distill_cli(cfg, args)`` for ``kd3 distill``.
+
+Light to import (torch loads when a run starts); the training itself is :class:`distill.trainer.Trainer`."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Callable, Optional
 
-from pipeline.errors import ConfigError, DataError
-from pipeline.runs import RunDir
-from pipeline.slug import slugify
+from pipeline.core.errors import ConfigError, DataError
+from pipeline.core.runs import RunDir
+from pipeline.core.slug import slugify
 
-from .trainer import default_out_id, run_training
 
 log = logging.getLogger("kd3.distill")
+
+
+def default_out_id(cfg, teacher_path: Path) -> str:
+    """A hash of the distill config (less machine settings) and the teacher path."""
+    d = cfg.public_dict()["distill"]
+    d.pop("workers", None)
+    d.pop("device", None)
+    h = hashlib.sha256(json.dumps({"d": d, "teacher": str(Path(teacher_path).resolve())}, sort_keys=True,
+                                  default=str).encode()).hexdigest()
+    return h[:8]
 
 
 def output_dir(cfg, out_id: str | None = None) -> Path:
@@ -39,6 +52,8 @@ def distill(cfg, *, out_id: str | None = None, resume: bool = False, manifest: s
     if not teacher.is_file():
         raise DataError(f"teacher checkpoint {teacher} does not exist")
     out = output_dir(cfg, out_id)
+    from .trainer import run_training  # heavy (torch): the CLI and the flows import this module at start
+
     return run_training(cfg, mp, teacher, out, resume=resume, on_epoch_end=on_epoch_end)
 
 

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.checkpoint import check_classes, is_torchscript, load_checkpoint, read_checkpoint_meta
-from pipeline.errors import DataError
+from pipeline.core.checkpoint import check_classes, is_torchscript, load_checkpoint, read_checkpoint_meta
+from pipeline.core.errors import DataError
 
 from .models import create_model
 
@@ -88,8 +89,6 @@ def load_teacher(path, device: str | torch.device = "cpu", classes: list[str] | 
         raise DataError(f"teacher checkpoint {p} does not exist")
     if is_torchscript(p):
         meta = read_checkpoint_meta(p)
-        import warnings
-
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)

@@ -1,50 +1,38 @@
-"""Distillation methods: one registry, one interface (in the manner of mdistiller's Distiller).
+"""The distillation method interface (in the manner of mdistiller's Distiller); the registry is
+:mod:`distill.methods._registry`.
 
 A method is an ``nn.Module`` that owns the student and every trainable extra (projector, heads, Q);
 the teacher is held outside its parameters (frozen, eval mode, never in a state dict or DDP).
 
-- ``select(epoch, epochs, infer) -> (indices | None, log)``: per-epoch hook before training.
+- ``select(epoch, epochs, infer) -> Selection``: per-epoch hook before training.
   ``infer(fn)`` runs ``fn(x)`` under no_grad over the whole pool (both nets in eval mode, batched,
   bf16 on GPU, sharded under DDP) and returns the outputs concatenated in pool order (float32, CPU).
-  ``None`` means "train on all of the pool".
 - ``forward(x) -> dict[name, tensor]``: the per-batch losses by name (``losses`` is an alias);
-  the trainer minimises ``sum(loss_weights.get(name, 1) * value)``.
+  ``total_loss(losses)`` is what the trainer minimises: ``sum(loss_weights.get(name, 1) * value)``.
+- ``cfg`` is the method's own config section (``distill.kd3``, ``distill.kd``, ``distill.dfnd``).
 - ``predict(x)``: logits of the deployable student; ``export() -> (arch, arch_kwargs, module)``.
 - ``extra_state()`` / ``load_extra_state(d)``: selection state carried across epochs (checkpointed).
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
-from pipeline.errors import ConfigError
+@dataclass
+class Selection:
+    """What a method's per-epoch selection hook decided.
 
-_METHODS: dict[str, type] = {}
+    ``indices``: pool indices to train on this epoch (None = all of the pool); ``predictions``: a class per
+    pool image that the per-class selected counts use (None = the query labels); ``log``: the method's
+    own numbers for ``selection.jsonl`` (``alpha`` and ``thresholds`` have columns of their own).
+    """
 
-
-def register_method(name: str):
-    def deco(cls):
-        cls.name = name
-        _METHODS[name] = cls
-        return cls
-
-    return deco
-
-
-def list_methods() -> list[str]:
-    return sorted(_METHODS)
-
-
-def create_method(name: str, student: nn.Module, teacher: nn.Module, cfg, num_classes: int,
-                  student_arch: str = "", student_kwargs: dict | None = None) -> "Method":
-    from . import dfnd, kd, kd3  # noqa: F401  (registration)
-
-    if name not in _METHODS:
-        raise ConfigError(f"unknown distillation method {name!r}; choose one of {', '.join(list_methods())}")
-    return _METHODS[name](student, teacher, cfg, num_classes, student_arch=student_arch,
-                          student_kwargs=student_kwargs or {})
+    indices: Optional[torch.Tensor] = None
+    predictions: Optional[torch.Tensor] = None
+    log: dict = field(default_factory=dict)
 
 
 class Method(nn.Module):
@@ -69,14 +57,18 @@ class Method(nn.Module):
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.teacher(x)
 
-    def select(self, epoch: int, epochs: int, infer: Callable) -> tuple[torch.Tensor | None, dict]:
-        return None, {}
+    def select(self, epoch: int, epochs: int, infer: Callable) -> Selection:
+        return Selection()
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self(x)
+
+    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The scalar the trainer minimises: the losses weighted by ``loss_weights`` (default 1)."""
+        return sum(self.loss_weights.get(k, 1.0) * v.float() for k, v in losses.items())
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.student(x)

@@ -1,6 +1,6 @@
 """DFND baseline (Chen et al., CVPR 2021) as KD3_SPEC §7 describes it.
 
-Once, before the first epoch: keep the fraction ``dfnd_keep`` of the pool with the lowest
+Once, before the first epoch: keep the fraction ``keep`` (``distill.dfnd.keep``) of the pool with the lowest
 cross-entropy of the teacher to its own argmax (= highest teacher confidence). Train with KD at
 T=4 plus the NLL of the student's softmax passed through a noise-adaptation matrix Q against the
 teacher's argmax. Q's diagonal is the teacher's accuracy estimate on the kept set: its mean
@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import Method, register_method
+from ._registry import register_method
+from .base import Method, Selection
 from .losses import kd_loss, noise_adaptation_matrix, noisy_nll
 
 
@@ -30,11 +31,11 @@ class DFND(Method):
             z_t = infer(lambda x: self.teacher(x))
             p = F.softmax(z_t.float(), dim=1)
             ce = -torch.log(p.max(dim=1).values.clamp_min(1e-12))  # CE to its own argmax
-            n_keep = max(1, int(round(self.cfg.dfnd_keep * len(ce))))
+            n_keep = max(1, int(round(self.cfg.keep * len(ce))))
             keep = torch.argsort(ce, stable=True)[:n_keep]
             self.selected = torch.sort(keep).values
             self.acc = float(p.max(dim=1).values[keep].mean())
-        return self.selected, {"teacher_acc_estimate": self.acc, "one_off": True}
+        return Selection(self.selected, None, {"teacher_acc_estimate": self.acc, "one_off": True})
 
     def q_matrix(self) -> torch.Tensor:
         return noise_adaptation_matrix(self.q_logits, self.acc)
@@ -42,7 +43,7 @@ class DFND(Method):
     def forward(self, x):
         z_t = self.teacher_logits(x)
         z_s = self.student(x)
-        return {"kd": kd_loss(z_s, z_t, self.cfg.kd_temperature),
+        return {"kd": kd_loss(z_s, z_t, self.cfg.temperature),
                 "nll": noisy_nll(z_s, self.q_matrix().to(z_s.device), z_t.argmax(1))}
 
     def extra_state(self):

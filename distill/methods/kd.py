@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from . import Method, register_method
+from ._registry import register_method
+from .base import Method
 from .losses import kd_loss
 
 
@@ -11,4 +12,4 @@ from .losses import kd_loss
 class KD(Method):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         z_t = self.teacher_logits(x)
-        return {"kd": kd_loss(self.student(x), z_t, self.cfg.kd_temperature)}
+        return {"kd": kd_loss(self.student(x), z_t, self.cfg.temperature)}

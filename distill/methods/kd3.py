@@ -1,6 +1,6 @@
 """KD³ (Tang et al., ICCV 2023) as KD3_SPEC.md §2–§6 describe it; release behaviour by default.
 
-Switches (DistillConfig): ``selection``, ``weighting``, ``sharing``, ``mixdist`` (ablations);
+Switches (its config section ``distill.kd3``): ``selection``, ``weighting``, ``sharing``, ``mixdist`` (ablations);
 ``cross_contrastive``, ``mix_level: feature``, ``classifier_align_loss`` (paper-prose options, off).
 With ``sharing`` off and no ``classifier_align_loss`` the student keeps its own classifier, trained
 by a KD term (``kd``) so the ablated student still predicts; the release has no such term because it
@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models import Kd3Student, Projector
-from . import Method, register_method
+from ._registry import register_method
+from .base import Method, Selection
 from .losses import (alpha_schedule, disagreement_weights, kd_loss, match_spatial, mix_distribution, mixed_probs,
                      nt_xent, ramp_epochs, select_confident, weighted_feature_mse)
 
@@ -44,7 +45,6 @@ class KD3(Method):
             self.g_s = nn.Linear(c_s, HEAD_DIM)
             self.g_t = nn.Linear(c_t, HEAD_DIM)
         self.loss_weights = {"con": float(cfg.lambda_con)}
-        self.last_selection: dict = {}
 
     # ------------------------------------------------------------ the student's logits
     def _t_cls(self):
@@ -74,7 +74,7 @@ class KD3(Method):
     def select(self, epoch, epochs, infer):
         cfg = self.cfg
         if not cfg.selection:
-            return None, {"alpha": None}
+            return Selection(None, None, {"alpha": None})
         e_ramp, e_cut = ramp_epochs(epochs, cfg.ramp_frac, cfg.cut_frac)
         alpha = alpha_schedule(epoch, e_ramp, e_cut)
 
@@ -90,9 +90,8 @@ class KD3(Method):
         q = mixed_probs(logits, logits, 1.0)  # logits are already mixed: q = softmax(mix)
         keep, pred, thr = select_confident(q, cfg.tau)
         idx = torch.nonzero(keep).flatten()
-        self.last_selection = {"alpha": alpha, "thresholds": thr.tolist(), "pred": pred}
-        return idx, {"alpha": alpha, "thresholds": thr.tolist(), "pred_counts":
-                     torch.bincount(pred, minlength=self.num_classes).tolist()}
+        return Selection(idx, pred, {"alpha": alpha, "thresholds": thr.tolist(), "pred_counts":
+                                     torch.bincount(pred, minlength=self.num_classes).tolist()})
 
     # ------------------------------------------------------------ §3–§5 losses
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,150 @@
+"""Where training runs: device, DDP (torchrun), bf16 autocast, channels_last; RNG state; loaders;
+evaluation. Same code on CPU, one GPU, or many GPUs under torchrun."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pipeline.core.errors import ConfigError
+
+from .data import WebPool, collate_indexed
+
+
+# ---------------------------------------------------------------- runtime (device, DDP, amp)
+class Runtime:
+    def __init__(self, device: str = "auto", amp: str = "auto", channels_last: bool = True):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available")
+        if self.world > 1 and device == "cuda":
+            device = f"cuda:{self.local_rank}"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.ddp = self.world > 1
+        if self.ddp and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        use_amp = amp == "bf16" or (amp == "auto" and self.device.type == "cuda")
+        self.amp_dtype = torch.bfloat16 if use_amp else None
+        self.channels_last = bool(channels_last) and self.device.type == "cuda"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def barrier(self):
+        if self.ddp:
+            dist.barrier()
+
+    def gather_rows(self, local: torch.Tensor, n_total: int) -> torch.Tensor:
+        """Reassemble per-rank outputs of the strided shard ``rank::world`` into pool order."""
+        if not self.ddp:
+            return local
+        n_max = math.ceil(n_total / self.world)
+        pad = torch.zeros((n_max,) + tuple(local.shape[1:]), dtype=local.dtype, device=self.device)
+        pad[: local.shape[0]] = local.to(self.device)
+        parts = [torch.empty_like(pad) for _ in range(self.world)]
+        dist.all_gather(parts, pad)
+        out = torch.empty((n_total,) + tuple(local.shape[1:]), dtype=local.dtype)
+        for r, part in enumerate(parts):
+            n_r = len(range(r, n_total, self.world))
+            out[r::self.world] = part[:n_r].cpu()
+        return out
+
+
+def loader(ds, batch_size: int, workers: int, rt: Runtime, shuffle: bool = False, drop_last: bool = False):
+    """A DataLoader; pool views (a WebPool or a Subset of one) yield (images, pool indices)."""
+    pooled = isinstance(ds, WebPool) or isinstance(getattr(ds, "dataset", None), WebPool)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, drop_last=drop_last,
+                      pin_memory=rt.device.type == "cuda", collate_fn=collate_indexed if pooled else None,
+                      persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+
+
+def progress(it, total: int, desc: str, enabled: bool):
+    return tqdm(it, total=total, desc=desc, leave=False, disable=not enabled or None, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------- RNG state (checkpointed)
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": list(_py_state_to_list(random.getstate()))}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _py_state_to_list(s):
+    version, internal, gauss = s
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    v, internal, gauss = st["python"]
+    random.setstate((v, tuple(internal), gauss))
+    if "cuda" in st and torch.cuda.is_available():
+        with contextlib.suppress(Exception):
+            torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(predict: Callable, teacher: nn.Module, batches, rt: Runtime, labelled: bool) -> dict:
+    """Top-1 of the student (and the teacher) against labels, and student-teacher agreement."""
+    n = correct_s = correct_t = agree = 0
+    for x, y in batches:
+        x = rt.to_input(x)
+        with rt.autocast():
+            zs = predict(x).float()
+            zt = teacher(x).float()
+        ps, pt = zs.argmax(1).cpu(), zt.argmax(1).cpu()
+        n += len(ps)
+        agree += int((ps == pt).sum())
+        if labelled:
+            correct_s += int((ps == y).sum())
+            correct_t += int((pt == y).sum())
+    if n == 0:
+        return {}
+    out = {"n": n, "agreement": agree / n}
+    if labelled:
+        out.update(top1=correct_s / n, teacher_top1=correct_t / n)
+    return out
+
+
+def gather_rng(rt: Runtime) -> list:
+    """Every rank's RNG state (rank order), so a resumed DDP run continues each rank's stream."""
+    mine = rng_state()
+    if not rt.ddp:
+        return [mine]
+    gathered: list = [None] * rt.world
+    dist.all_gather_object(gathered, {k: v.cpu() if torch.is_tensor(v) else v for k, v in mine.items()})
+    return gathered
