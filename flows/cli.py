@@ -1,4 +1,4 @@
-"""``kd3 run`` and ``kd3 serve``: the Prefect side of the CLI (pipeline/cli.py calls in here).
+"""``kd3 run`` and ``kd3 serve``: the Prefect side of the CLI (``pipeline.app.cli`` calls in here).
 
 ``kd3 run --config run.yaml``            end-to-end flow in Prefect's embedded local mode (no server)
 ``kd3 run --run runs/x --stage distill`` rerun only that stage on an existing run (cache ignored)
@@ -14,27 +14,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig
-from pipeline.errors import ConfigError
+from prefect import serve
+from prefect.settings import PREFECT_API_URL
+from prefect.types.entrypoint import EntrypointType
+
+from pipeline.core.config import RunConfig, absolute_config
+from pipeline.core.errors import ConfigError
+
+from flows.e2e import kd3_pipeline
+from flows.stages import STAGE_FLOWS
 
 log = logging.getLogger("kd3.flows")
-
-_PATH_FIELDS = (("runs_root",), ("teacher",), ("classes_file",), ("crawl", "folder"), ("crawl", "url_list"),
-                ("curate", "clip_weights"), ("curate", "decontaminate"), ("distill", "eval_dir"),
-                ("flow", "result_store"))
-
-
-def absolute_config(cfg: RunConfig) -> RunConfig:
-    """The same config with every path made absolute (a served flow may run in another folder)."""
-    d = cfg.model_dump()
-    for keys in _PATH_FIELDS:
-        cur = d
-        for k in keys[:-1]:
-            cur = cur[k]
-        if cur.get(keys[-1]) is not None:
-            cur[keys[-1]] = Path(cur[keys[-1]]).expanduser().resolve()
-    return RunConfig.model_validate(d)
-
 
 def deployment_parameters(cfg: RunConfig) -> dict[str, Any]:
     """Default parameters of a deployment: the config, absolute paths, secrets removed (they come from env)."""
@@ -42,9 +32,6 @@ def deployment_parameters(cfg: RunConfig) -> dict[str, Any]:
 
 
 def run_cli(cfg: RunConfig, args) -> int:
-    from flows.e2e import kd3_pipeline
-    from flows.stages import STAGE_FLOWS
-
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     stage = getattr(args, "stage", None)
     if stage is None:
@@ -61,11 +48,6 @@ def run_cli(cfg: RunConfig, args) -> int:
 
 
 def build_deployments(cfg: RunConfig, cron: str | None = None) -> list:
-    from flows.e2e import kd3_pipeline
-    from flows.stages import STAGE_FLOWS
-
-    from prefect.types.entrypoint import EntrypointType
-
     params = deployment_parameters(cfg)
     # module entrypoints (flows.e2e.kd3_pipeline): the installed package, wherever the process runs
     mod = EntrypointType.MODULE_PATH
@@ -78,13 +60,10 @@ def build_deployments(cfg: RunConfig, cron: str | None = None) -> list:
 
 
 def serve_cli(cfg: RunConfig, args) -> int:
-    from prefect import serve
-    from prefect.settings import PREFECT_API_URL
-
     cron = getattr(args, "cron", None)
     if cron:
         try:
-            from croniter import croniter
+            from croniter import croniter  # optional: ships with Prefect
 
             if not croniter.is_valid(cron):
                 raise ConfigError(f"--cron {cron!r} is not a valid cron expression")

@@ -9,6 +9,7 @@ another folder.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -17,8 +18,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from pipeline.config import RunConfig
-from pipeline.io import sha256_file
+from prefect.artifacts import create_markdown_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from pipeline.core.config import RunConfig
+from pipeline.core.io import sha256_file
 
 log = logging.getLogger("kd3.flows")
 
@@ -63,7 +67,7 @@ def tree_fingerprint(root: Optional[str | os.PathLike]) -> Optional[str]:
 
 @lru_cache(maxsize=None)
 def code_fingerprint(*packages: str) -> str:
-    """sha256 over the ``*.py`` sources of the named top-level packages (crawlers, pipeline, ...)."""
+    """sha256 over the ``*.py`` sources of the named package folders (``crawlers``, ``pipeline/core``, ...)."""
     h = hashlib.sha256()
     for pkg in packages:
         base = REPO_ROOT / pkg
@@ -86,8 +90,6 @@ def make_cache_key_fn(parts: Callable[[dict], dict], packages: tuple[str, ...]) 
     """
 
     def key_fn(ctx, inputs: dict) -> str:
-        import inspect
-
         try:
             task_src = inspect.getsource(ctx.task.fn)
         except (OSError, TypeError):
@@ -121,7 +123,7 @@ def result_storage(cfg: RunConfig) -> Path:
 def task_runner_for(cfg: RunConfig, max_workers: int):
     """``flow.task_runner``: a thread pool of ``max_workers``, or Dask (LocalCluster or ``dask_address``)."""
     if cfg.flow.task_runner == "dask":
-        from prefect_dask import DaskTaskRunner
+        from prefect_dask import DaskTaskRunner  # heavy (dask): only for flow.task_runner dask
 
         if cfg.flow.dask_address:
             return DaskTaskRunner(address=cfg.flow.dask_address)
@@ -134,8 +136,6 @@ def task_runner_for(cfg: RunConfig, max_workers: int):
                 "dashboard_address": None,
             },
         )
-    from prefect.task_runners import ThreadPoolTaskRunner
-
     return ThreadPoolTaskRunner(max_workers=max_workers)
 
 
@@ -156,8 +156,6 @@ def artifact_key(stage: str, cfg: RunConfig) -> str:
 
 
 def publish_markdown(stage: str, cfg: RunConfig, markdown: str, description: str) -> None:
-    from prefect.artifacts import create_markdown_artifact
-
     try:
         create_markdown_artifact(markdown=markdown, key=artifact_key(stage, cfg), description=description)
     except Exception as e:  # an artifact must never fail a stage that succeeded

@@ -16,8 +16,10 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import RunConfig, load_config
-from pipeline.errors import Kd3Error
+from prefect import flow
+
+from pipeline.core.config import RunConfig, load_config
+from pipeline.core.errors import Kd3Error, report
 
 from flows.cli import deployment_parameters
 
@@ -30,8 +32,6 @@ GPU_ENTRIES = (("flows/stages.py:distill", False),)
 
 def register(cfg: RunConfig, pools: set[str], cron: str | None = None, prefix: str = "kd3",
              remote_distill: bool = True) -> list[str]:
-    from prefect import flow
-
     params = deployment_parameters(cfg)
     ids = []
     plan = []
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             raise Kd3Error(f"--pools {args.pools!r}: expected cpu, gpu or cpu,gpu")
         register(cfg, pools, args.cron, args.prefix, remote_distill=not args.local_distill)
     except Kd3Error as e:
-        print(f"kd3: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return report(e)
     return 0
 
 

@@ -13,7 +13,9 @@ from typing import Optional
 
 from prefect import flow
 
-from pipeline.config import RunConfig, save_resolved
+from prefect.deployments import run_deployment
+
+from pipeline.core.config import RunConfig, save_resolved
 
 from flows.common import md_table, publish_markdown, run_links, with_run_name
 from flows.stages import crawl, curate, distill
@@ -22,8 +24,6 @@ log = logging.getLogger("kd3.flows")
 
 
 def _distill_remote(cfg: RunConfig, deployment: str) -> dict:
-    from prefect.deployments import run_deployment
-
     fr = run_deployment(deployment, parameters={"config": cfg.public_dict(), "run_name": None},
                         as_subflow=True)
     if not fr.state or not fr.state.is_completed():

@@ -1,29 +1,30 @@
 """One Prefect flow per stage: ``kd3-crawl``, ``kd3-curate``, ``kd3-distill``.
 
-The flows are thin: the work lives in the plain stage functions (``crawlers.stage``,
-``pipeline.curate``, ``distill.stage``) which tests and the CLI also call directly. What the flows
-add: a task per class for the crawl (bounded concurrency, retries with delay, any task runner),
-cross-run caching keyed on inputs + code, and a summary artifact per stage. Task inputs are the run
+The flows only orchestrate: the work, and the answer to "is this done?", live in the plain stage
+functions (``crawlers.stage``, ``pipeline.curate``, ``distill.stage``) which tests and the CLI also call
+directly. What the flows add: the crawl fanned out with ``task.map`` (one task run ``crawl-class-<class>``
+per class, ``flow.crawl_concurrency`` at once on the task runner, retries with delay), cross-run caching
+keyed on inputs + code, and a summary artifact per stage. Task inputs are the run
 config and strings (class names, paths); images never pass through Prefect.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from prefect import flow, task
-from prefect.futures import as_completed
+from prefect import flow, task, unmapped
 
-from pipeline.config import RunConfig, dump_config, save_resolved
-from pipeline.errors import DataError, Kd3Error
-from pipeline.io import atomic_write_text, read_json
-from pipeline.runs import RunDir
+from crawlers.stage import crawl_class
+from distill.launch import launch
+from distill.stage import distill as distill_fn
+from distill.stage import output_dir
+from pipeline.core.config import RunConfig, save_resolved
+from pipeline.core.errors import Kd3Error
+from pipeline.core.records import CrawlSummary, read_crawl_summary
+from pipeline.core.runs import RunDir
+from pipeline.curate import curate as curate_fn
 
 from flows.common import (
     file_fingerprint,
@@ -82,74 +83,59 @@ def _crawl_key_parts(inputs: dict) -> dict:
     }
 
 
-@task(name="crawl-class", cache_key_fn=make_cache_key_fn(_crawl_key_parts, ("crawlers",)),
+@task(name="crawl-class", task_run_name="crawl-class-{class_name}",
+      cache_key_fn=make_cache_key_fn(_crawl_key_parts, ("crawlers", "pipeline/core")),
       result_serializer="json", retry_condition_fn=_no_retry_on_user_error)
 def crawl_class_task(config: RunConfig, class_name: str) -> dict:
-    """Crawl one class to ``crawl.per_class`` images; a class already at target is not crawled again."""
-    from crawlers.stage import class_done, crawl_class
-
-    if class_done(config, class_name):
-        log.info("class %r is already crawled to target; skipped", class_name)
-        return {"class": class_name, "skipped": True}
-    summary = crawl_class(config, class_name)
-    # a class short of its target is crawled again on the next run (the flow refreshes its cache entry)
-    return {"class": class_name, "skipped": False, "summary": _jsonable(summary)}
+    """Crawl one class to ``crawl.per_class`` images (the stage skips a class that is there already)."""
+    return _jsonable(crawl_class(config, class_name))
 
 
-def _read_crawl_summary(cfg: RunConfig) -> dict:
-    """crawl/summary.json, which every ``crawl_class`` merges its class into (under a lock)."""
-    p = RunDir(cfg.run_dir).crawl_summary
-    return read_json(p) if p.is_file() else {}
+def _crawl_outputs_ok(cfg: RunConfig, result: dict) -> bool:
+    """A cached class result stands while the stage said the class is done and its records exist;
+    a class short of its target is crawled again on the next run."""
+    return bool(result.get("done")) and RunDir(cfg.run_dir).records.is_file()
 
 
 @flow(name="kd3-crawl-classes", log_prints=True)
 def _crawl_classes(config: RunConfig, force: bool = False) -> dict:
-    from crawlers.stage import class_done
-
+    """One task per class, ``flow.crawl_concurrency`` at once (the task runner's ``max_workers``)."""
     cfg = config
     classes = cfg.resolved_classes()
-    limit = cfg.flow.crawl_concurrency
-    pending = list(classes)
-    running: list = []
-    states: dict[str, Any] = {}
-    owner: dict[int, str] = {}
-    while pending or running:
-        while pending and len(running) < limit:
-            name = pending.pop(0)
-            t = _configured(crawl_class_task, cfg, refresh=force or not class_done(cfg, name),
-                            retries=cfg.flow.crawl_retries,
-                            retry_delay_seconds=cfg.flow.crawl_retry_delay_s)
-            fut = t.submit(cfg, name)
-            owner[id(fut)] = name
-            running.append(fut)
-        done = next(as_completed(running))
-        running.remove(done)
-        done.wait()  # sets the future's final state locally (the API's copy may lag)
-        states[owner[id(done)]] = done.state
+
+    def run(names: list[str], refresh: bool) -> dict:
+        t = _configured(crawl_class_task, cfg, refresh=refresh, retries=cfg.flow.crawl_retries,
+                        retry_delay_seconds=cfg.flow.crawl_retry_delay_s)
+        futures = t.map(unmapped(cfg), names)
+        futures.wait()
+        return {n: f.state for n, f in zip(names, futures)}
+
+    states = run(classes, force)
+    stale = [n for n, st in states.items() if _cached(st) and not _crawl_outputs_ok(cfg, st.result())]
+    if stale:
+        states.update(run(stale, True))
     failed = {n: s for n, s in states.items() if s.is_failed() or s.is_crashed()}
     if failed:
-        first = next(iter(failed.values()))
-        exc = first.result(raise_on_failure=False)
+        exc = next(iter(failed.values())).result(raise_on_failure=False)
         if isinstance(exc, BaseException):
             raise exc
         raise RuntimeError(f"crawl failed for classes {sorted(failed)}")
-    summary = _read_crawl_summary(cfg)
+    summary = read_crawl_summary(RunDir(cfg.run_dir).crawl_summary)
     return {"classes": {n: ("cached" if _cached(s) else "crawled") for n, s in states.items()},
-            "summary": summary}
+            "summary": summary.to_row() if summary else {}}
 
 
 def _crawl_artifact(cfg: RunConfig, result: dict) -> None:
-    summary = result.get("summary") or {}
-    per_class = summary.get("classes") or summary.get("per_class") or {}
+    summary = CrawlSummary.from_row(result.get("summary") or {})
     rows = []
     for name, how in result["classes"].items():
-        s = per_class.get(name, {}) if isinstance(per_class, dict) else {}
-        failed = s.get("failed") or {}
-        rows.append([name, how, s.get("target", "-"), s.get("downloaded", "-"), s.get("duplicates", "-"),
+        s = summary.classes.get(name)
+        failed = s.failed if s else {}
+        rows.append([name, how, s.target if s else "-", s.downloaded if s else "-", s.duplicates if s else "-",
                      ", ".join(f"{k} {v}" for k, v in sorted(failed.items())) or "-"])
     md = "\n\n".join([
         f"# kd3 crawl — `{cfg.name}`",
-        f"ok: **{summary.get('ok', '?')}**, classes: {len(rows)}, "
+        f"ok: **{summary.ok if result.get('summary') else '?'}**, classes: {len(rows)}, "
         f"cached: {sum(1 for r in rows if r[1] == 'cached')}",
         md_table(["class", "this run", "target", "downloaded", "duplicates", "failed by reason"], rows),
         run_links(cfg),
@@ -186,12 +172,10 @@ def _curate_key_parts(inputs: dict) -> dict:
     }
 
 
-@task(name="curate", cache_key_fn=make_cache_key_fn(_curate_key_parts, ("pipeline",)),
+@task(name="curate", cache_key_fn=make_cache_key_fn(_curate_key_parts, ("pipeline/core", "pipeline/curate")),
       result_serializer="json")
 def curate_task(config: RunConfig) -> dict:
     """Validate, dedup, embed, index, decontaminate and shard; returns a small manifest summary."""
-    from pipeline.curate import curate as curate_fn
-
     manifest = curate_fn(config)
     rd = RunDir(config.run_dir)
     return {
@@ -264,51 +248,17 @@ def _distill_key_parts(inputs: dict) -> dict:
     }
 
 
-def _torchrun_distill(cfg: RunConfig, out_dir: Path) -> dict:
-    """``flow.gpus > 1``: ``torchrun --standalone --nproc-per-node <gpus> -m pipeline.cli distill ...``.
-
-    The trainer reads WORLD_SIZE/LOCAL_RANK (DDP); rank 0 writes ``<out_dir>/metrics.json``.
-    """
-    from flows.cli import absolute_config
-
-    cfg_path = (Path(cfg.run_dir) / ".prefect" / "distill-config.yaml").resolve()
-    atomic_write_text(cfg_path, dump_config(absolute_config(cfg)))  # secrets removed: distill needs none
-    torchrun = shutil.which("torchrun")
-    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    cmd = [*launcher, "--standalone", f"--nproc-per-node={cfg.flow.gpus}", "-m", "pipeline.cli", "distill",
-           "--config", str(cfg_path), "--out-id", out_dir.name.split("-", 1)[1], "--resume"]
-    log.info("launching %s", " ".join(cmd))
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    try:
-        proc.wait()
-    finally:  # a cancelled/crashed flow must not leave the ranks running
-        if proc.poll() is None:
-            import signal
-
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun distill exited with code {proc.returncode} (see {out_dir}/train.log)")
-    return read_json(out_dir / "metrics.json")
-
-
-@task(name="distill", cache_key_fn=make_cache_key_fn(_distill_key_parts, ("distill", "pipeline")),
+@task(name="distill", cache_key_fn=make_cache_key_fn(_distill_key_parts, ("distill", "pipeline/core")),
       result_serializer="json")
 def distill_task(config: RunConfig) -> dict:
     """Distill the student (in-process on one device, torchrun for ``flow.gpus > 1``).
 
     An unfinished output folder (a crash mid-training) is resumed from its last epoch checkpoint.
     """
-    from distill.stage import distill as distill_fn
-    from distill.stage import output_dir
-
     RunDir(config.run_dir).require(RunDir(config.run_dir).manifest, "curate")
     out_dir = output_dir(config)
     if config.flow.gpus > 1:
-        metrics = _torchrun_distill(config, out_dir)
+        metrics = launch(config, out_dir)
     else:
         metrics = distill_fn(config, resume=True)
     return dict(_jsonable(metrics), out_dir=str(out_dir.resolve()))
