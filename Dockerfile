@@ -21,6 +21,7 @@ COPY pipeline ./pipeline
 COPY crawlers ./crawlers
 COPY distill ./distill
 COPY flows ./flows
+COPY kd3demo ./kd3demo
 COPY docker ./docker
 RUN pip install -e . asyncpg
 

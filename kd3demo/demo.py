@@ -1,11 +1,11 @@
 """`kd3 demo`: the whole mission offline, on a world generated at demo time.
 
-1. Generate the demo world (:mod:`pipeline.demo_world`): scikit-learn's handwritten digits are the
+1. Generate the demo world (:mod:`kd3demo.world`): scikit-learn's handwritten digits are the
    teacher's original data (train split → teacher, test split → evaluation, both hidden from the
    pipeline); a shifted, noisy pool of font-rendered digits + junk + duplicates + broken files is the
    "web".
 2. Train the teacher on the original train split (``kd3 teacher train``).
-3. Serve the pool on 127.0.0.1 with :class:`crawlers.fakeweb.FakeWeb` (Bing result pages) and point
+3. Serve the pool on 127.0.0.1 with :class:`kd3demo.fakeweb.FakeWeb` (Bing result pages) and point
    the crawl's **Bing** source at it (``crawl.engine_urls.bing``, ``crawl.allow_private_hosts``):
    the same code path as a real crawl.
 4. Run the Prefect end-to-end flow (``flows.e2e.kd3_pipeline``): crawl → curate (teacher
@@ -27,10 +27,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.checkpoint import read_teacher_classes
-from pipeline.config import RunConfig, load_config, parse_override_value, set_by_path
-from pipeline.errors import ConfigError, DataError
-from pipeline.io import atomic_write_json, read_json, read_jsonl
+from distill.stage import output_dir
+from pipeline.app.report import write_report
+from pipeline.core.checkpoint import read_teacher_classes
+from pipeline.core.config import RunConfig, parse_override_value, set_by_path
+from pipeline.core.errors import ConfigError, DataError
+from pipeline.core.io import atomic_write_json, read_jsonl
+from pipeline.core.records import read_decisions, read_metrics, read_selection
+
+from . import world as dw
+from .fakeweb import FakeWeb
 
 log = logging.getLogger("kd3.demo")
 
@@ -98,7 +104,7 @@ def train_demo_teacher(world, out: Path, arch: str, epochs: int, seed: int, batc
     if path.is_file():
         log.info("teacher %s exists; reusing it", path)
         return path
-    from distill.teacher_cli import train_teacher
+    from distill.teacher_train import train_teacher  # heavy (torch): only once the demo runs
 
     summary = train_teacher(world.train_dir, arch, path, epochs=epochs, img_size=world.spec.img_size,
                             batch_size=batch_size, lr=lr, val_dir=world.test_dir, device="cpu", seed=seed)
@@ -166,6 +172,7 @@ def demo_config(s: DemoSettings, world, teacher: Path, bing_url: str, crawl_per_
 
 
 def _variant_cfg(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """``overrides``: distill keys, dotted below ``distill`` (``method``, ``kd3.selection``, ...)."""
     d = cfg.model_dump()
     for k, v in overrides.items():
         set_by_path(d, "distill." + k if not k.startswith("distill.") else k, v)
@@ -182,14 +189,16 @@ def _truth_by_sha(truth_rows: list[dict]) -> dict[str, dict]:
 
 
 def selection_breakdown(method_dir: Path, truth_rows: list[dict]) -> dict[str, Any]:
-    """What a method trained on in its last epoch, by ground-truth kind (analysis only)."""
-    sel = read_jsonl(method_dir / "selection.jsonl")
+    """What a method trained on in its last epoch, by ground-truth kind (analysis only); any form of
+    the selection log (a key list, "all" of the pool, a bitmask over pool_keys.txt)."""
+    sel = read_selection(method_dir / "selection.jsonl")
     if not sel:
         return {}
     last = sel[-1]
-    keys = set(last.get("selected_keys") or [])
-    if not isinstance(last.get("selected_keys"), list) or not last["selected_keys"]:
-        return {"epoch": last.get("epoch"), "selected": last.get("selected"), "by_kind": {}}
+    pool = (method_dir / "pool_keys.txt").read_text(encoding="utf-8").split() if not last.selects else []
+    keys = last.keys(pool, method_dir)
+    if not keys:
+        return {"epoch": last.epoch, "selected": 0, "by_kind": {}}
     by_key = {sha[:16]: r for sha, r in _truth_by_sha(truth_rows).items()}
     kinds: dict[str, int] = {}
     correct = 0
@@ -197,26 +206,25 @@ def selection_breakdown(method_dir: Path, truth_rows: list[dict]) -> dict[str, A
         r = by_key.get(k)
         kind = "unknown" if r is None else (r.get("params", {}).get("of_kind") or r["kind"])
         kinds[kind] = kinds.get(kind, 0) + 1
-    return {"epoch": last.get("epoch"), "selected": len(keys), "by_kind": dict(sorted(kinds.items()))}
+    return {"epoch": last.epoch, "selected": len(keys), "by_kind": dict(sorted(kinds.items()))}
 
 
 def curate_breakdown(run_dir: Path, truth_rows: list[dict]) -> dict[str, Any]:
     """Curate decisions by ground-truth kind: {kind: {"kept": n, reason: n}} (analysis only)."""
-    rows = read_jsonl(run_dir / "curate" / "decisions.jsonl")
+    rows = read_decisions(run_dir / "curate" / "decisions.jsonl")
     truth = _truth_by_sha(truth_rows)
     out: dict[str, dict[str, int]] = {}
     for d in rows:
-        t = truth.get(d.get("id"))
+        t = truth.get(d.id)
         kind = "unknown" if t is None else t["kind"]
-        key = "kept" if d.get("kept") else (d.get("reason") or "dropped")
+        key = "kept" if d.kept else (d.reason.value if d.reason else "dropped")
         out.setdefault(kind, {}).setdefault(key, 0)
         out[kind][key] += 1
     return out
 
 
 def _final(method_dir: Path) -> dict[str, Any]:
-    m = read_json(method_dir / "metrics.json")
-    return m.get("final", {})
+    return read_metrics(method_dir / "metrics.json").get("final", {})
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -233,16 +241,60 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 # ---------------------------------------------------------------- the demo
 
-def run_demo(s: DemoSettings) -> dict[str, Any]:
-    from pipeline import demo_world as dw
-
-    s = _resolved(s)
-    # offline, no analytics: the demo never reaches out (also when not started through `make demo`)
+def _setup_offline() -> None:
+    """Offline, no analytics: the demo never reaches out (also when not started through `make demo`)."""
     for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
                  ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1")):
         os.environ.setdefault(k, v)
     for noisy in ("httpx", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _distill_all(s: DemoSettings, world, teacher: Path, timings: dict) -> tuple[RunConfig, dict[str, Path]]:
+    """The Prefect flow (crawl the fake web, curate, the first method), then the other methods and
+    variants on the same curated data. Returns the run config and each method's output folder."""
+    from flows.e2e import kd3_pipeline  # heavy (Prefect): only once the demo runs, not for `kd3 --help`
+    from flows.stages import distill as distill_flow
+
+    pool = world.pool()
+    per_query = max(v for q in world.counts["web"].values() for v in [sum(q.values())])
+    method_dirs: dict[str, Path] = {}
+    with FakeWeb() as web:
+        dw.register_on_fakeweb(web, pool)
+        cfg = demo_config(s, world, teacher, web.engine_urls()["bing"], per_query)
+        log.info("demo: fake web at %s serving %d files; curate embeddings: %s", web.base_url, len(pool),
+                 cfg.curate.embed_backend)
+        t = time.time()
+        res = kd3_pipeline(cfg)
+        timings[f"flow (crawl+curate+{cfg.distill.method})"] = time.time() - t
+    method_dirs[cfg.distill.method] = _out_dir(res["distill"], cfg)
+    jobs = [(m, {"method": m}) for m in s.methods[1:]] + list(s.variants.items())
+    for label, ov in jobs:
+        t = time.time()
+        log.info("demo: distilling %s on the same curated data", label)
+        vcfg = _variant_cfg(cfg, ov)
+        method_dirs[label] = _out_dir(distill_flow(vcfg), vcfg)
+        timings[f"distill {label}"] = time.time() - t
+    return cfg, method_dirs
+
+
+def _method_results(method_dirs: dict[str, Path], truth_rows: list[dict]) -> tuple[list[dict], Optional[float]]:
+    results: list[dict[str, Any]] = []
+    teacher_top1 = None
+    for label, d in method_dirs.items():
+        f = _final(d)
+        teacher_top1 = f.get("teacher_top1", teacher_top1)
+        results.append({"method": label, "dir": str(d), "top1": f.get("top1"),
+                        "teacher_top1": f.get("teacher_top1"),
+                        "gap": None if f.get("teacher_top1") is None else f["top1"] - f["teacher_top1"],
+                        "selected_fraction": f.get("selected_fraction"),
+                        "selection": selection_breakdown(d, truth_rows)})
+    return results, teacher_top1
+
+
+def run_demo(s: DemoSettings) -> dict[str, Any]:
+    s = _resolved(s)
+    _setup_offline()
     t0 = time.time()
     timings: dict[str, float] = {}
     out = Path(s.out).resolve()
@@ -256,55 +308,16 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     teacher = train_demo_teacher(world, out, s.teacher_arch, s.teacher_epochs, s.seed, s.batch_size)
     timings["teacher"] = time.time() - t
 
-    pool = world.pool()
     truth_rows = read_jsonl(world.truth_path)
-    per_query = max(v for q in world.counts["web"].values() for v in [sum(q.values())])
-
-    from crawlers.fakeweb import FakeWeb
-    from flows.e2e import kd3_pipeline
-    from flows.stages import distill as distill_flow
-
-    method_dirs: dict[str, Path] = {}
-    with FakeWeb() as web:
-        dw.register_on_fakeweb(web, pool)
-        cfg = demo_config(s, world, teacher, web.engine_urls()["bing"], per_query)
-        log.info("demo: fake web at %s serving %d files; curate embeddings: %s", web.base_url, len(pool),
-                 cfg.curate.embed_backend)
-        t = time.time()
-        res = kd3_pipeline(cfg)
-        timings[f"flow (crawl+curate+{cfg.distill.method})"] = time.time() - t
-    method_dirs[cfg.distill.method] = _out_dir(res["distill"], cfg)
-
+    cfg, method_dirs = _distill_all(s, world, teacher, timings)
     run_dir = cfg.run_dir
-    jobs = [(m, {"method": m}) for m in s.methods[1:]] + list(s.variants.items())
-    for label, ov in jobs:
-        t = time.time()
-        log.info("demo: distilling %s on the same curated data", label)
-        vcfg = _variant_cfg(cfg, ov)
-        method_dirs[label] = _out_dir(distill_flow(vcfg), vcfg)
-        timings[f"distill {label}"] = time.time() - t
-
-    results: list[dict[str, Any]] = []
-    teacher_top1 = None
-    for label, d in method_dirs.items():
-        f = _final(d)
-        teacher_top1 = f.get("teacher_top1", teacher_top1)
-        results.append({"method": label, "dir": str(d), "top1": f.get("top1"),
-                        "teacher_top1": f.get("teacher_top1"),
-                        "gap": None if f.get("teacher_top1") is None else f["top1"] - f["teacher_top1"],
-                        "selected_fraction": f.get("selected_fraction"),
-                        "selection": selection_breakdown(d, truth_rows)})
+    results, teacher_top1 = _method_results(method_dirs, truth_rows)
 
     report_path = None
     if s.report:
         t = time.time()
-        try:
-            from pipeline.inspect import write_report
-        except ImportError:  # the report module of this checkout has no HTML report
-            log.warning("pipeline.inspect.write_report is not available: no HTML report written")
-        else:
-            report_path = write_report(run_dir)
-            timings["report"] = time.time() - t
+        report_path = write_report(run_dir)
+        timings["report"] = time.time() - t
     timings["total"] = time.time() - t0
     summary = {
         "size": s.size, "seed": s.seed, "student": s.student, "epochs": s.epochs,
@@ -320,8 +333,6 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
 
 
 def _out_dir(result: dict, cfg: RunConfig) -> Path:
-    from distill.stage import output_dir
-
     out = Path((result or {}).get("out_dir") or output_dir(cfg))
     if not (out / "metrics.json").is_file():
         raise DataError(f"distill {cfg.distill.method}: no finished output in {out}")
@@ -362,6 +373,17 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     return DemoSettings(out=args.out, size=args.size, seed=args.seed, epochs=args.epochs, student=args.student,
                         teacher_arch=args.teacher_arch, teacher_epochs=args.teacher_epochs, methods=methods,
                         clip_weights=args.clip_weights, overrides=overrides, report=not args.no_report)
+
+
+def register(sub) -> None:
+    """The ``kd3 demo`` subcommand (found by the CLI through the ``kd3.commands`` entry point)."""
+    help_ = "offline end-to-end demo: fake web of digits -> curate -> kd3/kd/dfnd -> report"
+    p = sub.add_parser("demo", help=help_, description=help_)
+    add_demo_arguments(p)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the demo run's config, e.g. --set distill.epochs=5")
+    p.add_argument("--log-level", default=os.environ.get("KD3_LOG_LEVEL", "INFO"), help="logging level")
+    p.set_defaults(handler=demo_cli)
 
 
 def demo_cli(args) -> int:

@@ -26,7 +26,7 @@ ends it), ``bomb.png`` (a 200-byte PNG declaring 50000 x 50000 pixels), ``trunca
 (redirect to a private address). ``malformed`` (a set of engine names) makes those engines answer
 with broken pages. Every request is logged in ``.requests`` as ``(time, method, path, host_header)``.
 
-``python -m crawlers.fakeweb --images DIR`` serves ``DIR/<class>/*`` as fake Bing + Baidu.
+``python -m kd3demo.fakeweb --images DIR`` serves ``DIR/<class>/*`` as fake Bing + Baidu.
 """
 from __future__ import annotations
 
@@ -36,13 +36,17 @@ import html
 import io
 import json
 import re
+import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterable
 from urllib.parse import parse_qs, quote, urlsplit
+
+from PIL import Image, ImageDraw
 
 BING_PAGE = 20
 BAIDU_PAGE = 30
@@ -72,8 +76,6 @@ def baidu_encode_url(url: str) -> str:
 
 def make_jpeg(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (200, 80, 40), seed: int = 0) -> bytes:
     """A small valid JPEG (a colour block with a seeded pattern, so different seeds give different bytes)."""
-    from PIL import Image, ImageDraw
-
     img = Image.new("RGB", size, color)
     d = ImageDraw.Draw(img)
     for i in range(6):
@@ -86,8 +88,6 @@ def make_jpeg(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (2
 
 
 def make_png(size: tuple[int, int] = (40, 40), color: tuple[int, int, int] = (10, 120, 200)) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, "PNG")
     return buf.getvalue()
@@ -95,9 +95,6 @@ def make_png(size: tuple[int, int] = (40, 40), color: tuple[int, int, int] = (10
 
 def bomb_png(w: int = 50_000, h: int = 50_000) -> bytes:
     """A ~100-byte PNG whose header declares ``w x h`` pixels: a decompression bomb by its header."""
-    import struct
-    import zlib
-
     def chunk(t: bytes, d: bytes) -> bytes:
         return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
 
@@ -329,188 +326,192 @@ def render_google(results: list[tuple[str, str]], start: int, with_urls: bool) -
 
 # ---------------------------------------------------------------- HTTP handler
 
-def _make_handler(web: FakeWeb):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "FakeWeb/1.0"
+class _Handler(BaseHTTPRequestHandler):
+    """The fake web's HTTP side; ``web`` (the :class:`FakeWeb` it serves) is set per server."""
 
-        def log_message(self, fmt, *args):  # quiet
-            pass
+    web: "FakeWeb"
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeWeb/1.0"
 
-        def _send(self, status: int, body: bytes, ctype: str, headers: dict | None = None) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            if self.command != "HEAD":
-                try:
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+    def log_message(self, fmt, *args):  # quiet
+        pass
 
-        def _redirect(self, location: str, status: int = 302) -> None:
-            self._send(status, b"", "text/plain", {"Location": location})
-
-        def do_HEAD(self):
-            self.do_GET()
-
-        def do_GET(self):
-            web.requests.append((time.time(), self.command, self.path, self.headers.get("Host", "")))
+    def _send(self, status: int, body: bytes, ctype: str, headers: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
             try:
-                self._route()
+                self.wfile.write(body)
             except (BrokenPipeError, ConnectionResetError):
                 pass
 
-        def _route(self):
-            parts = urlsplit(self.path)
-            path, qs = parts.path, parse_qs(parts.query)
-            q1 = lambda k, d="": qs.get(k, [d])[0]  # noqa: E731
-            if path == "/images/async":  # Bing
-                if "bing" in web.malformed:
-                    return self._send(200, b"<html><body><div class='imgpt'><a m='{broken", "text/html; charset=utf-8")
-                res = web.search(q1("q"))
-                return self._send(200, render_bing(res, int(q1("first", "0") or 0)), "text/html; charset=utf-8")
-            if path == "/search/acjson":  # Baidu
-                if "baidu" in web.malformed:
-                    return self._send(200, b'{"data": [{"objURL": "abc"', "text/plain; charset=utf-8")
-                word = q1("word")
-                res = web.search(word)
-                body = render_baidu(res, word, int(q1("pn", "0") or 0), int(q1("rn", str(BAIDU_PAGE)) or BAIDU_PAGE))
-                return self._send(200, body, "text/plain; charset=utf-8")
-            if path == "/search":  # Google
-                res = web.search(q1("q"))
-                body = render_google(res, int(q1("start", "0") or 0), web.google_results and "google" not in web.malformed)
-                return self._send(200, body, "text/html; charset=UTF-8")
-            if path == "/services/rest/":  # Flickr
-                return self._flickr(qs)
-            if path.startswith("/err/"):
-                return self._err(path[len("/err/"):])
-            route = web._routes.get(path)
-            if isinstance(route, _Image):
-                return self._image(route)
-            if isinstance(route, _Redirect):
-                return self._redirect(route.target, route.status)
-            if isinstance(route, _Flaky):
-                with route.lock:
-                    route.served += 1
-                    fail = route.served <= route.fails
-                if fail:
-                    return self._send(route.status, b"try again later", "text/plain", {"Retry-After": "0"})
-                return self._send(200, route.data, route.content_type)
-            return self._send(404, b"not found", "text/plain")
+    def _redirect(self, location: str, status: int = 302) -> None:
+        self._send(status, b"", "text/plain", {"Location": location})
 
-        def _image(self, img: _Image):
-            if img.delay_s > 0:
-                self.send_response(200)
-                self.send_header("Content-Type", img.content_type)
-                self.send_header("Content-Length", str(len(img.data)))
-                for k, v in img.headers.items():
-                    self.send_header(k, v)
-                self.end_headers()
+    def do_HEAD(self):
+        self.do_GET()
+
+    def do_GET(self):
+        self.web.requests.append((time.time(), self.command, self.path, self.headers.get("Host", "")))
+        try:
+            self._route()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _route(self):
+        parts = urlsplit(self.path)
+        path, qs = parts.path, parse_qs(parts.query)
+        q1 = lambda k, d="": qs.get(k, [d])[0]  # noqa: E731
+        if path == "/images/async":  # Bing
+            if "bing" in self.web.malformed:
+                return self._send(200, b"<html><body><div class='imgpt'><a m='{broken", "text/html; charset=utf-8")
+            res = self.web.search(q1("q"))
+            return self._send(200, render_bing(res, int(q1("first", "0") or 0)), "text/html; charset=utf-8")
+        if path == "/search/acjson":  # Baidu
+            if "baidu" in self.web.malformed:
+                return self._send(200, b'{"data": [{"objURL": "abc"', "text/plain; charset=utf-8")
+            word = q1("word")
+            res = self.web.search(word)
+            body = render_baidu(res, word, int(q1("pn", "0") or 0), int(q1("rn", str(BAIDU_PAGE)) or BAIDU_PAGE))
+            return self._send(200, body, "text/plain; charset=utf-8")
+        if path == "/search":  # Google
+            res = self.web.search(q1("q"))
+            body = render_google(res, int(q1("start", "0") or 0), self.web.google_results and "google" not in self.web.malformed)
+            return self._send(200, body, "text/html; charset=UTF-8")
+        if path == "/services/rest/":  # Flickr
+            return self._flickr(qs)
+        if path.startswith("/err/"):
+            return self._err(path[len("/err/"):])
+        route = self.web._routes.get(path)
+        if isinstance(route, _Image):
+            return self._image(route)
+        if isinstance(route, _Redirect):
+            return self._redirect(route.target, route.status)
+        if isinstance(route, _Flaky):
+            with route.lock:
+                route.served += 1
+                fail = route.served <= route.fails
+            if fail:
+                return self._send(route.status, b"try again later", "text/plain", {"Retry-After": "0"})
+            return self._send(200, route.data, route.content_type)
+        return self._send(404, b"not found", "text/plain")
+
+    def _image(self, img: _Image):
+        if img.delay_s > 0:
+            self.send_response(200)
+            self.send_header("Content-Type", img.content_type)
+            self.send_header("Content-Length", str(len(img.data)))
+            for k, v in img.headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.flush()
+            self.web._stop.wait(img.delay_s)
+            self.wfile.write(img.data)
+            return
+        return self._send(200, img.data, img.content_type, img.headers)
+
+    def _err(self, name: str):
+        base = name[:-4] if name.endswith(".jpg") else name
+        if base == "404":
+            return self._send(404, b"<html>not found</html>", "text/html")
+        if base == "slow":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(self.web.default_jpeg)))
+            self.end_headers()
+            self.wfile.write(self.web.default_jpeg[:100])
+            self.wfile.flush()
+            self.web._stop.wait(self.web.slow_s)
+            self.wfile.write(self.web.default_jpeg[100:])
+            return
+        if base.startswith("redirect/"):
+            n = int(base.split("/", 1)[1])
+            if n <= 0:
+                return self._send(200, self.web.default_jpeg, "image/jpeg")
+            return self._redirect(f"/err/redirect/{n - 1}.jpg")
+        if base == "loop":
+            return self._redirect("/err/loop2.jpg")
+        if base == "loop2":
+            return self._redirect(self.web.url("/err/loop.jpg"))
+        if base == "private":
+            return self._redirect("http://10.255.255.1/secret.jpg")
+        if base == "html":
+            return self._send(200, b"<!DOCTYPE html><html><body>Access denied</body></html>", "image/jpeg")
+        if base == "noai":
+            return self._send(200, make_jpeg(seed=4242), "image/jpeg", {"X-Robots-Tag": "noai"})
+        if base == "truncated":
+            data = make_jpeg(size=(120, 90), seed=77)
+            return self._send(200, data[: len(data) // 2], "image/jpeg")
+        if base == "huge":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Connection", "close")  # no Content-Length: the client must cut it
+            self.end_headers()
+            self.close_connection = True
+            chunk = b"\xff\xd8\xff\xe0" + b"\0" * (1 << 16)  # one chunk, reused: memory stays flat
+            sent = 0
+            while sent < self.web.huge_bytes and not self.web._stop.is_set():
+                piece = chunk[: min(len(chunk), self.web.huge_bytes - sent)]
+                self.wfile.write(piece)
+                sent += len(piece)
+            return
+        if base == "drip":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            self.wfile.write(b"\xff\xd8\xff\xe0")
+            self.wfile.flush()
+            while not self.web._stop.wait(0.2):
+                self.wfile.write(b"\0")
                 self.wfile.flush()
-                web._stop.wait(img.delay_s)
-                self.wfile.write(img.data)
-                return
-            return self._send(200, img.data, img.content_type, img.headers)
+            return
+        if base == "bomb":
+            return self._send(200, bomb_png(), "image/png")
+        return self._send(404, b"not found", "text/plain")
 
-        def _err(self, name: str):
-            base = name[:-4] if name.endswith(".jpg") else name
-            if base == "404":
-                return self._send(404, b"<html>not found</html>", "text/html")
-            if base == "slow":
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(web.default_jpeg)))
-                self.end_headers()
-                self.wfile.write(web.default_jpeg[:100])
-                self.wfile.flush()
-                web._stop.wait(web.slow_s)
-                self.wfile.write(web.default_jpeg[100:])
-                return
-            if base.startswith("redirect/"):
-                n = int(base.split("/", 1)[1])
-                if n <= 0:
-                    return self._send(200, web.default_jpeg, "image/jpeg")
-                return self._redirect(f"/err/redirect/{n - 1}.jpg")
-            if base == "loop":
-                return self._redirect("/err/loop2.jpg")
-            if base == "loop2":
-                return self._redirect(web.url("/err/loop.jpg"))
-            if base == "private":
-                return self._redirect("http://10.255.255.1/secret.jpg")
-            if base == "html":
-                return self._send(200, b"<!DOCTYPE html><html><body>Access denied</body></html>", "image/jpeg")
-            if base == "noai":
-                return self._send(200, make_jpeg(seed=4242), "image/jpeg", {"X-Robots-Tag": "noai"})
-            if base == "truncated":
-                data = make_jpeg(size=(120, 90), seed=77)
-                return self._send(200, data[: len(data) // 2], "image/jpeg")
-            if base == "huge":
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Connection", "close")  # no Content-Length: the client must cut it
-                self.end_headers()
-                self.close_connection = True
-                chunk = b"\xff\xd8\xff\xe0" + b"\0" * (1 << 16)  # one chunk, reused: memory stays flat
-                sent = 0
-                while sent < web.huge_bytes and not web._stop.is_set():
-                    piece = chunk[: min(len(chunk), web.huge_bytes - sent)]
-                    self.wfile.write(piece)
-                    sent += len(piece)
-                return
-            if base == "drip":
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.close_connection = True
-                self.wfile.write(b"\xff\xd8\xff\xe0")
-                self.wfile.flush()
-                while not web._stop.wait(0.2):
-                    self.wfile.write(b"\0")
-                    self.wfile.flush()
-                return
-            if base == "bomb":
-                return self._send(200, bomb_png(), "image/png")
-            return self._send(404, b"not found", "text/plain")
+    def _flickr(self, qs):
+        q1 = lambda k, d="": qs.get(k, [d])[0]  # noqa: E731
+        if self.web.flickr_key is None or q1("api_key") != self.web.flickr_key:
+            body = {"stat": "fail", "code": 100, "message": "Invalid API Key (Key has invalid format)"}
+            return self._send(200, json.dumps(body).encode(), "application/json")
+        method = q1("method")
+        if method == "flickr.photos.search":
+            res = self.web.search(q1("text") or q1("tags"))
+            per_page = int(q1("per_page", "100") or 100)
+            page = int(q1("page", "1") or 1)
+            chunk = res[(page - 1) * per_page: page * per_page]
+            photos = [{"id": str(i + (page - 1) * per_page), "owner": "1@N00", "secret": "s", "server": "1",
+                       "farm": 1, "title": t, "ispublic": 1, "isfriend": 0, "isfamily": 0, "_url": u}
+                      for i, (u, t) in enumerate(chunk)]
+            with self.web._lock:
+                self.web._flickr_ids = getattr(self.web, "_flickr_ids", {})
+                for p in photos:
+                    self.web._flickr_ids[p["id"]] = p.pop("_url")
+            body = {"photos": {"page": page, "pages": max(1, -(-len(res) // per_page)), "perpage": per_page,
+                               "total": len(res), "photo": photos}, "stat": "ok"}
+            return self._send(200, json.dumps(body).encode(), "application/json")
+        if method == "flickr.photos.getSizes":
+            url = getattr(self.web, "_flickr_ids", {}).get(q1("photo_id"))
+            if url is None:
+                body = {"stat": "fail", "code": 1, "message": "Photo not found"}
+            else:
+                body = {"sizes": {"canblog": 0, "canprint": 0, "candownload": 1, "size": [
+                    {"label": "Square", "width": 75, "height": 75, "source": url, "url": url, "media": "photo"},
+                    {"label": "Original", "width": 640, "height": 480, "source": url, "url": url,
+                     "media": "photo"}]}, "stat": "ok"}
+            return self._send(200, json.dumps(body).encode(), "application/json")
+        return self._send(200, json.dumps({"stat": "fail", "code": 112, "message": "Method not found"}).encode(),
+                          "application/json")
 
-        def _flickr(self, qs):
-            q1 = lambda k, d="": qs.get(k, [d])[0]  # noqa: E731
-            if web.flickr_key is None or q1("api_key") != web.flickr_key:
-                body = {"stat": "fail", "code": 100, "message": "Invalid API Key (Key has invalid format)"}
-                return self._send(200, json.dumps(body).encode(), "application/json")
-            method = q1("method")
-            if method == "flickr.photos.search":
-                res = web.search(q1("text") or q1("tags"))
-                per_page = int(q1("per_page", "100") or 100)
-                page = int(q1("page", "1") or 1)
-                chunk = res[(page - 1) * per_page: page * per_page]
-                photos = [{"id": str(i + (page - 1) * per_page), "owner": "1@N00", "secret": "s", "server": "1",
-                           "farm": 1, "title": t, "ispublic": 1, "isfriend": 0, "isfamily": 0, "_url": u}
-                          for i, (u, t) in enumerate(chunk)]
-                with web._lock:
-                    web._flickr_ids = getattr(web, "_flickr_ids", {})
-                    for p in photos:
-                        web._flickr_ids[p["id"]] = p.pop("_url")
-                body = {"photos": {"page": page, "pages": max(1, -(-len(res) // per_page)), "perpage": per_page,
-                                   "total": len(res), "photo": photos}, "stat": "ok"}
-                return self._send(200, json.dumps(body).encode(), "application/json")
-            if method == "flickr.photos.getSizes":
-                url = getattr(web, "_flickr_ids", {}).get(q1("photo_id"))
-                if url is None:
-                    body = {"stat": "fail", "code": 1, "message": "Photo not found"}
-                else:
-                    body = {"sizes": {"canblog": 0, "canprint": 0, "candownload": 1, "size": [
-                        {"label": "Square", "width": 75, "height": 75, "source": url, "url": url, "media": "photo"},
-                        {"label": "Original", "width": 640, "height": 480, "source": url, "url": url,
-                         "media": "photo"}]}, "stat": "ok"}
-                return self._send(200, json.dumps(body).encode(), "application/json")
-            return self._send(200, json.dumps({"stat": "fail", "code": 112, "message": "Method not found"}).encode(),
-                              "application/json")
 
-    return Handler
+def _make_handler(web: FakeWeb):
+    return type("Handler", (_Handler,), {"web": web})
 
 
 # ---------------------------------------------------------------- CLI: serve an image tree
@@ -534,7 +535,7 @@ def serve_tree(web: FakeWeb, root: Path) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m crawlers.fakeweb",
+    ap = argparse.ArgumentParser(prog="python -m kd3demo.fakeweb",
                                  description="Serve an image tree DIR/<class>/* as a local fake Bing + Baidu.")
     ap.add_argument("--images", type=Path, required=True, help="folder with one sub-folder of images per class")
     ap.add_argument("--host", default="127.0.0.1")

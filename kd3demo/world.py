@@ -17,7 +17,7 @@ download), deterministically from a seed:
 Class names are the digit words ``zero`` … ``nine`` (a search query "seven" reads like a user's
 query, and no name is a substring of another, so queries never hit another class's images).
 
-Every web image is registered on a :class:`crawlers.fakeweb.FakeWeb` under its *query term only*:
+Every web image is registered on a :class:`kd3demo.fakeweb.FakeWeb` under its *query term only*:
 the pipeline cannot tell junk from digits. The ground truth (kind, true digit, rendering
 parameters, which image a duplicate copies) is written to a side file ``web/truth.jsonl`` for the
 benchmark's analysis only; it is keyed by the sha256 of the served bytes, which is the id the crawl
@@ -37,8 +37,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import ConfigError, DataError
-from .io import atomic_write_bytes, atomic_write_json, read_json, read_jsonl, write_jsonl_atomic
+from pipeline.core.errors import ConfigError, DataError
+from pipeline.core.io import atomic_write_bytes, atomic_write_json, read_json, read_jsonl, write_jsonl_atomic
 
 log = logging.getLogger("kd3.demo_world")
 
@@ -627,7 +627,7 @@ def load_pool(web_dir: str | Path) -> list[WebImage]:
 
 
 def register_on_fakeweb(web: Any, pool: Iterable[WebImage]) -> dict[str, str]:
-    """Serve every image of the pool on a ``crawlers.fakeweb.FakeWeb``, findable by its query term
+    """Serve every image of the pool on a ``kd3demo.fakeweb.FakeWeb``, findable by its query term
     only. Returns {name: URL}."""
     urls = {}
     for it in pool:
@@ -644,7 +644,7 @@ def truth_by_sha(truth_rows: Iterable[dict]) -> dict[str, dict]:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.demo_world",
+    ap = argparse.ArgumentParser(prog="python -m kd3demo.world",
                                  description="generate the kd3 demo world (original digits + fake web pool)")
     ap.add_argument("--out", type=Path, default=Path("demo-out/world"))
     ap.add_argument("--size", default="small", choices=sorted(SIZES))

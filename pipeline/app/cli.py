@@ -7,6 +7,7 @@ User mistakes end with ``kd3: error: <one line>`` and exit code 2, never a trace
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -14,8 +15,12 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import RunConfig, iter_fields, load_config, parse_override_value
-from .errors import ConfigError, Kd3Error
+from distill.teacher_cli import add_teacher_arguments, teacher_cli
+from pipeline.core import plugins
+from pipeline.core.config import MOVED_DISTILL_KEYS, Kd3Config, RunConfig, iter_fields, load_config, parse_override_value
+from pipeline.core.errors import ConfigError, Kd3Error, report
+
+from .inspect_cli import add_inspect_arguments, inspect_cli
 
 log = logging.getLogger("kd3")
 
@@ -78,6 +83,12 @@ def add_config_arguments(p: argparse.ArgumentParser, sections: tuple[str, ...]) 
         else:
             groups[section].add_argument(flag, dest="ov__" + dotted, default=None, metavar="VALUE",
                                          type=lambda raw, ann=ann: ("raw", ann, raw), help=help_)
+    if "distill" in sections:  # the flat keys of old: accepted here so the config names their new place
+        for old in MOVED_DISTILL_KEYS:
+            info = Kd3Config.model_fields.get(old)
+            kind = argparse.BooleanOptionalAction if info is not None and info.annotation is bool else "store"
+            g.add_argument("--distill." + old, dest="ov__distill." + old, action=kind, default=None,
+                           help=argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -116,11 +127,12 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-# ---- subcommand handlers (lazy imports: `kd3 --help` stays fast) ----
+# ---- subcommand handlers: each imports its stage when it runs, so `kd3 --help` and config errors
+# stay fast (the stages bring requests/icrawler, open_clip/FAISS, torch, Prefect) ----
 
 def _cmd_crawl(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    from crawlers.stage import crawl
+    from crawlers.stage import crawl  # heavy: see above
 
     summary = crawl(cfg)
     return 0 if summary.get("ok", True) else 1
@@ -128,7 +140,7 @@ def _cmd_crawl(args: argparse.Namespace) -> int:
 
 def _cmd_curate(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    from .curate import curate
+    from pipeline.curate import curate  # heavy: see above
 
     curate(cfg)
     return 0
@@ -136,41 +148,31 @@ def _cmd_curate(args: argparse.Namespace) -> int:
 
 def _cmd_distill(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    from distill.stage import distill_cli
+    from distill.stage import distill_cli  # heavy: see above
 
     return distill_cli(cfg, args)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import inspect_cli
-
     return inspect_cli(args)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    from flows.cli import run_cli
+    from flows.cli import run_cli  # heavy (Prefect): see above
 
     return run_cli(cfg, args)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    from flows.cli import serve_cli
+    from flows.cli import serve_cli  # heavy (Prefect): see above
 
     return serve_cli(cfg, args)
 
 
 def _cmd_teacher(args: argparse.Namespace) -> int:
-    from distill.teacher_cli import teacher_cli
-
     return teacher_cli(args)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from flows.demo import demo_cli
-
-    return demo_cli(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,13 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("distill", _cmd_distill, "distill a student from the teacher on the curated shards", distill_extra)
 
-    def inspect_extra(p: argparse.ArgumentParser) -> None:
-        from .inspect import add_inspect_arguments
-
-        add_inspect_arguments(p)
-
     sub_inspect = sub.add_parser("inspect", help="summarise a run; HTML report; nearest neighbours; contact sheets")
-    inspect_extra(sub_inspect)
+    add_inspect_arguments(sub_inspect)
     sub_inspect.set_defaults(handler=_cmd_inspect)
 
     def run_extra(p: argparse.ArgumentParser) -> None:
@@ -229,21 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("serve", _cmd_serve, "serve Prefect deployments for the end-to-end flow and each stage", serve_extra)
 
     teacher = sub.add_parser("teacher", help="train or describe a teacher checkpoint")
-    from distill.teacher_cli import add_teacher_arguments
-
     add_teacher_arguments(teacher)
     teacher.set_defaults(handler=_cmd_teacher)
 
-    def demo_extra(p: argparse.ArgumentParser) -> None:
-        from flows.demo import add_demo_arguments
-
-        add_demo_arguments(p)
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a field of the demo run's config, e.g. --set distill.epochs=5")
-        p.add_argument("--log-level", default=os.environ.get("KD3_LOG_LEVEL", "INFO"), help="logging level")
-
-    add("demo", _cmd_demo, "offline end-to-end demo: fake web of digits -> curate -> kd3/kd/dfnd -> report",
-        demo_extra)
+    for name in plugins.names("kd3.commands"):  # subcommands from other packages (kd3demo: `kd3 demo`)
+        plugins.load("kd3.commands", name)(sub)
     return parser
 
 
@@ -254,14 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except Kd3Error as e:
-        print(f"kd3: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return report(e)
     except KeyboardInterrupt:
         print("kd3: interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # a full disk is the user's to fix: one line, finished work is kept
-        import errno
-
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
         where = f" ({e.filename})" if e.filename else ""

@@ -2,7 +2,7 @@
 
 * ``kd3 inspect runs/<name>`` (or its manifest.json): per-class table (crawled, valid, duplicates,
   contaminated, off-class, kept, shards, bytes) and the distill runs with accuracy and selection rates.
-* ``--html``: the static report ``runs/<name>/report/index.html`` (see :mod:`pipeline.report`).
+* ``--html``: the static report ``runs/<name>/report/index.html`` (see :mod:`pipeline.app.report`).
 * ``--similar IMG|KEY [-k 16]`` / ``--text "a photo of a dog"``: nearest neighbours in the FAISS index.
 * ``--class C --sheet out.png``: one class's contact sheet.
 
@@ -10,43 +10,34 @@ Everything works on partial runs: what is missing is said, not crashed on.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import tarfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
-from .errors import DataError, Kd3Error
-from .io import read_json, read_jsonl
-from .runs import DROP_REASONS, RunDir, run_dir_of
+import numpy as np
+import yaml
+from PIL import Image
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.core.config import load_config
+from pipeline.core.errors import DataError, Kd3Error
+from pipeline.core.records import DROP_REASONS, VALIDATE_REASONS, CrawlRecord, Decision, DropReason, \
+    SelectionRow, read_decisions, read_embeddings, read_index, read_manifest, read_metrics, read_records, \
+    read_selection
+from pipeline.core.runs import RunDir, run_dir_of
+from pipeline.curate.embed import make_embedder
+
+from .sheets import ACCENTS, Tile, write_sheet
 
 log = logging.getLogger(__name__)
 
-VALIDATE_REASONS = ("invalid", "too_small", "bad_aspect", "bomb")
-DUP_REASONS = ("exact_dup", "phash_dup", "near_dup", "cross_class_dup")
-REASON_LABELS = {
-    "invalid": "invalid", "too_small": "too small", "bad_aspect": "bad aspect", "bomb": "decompression bomb",
-    "exact_dup": "exact duplicate", "phash_dup": "pHash duplicate", "near_dup": "near duplicate",
-    "cross_class_dup": "cross-class duplicate", "contaminated": "contaminated", "off_class": "off-class",
-}
 COUNT_FIELDS = ("crawled", "downloaded", "errors", "valid", *DROP_REASONS, "kept", "shards", "bytes")
-
-
-def _read_json_or_error(path: Path) -> Any:
-    try:
-        return read_json(path)
-    except ValueError as e:
-        raise DataError(f"{path} is not valid JSON ({e})") from None
-
-
-def _read_jsonl_or_error(path: Path) -> list[dict]:
-    try:
-        return read_jsonl(path)
-    except ValueError as e:
-        raise DataError(str(e)) from None
 
 
 @dataclass
@@ -54,7 +45,10 @@ class DistillRun:
     name: str
     path: Path
     metrics: dict
-    selection: list[dict] = field(default_factory=list)
+    selection: list[SelectionRow] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.selection = [r if isinstance(r, SelectionRow) else SelectionRow.from_row(r) for r in self.selection]
 
     @property
     def final(self) -> dict:
@@ -67,31 +61,13 @@ class DistillRun:
     @property
     def selects(self) -> bool:
         """True when the log names a subset per epoch (kd3); False for "all" (kd, dfnd) or no log."""
-        return any(isinstance(r.get("selected_keys"), list) or r.get("selected_mask_hex") is not None
-                   for r in self.selection)
+        return any(r.selects for r in self.selection)
 
     def selected_keys(self, pool: Optional[Iterable[str]] = None) -> set[str]:
-        """Union over epochs of the selected keys. Rows hold a key list, "all" (every pool key), or,
-        for very large pools, ``selected_mask_hex`` over the order of ``pool_keys.txt``."""
+        """Union over epochs of the selected keys, whatever form each row takes (keys, "all", mask)."""
         out: set[str] = set()
-        order: Optional[list[str]] = None
         for row in self.selection:
-            keys = row.get("selected_keys")
-            if isinstance(keys, list):
-                out.update(str(k) for k in keys)
-            elif keys == "all":
-                out.update(pool or [])
-            elif row.get("selected_mask_hex") is not None:
-                if order is None:
-                    path = self.path / str(row.get("mask_order") or "pool_keys.txt")
-                    if not path.is_file():
-                        raise DataError(f"{self.path / 'selection.jsonl'} uses a key mask but {path} is missing")
-                    order = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-                bits = bin(int(row["selected_mask_hex"], 16))[2:].zfill(len(order))
-                if len(bits) != len(order):
-                    raise DataError(f"{self.path / 'selection.jsonl'}: epoch {row.get('epoch')} mask has "
-                                    f"{len(bits)} bits for {len(order)} pool keys")
-                out.update(k for k, b in zip(order, bits) if b == "1")
+            out |= row.keys(pool or [], self.path)
         return out
 
 
@@ -112,20 +88,15 @@ class Run:
     # ---- raw parts ----
     @cached_property
     def manifest(self) -> Optional[dict]:
-        if not self.manifest_path.is_file():
-            return None
-        m = _read_json_or_error(self.manifest_path)
-        if not isinstance(m, dict) or "shardlist" not in m:
-            raise DataError(f"{self.manifest_path} is not a kd3 manifest (no shardlist)")
-        return m
+        return read_manifest(self.manifest_path) if self.manifest_path.is_file() else None
 
     @cached_property
-    def records(self) -> list[dict]:
-        return _read_jsonl_or_error(self.rd.records)
+    def records(self) -> list[CrawlRecord]:
+        return read_records(self.rd.records)
 
     @cached_property
-    def decisions(self) -> list[dict]:
-        return _read_jsonl_or_error(self.rd.decisions)
+    def decisions(self) -> list[Decision]:
+        return read_decisions(self.rd.decisions)
 
     @cached_property
     def distill_runs(self) -> list[DistillRun]:
@@ -134,11 +105,11 @@ class Run:
             return out
         for mpath in sorted(self.rd.distill.glob("*/metrics.json")):
             try:
-                metrics = _read_json_or_error(mpath)
+                metrics = read_metrics(mpath)
             except DataError as e:
                 log.warning("skipping %s", e)
                 continue
-            sel = _read_jsonl_or_error(mpath.parent / "selection.jsonl")
+            sel = read_selection(mpath.parent / "selection.jsonl")
             out.append(DistillRun(mpath.parent.name, mpath.parent, metrics, sel))
         return out
 
@@ -147,8 +118,6 @@ class Run:
         if not self.rd.config.is_file():
             return []
         try:
-            import yaml
-
             data = yaml.safe_load(self.rd.config.read_text(encoding="utf-8")) or {}
             return [str(c) for c in (data.get("classes") or [])]
         except Exception:  # noqa: BLE001 - a broken config only costs the class order
@@ -160,32 +129,28 @@ class Run:
             return list(self.manifest["classes"])
         seen = list(self.config_classes)
         for row in [*self.decisions, *self.records]:
-            c = row.get("class")
+            c = row.cls
             if c is not None and c not in seen:
                 seen.append(c)
         return seen
 
     # ---- derived ----
     @cached_property
-    def by_id(self) -> dict[str, dict]:
+    def by_id(self) -> dict[str, Decision]:
         """id -> first decision row (same content in two classes shares the id)."""
-        out: dict[str, dict] = {}
+        out: dict[str, Decision] = {}
         for d in self.decisions:
-            out.setdefault(d["id"], d)
+            out.setdefault(d.id, d)
         return out
 
     @cached_property
-    def by_key(self) -> dict[str, dict]:
-        out = {}
-        for d in self.decisions:
-            if d.get("key"):
-                out[d["key"]] = d
-        return out
+    def by_key(self) -> dict[str, Decision]:
+        return {d.key: d for d in self.decisions if d.key}
 
     @cached_property
     def pool_keys(self) -> dict[str, str]:
         """Shard key -> class of every kept sample."""
-        return {d["key"]: d["class"] for d in self.decisions if d.get("kept") and d.get("key")}
+        return {d.key: d.cls for d in self.decisions if d.kept and d.key}
 
     @cached_property
     def shard_bytes(self) -> dict[str, int]:
@@ -207,8 +172,8 @@ class Run:
                 raise DataError(f"shard {path} is not a readable tar ({e})") from None
         return out
 
-    def image_file(self, row: dict) -> Optional[Path]:
-        p = row.get("path")
+    def image_file(self, row: Union[Decision, CrawlRecord]) -> Optional[Path]:
+        p = row.path
         if not p:
             return None
         path = self.rd.root / p
@@ -242,81 +207,62 @@ def _rate(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b
 
 
-def summarize(run_dir: str | Path) -> dict:
-    """All the numbers ``kd3 inspect`` prints, as a dict (JSON-able)."""
-    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
-    classes = run.classes
-    per: dict[str, dict[str, Any]] = {c: {k: None for k in COUNT_FIELDS} for c in classes}
-    has_records = run.rd.records.is_file()
-    has_decisions = run.rd.decisions.is_file()
-    if has_records:
-        for c in classes:
-            per[c].update(crawled=0, downloaded=0, errors=0)
-        for r in run.records:
-            c = r.get("class")
-            if c not in per:
-                continue
-            per[c]["crawled"] += 1
-            st = r.get("status")
-            if st == "ok":
-                per[c]["downloaded"] += 1
-            elif st == "error":
-                per[c]["errors"] += 1
-    if has_decisions:
-        for c in classes:
-            per[c].update({k: 0 for k in ("valid", *DROP_REASONS, "kept")})
-            if per[c]["downloaded"] is None:
-                per[c]["downloaded"] = 0
-        counted_dl = not has_records
-        for d in run.decisions:
-            c = d.get("class")
-            if c not in per:
-                continue
-            reason = d.get("reason")
-            if counted_dl:
-                per[c]["downloaded"] += 1
-            if reason in per[c]:
-                per[c][reason] += 1
-            if reason not in VALIDATE_REASONS:
-                per[c]["valid"] += 1
-            if d.get("kept"):
-                per[c]["kept"] += 1
-    if run.manifest is not None:
-        shards_of: dict[str, set] = defaultdict(set)
-        bytes_of: dict[str, int] = Counter()
-        sb = run.shard_bytes
-        for d in run.decisions:
-            if d.get("kept") and d.get("key"):
-                if d.get("shard"):
-                    shards_of[d["class"]].add(d["shard"])
-                bytes_of[d["class"]] += sb.get(d["key"], 0)
-        for c in classes:
-            per[c]["shards"] = len(shards_of[c])
-            per[c]["bytes"] = int(bytes_of[c])
-            if not has_decisions:
-                per[c]["kept"] = int((run.manifest.get("class_counts") or {}).get(c, 0))
-    totals: dict[str, Any] = {}
-    for k in COUNT_FIELDS:
-        vals = [per[c][k] for c in classes if per[c][k] is not None]
-        totals[k] = sum(vals) if vals else None
-    if run.manifest is not None:
-        totals["shards"] = len(run.manifest.get("shardlist", []))
-    if has_decisions:
-        uniq_kept = {d["id"] for d in run.decisions if d.get("kept")}
-        totals["kept_unique"] = len(uniq_kept)
+def _count_records(run: Run, per: dict) -> None:
+    for c in run.classes:
+        per[c].update(crawled=0, downloaded=0, errors=0)
+    for r in run.records:
+        if r.cls not in per:
+            continue
+        per[r.cls]["crawled"] += 1
+        if r.status == "ok":
+            per[r.cls]["downloaded"] += 1
+        elif r.status == "error":
+            per[r.cls]["errors"] += 1
 
-    funnel = _funnel(totals, has_records, has_decisions)
 
-    distill = []
+def _count_decisions(run: Run, per: dict, has_records: bool) -> None:
+    for c in run.classes:
+        per[c].update({k: 0 for k in ("valid", *DROP_REASONS, "kept")})
+        if per[c]["downloaded"] is None:
+            per[c]["downloaded"] = 0
+    for d in run.decisions:
+        if d.cls not in per:
+            continue
+        row = per[d.cls]
+        if not has_records:
+            row["downloaded"] += 1
+        if d.reason is not None:
+            row[d.reason.value] += 1
+        if d.reason is None or d.reason.group != "validate":
+            row["valid"] += 1
+        if d.kept:
+            row["kept"] += 1
+
+
+def _count_shards(run: Run, per: dict, has_decisions: bool) -> None:
+    shards_of: dict[str, set] = defaultdict(set)
+    bytes_of: dict[str, int] = Counter()
+    sb = run.shard_bytes
+    for d in run.decisions:
+        if d.kept and d.key:
+            if d.shard:
+                shards_of[d.cls].add(d.shard)
+            bytes_of[d.cls] += sb.get(d.key, 0)
+    for c in run.classes:
+        per[c]["shards"] = len(shards_of[c])
+        per[c]["bytes"] = int(bytes_of[c])
+        if not has_decisions:
+            per[c]["kept"] = int((run.manifest.get("class_counts") or {}).get(c, 0))
+
+
+def _distill_rows(run: Run, per: dict) -> list[dict]:
+    out = []
     for dr in run.distill_runs:
         f = dr.final
         last = dr.epochs[-1] if dr.epochs else {}
         last_sel = last.get("selected_per_class") or {}
-        rates = {}
-        for c in classes:
-            pool = per[c]["kept"]
-            rates[c] = _rate(last_sel.get(c), pool) if c in last_sel else None
-        distill.append({
+        rates = {c: _rate(last_sel.get(c), per[c]["kept"]) if c in last_sel else None for c in run.classes}
+        out.append({
             "name": dr.name, "method": dr.metrics.get("method"), "student": dr.metrics.get("student"),
             "teacher": dr.metrics.get("teacher"), "epochs": len(dr.epochs),
             "top1": f.get("top1", last.get("eval_top1")), "teacher_top1": f.get("teacher_top1"),
@@ -325,10 +271,35 @@ def summarize(run_dir: str | Path) -> dict:
             "eval": f.get("eval"), "selection_rate": rates, "has_selection_log": dr.selects,
             "finished": bool(dr.metrics.get("final")),
         })
+    return out
+
+
+def summarize(run_dir: str | Path) -> dict:
+    """All the numbers ``kd3 inspect`` prints, as a dict (JSON-able)."""
+    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
+    classes = run.classes
+    per: dict[str, dict[str, Any]] = {c: {k: None for k in COUNT_FIELDS} for c in classes}
+    has_records = run.rd.records.is_file()
+    has_decisions = run.rd.decisions.is_file()
+    if has_records:
+        _count_records(run, per)
+    if has_decisions:
+        _count_decisions(run, per, has_records)
+    if run.manifest is not None:
+        _count_shards(run, per, has_decisions)
+    totals: dict[str, Any] = {}
+    for k in COUNT_FIELDS:
+        vals = [per[c][k] for c in classes if per[c][k] is not None]
+        totals[k] = sum(vals) if vals else None
+    if run.manifest is not None:
+        totals["shards"] = len(run.manifest.get("shardlist", []))
+    if has_decisions:
+        totals["kept_unique"] = len({d.id for d in run.decisions if d.kept})
     m = run.manifest or {}
     return {
         "run": run.rd.name, "root": str(run.rd.root), "classes": classes, "per_class": per, "totals": totals,
-        "funnel": funnel, "stats": m.get("stats") or {}, "distill": distill, "missing": run.missing(),
+        "funnel": _funnel(totals, has_records, has_decisions), "stats": m.get("stats") or {},
+        "distill": _distill_rows(run, per), "missing": run.missing(),
         "manifest": {k: m.get(k) for k in ("name", "nsamples", "class_counts", "embedding", "thresholds",
                                            "config_hash", "created", "versions")} if m else None,
         "present": {"records": has_records, "decisions": has_decisions, "manifest": run.manifest is not None,
@@ -345,7 +316,7 @@ def _funnel(t: dict, has_records: bool, has_decisions: bool) -> list[tuple[str, 
     if has_decisions:
         n = t["valid"]
         out.append(("valid", n))
-        n -= sum(t[r] for r in DUP_REASONS)
+        n -= sum(t[r.value] for r in DropReason if r.group == "duplicate")
         out.append(("unique", n))
         n -= t["contaminated"]
         out.append(("uncontaminated", n))
@@ -355,16 +326,9 @@ def _funnel(t: dict, has_records: bool, has_decisions: bool) -> list[tuple[str, 
     return out
 
 
-def write_report(run_dir, **kw) -> Path:
-    """The static HTML report runs/<name>/report/index.html (see :mod:`pipeline.report`)."""
-    from .report import write_report as _write_report
-
-    return _write_report(run_dir, **kw)
-
-
 # ---------------------------------------------------------------- terminal output
 
-def _fmt_bytes(n: Optional[int]) -> str:
+def fmt_bytes(n: Optional[int]) -> str:
     if n is None:
         return "–"
     x = float(n)
@@ -375,7 +339,7 @@ def _fmt_bytes(n: Optional[int]) -> str:
     return str(n)
 
 
-def _fmt(v: Any) -> str:
+def fmt(v: Any) -> str:
     return "–" if v is None else str(v)
 
 
@@ -385,10 +349,6 @@ def _pct(v: Optional[float]) -> str:
 
 def render_summary(s: dict, console=None) -> None:
     """Print the summary dict as rich tables."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
     con = console or Console()
     m = s.get("manifest") or {}
     head = f"[bold]run[/bold] {s['run']}  [dim]{s['root']}[/dim]"
@@ -408,16 +368,16 @@ def render_summary(s: dict, console=None) -> None:
         if key == "class":
             t.add_column(label, footer="total", style="bold", overflow="fold", min_width=5)
         else:
-            foot = _fmt_bytes(tot.get(key)) if key == "bytes" else _fmt(tot.get(key))
+            foot = fmt_bytes(tot.get(key)) if key == "bytes" else fmt(tot.get(key))
             t.add_column(label, justify="right", footer=foot, no_wrap=True,
                          style="green" if key == "kept" else ("yellow" if key in DROP_REASONS else None))
     for c in s["classes"]:
         row = s["per_class"][c]
-        t.add_row(c, *[_fmt_bytes(row[k]) if k == "bytes" else _fmt(row[k]) for k, _ in cols[1:]])
+        t.add_row(c, *[fmt_bytes(row[k]) if k == "bytes" else fmt(row[k]) for k, _ in cols[1:]])
     con.print(t)
     inv = {r: tot.get(r) for r in VALIDATE_REASONS if tot.get(r)}
     if inv:
-        con.print("[dim]invalid at validation: " + ", ".join(f"{REASON_LABELS[r]} {n}" for r, n in inv.items())
+        con.print("[dim]invalid at validation: " + ", ".join(f"{DropReason(r).label} {n}" for r, n in inv.items())
                   + "[/dim]")
     if s["distill"]:
         d = Table(title="distill runs", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD,
@@ -425,7 +385,7 @@ def render_summary(s: dict, console=None) -> None:
         for col in ("run", "method", "student", "epochs", "top-1", "teacher", "agree", "selected"):
             d.add_column(col, justify="left" if col in ("run", "method", "student") else "right")
         for r in s["distill"]:
-            d.add_row(r["name"], _fmt(r["method"]), _fmt(r["student"]), str(r["epochs"]), _pct(r["top1"]),
+            d.add_row(r["name"], fmt(r["method"]), fmt(r["student"]), str(r["epochs"]), _pct(r["top1"]),
                       _pct(r["teacher_top1"]), _pct(r["agreement"]), _pct(r["selected_fraction"]))
         con.print(d)
         sel = Table(title="selection rate per class (last epoch selected / kept)", title_justify="left",
@@ -442,60 +402,34 @@ def render_summary(s: dict, console=None) -> None:
 
 # ---------------------------------------------------------------- neighbours
 
-def _load_index(run: Run):
-    import faiss
-
-    idx_path = run.rd.require(run.rd.index, "curate")
-    ids_path = run.rd.require(run.rd.index_ids, "curate")
-    try:
-        index = faiss.read_index(str(idx_path))
-    except RuntimeError as e:
-        raise DataError(f"{idx_path} is not a readable FAISS index ({str(e).splitlines()[0]})") from None
-    ids = _read_json_or_error(ids_path)
-    if isinstance(ids, dict):
-        ids = ids.get("ids") or ids.get("keys") or []
-    if len(ids) != index.ntotal:
-        raise DataError(f"{ids_path} has {len(ids)} ids but {idx_path} holds {index.ntotal} vectors")
-    return index, [str(i) for i in ids]
-
-
 def _lookup_embedding(run: Run, key: str):
     """Row of curate/embeddings.npy for an image id or key (any unique id prefix)."""
-    import numpy as np
-
-    emb_path = run.rd.require(run.rd.embeddings, "curate")
-    ids = _read_json_or_error(run.rd.require(run.rd.embedding_ids, "curate"))
-    if isinstance(ids, dict):
-        ids = ids.get("ids") or []
+    emb, ids = read_embeddings(run.rd.require(run.rd.embeddings, "curate"),
+                               run.rd.require(run.rd.embedding_ids, "curate"))
     key = key.lower()
-    hits = [i for i, x in enumerate(ids) if str(x).lower().startswith(key)]
+    hits = [i for i, x in enumerate(ids) if x.lower().startswith(key)]
     if not hits:
         d = run.by_key.get(key)
         if d is not None:
-            hits = [i for i, x in enumerate(ids) if x == d["id"]]
+            hits = [i for i, x in enumerate(ids) if x == d.id]
     if not hits:
         raise DataError(f"{key!r} is neither an image file nor an id/key in {run.rd.embedding_ids}")
     if len({ids[i] for i in hits}) > 1:
         raise DataError(f"key {key!r} is ambiguous in {run.rd.embedding_ids} ({len(hits)} ids start with it)")
-    emb = np.load(emb_path, mmap_mode="r")
-    return np.asarray(emb[hits[0]], dtype=np.float32), str(ids[hits[0]])
+    return np.asarray(emb[hits[0]], dtype=np.float32), ids[hits[0]]
 
 
 def _run_config(run: Run):
-    from .config import load_config
-
     if not run.rd.config.is_file():
         raise DataError(f"{run.rd.config} is missing: cannot rebuild the embedding model of this run")
     return load_config(run.rd.config, {"name": run.rd.name, "runs_root": str(run.rd.root.parent)})
 
 
 def _embedder(run: Run):
-    """The embedding model the manifest names, built by the curate stage's own code (pipeline.embed)."""
+    """The embedding model the manifest names, built by the curate stage's own code (pipeline.curate.embed)."""
     emb = (run.manifest or {}).get("embedding") or {}
     if not emb:
         raise DataError(f"{run.manifest_path}: no `embedding` section; cannot embed a query the same way")
-    from .embed import make_embedder
-
     cfg = _run_config(run)
     embedder = make_embedder(cfg.curate, run.classes, cfg.teacher)
     if emb.get("backend") and embedder.backend != emb.get("backend") or (
@@ -507,8 +441,7 @@ def _embedder(run: Run):
 
 def embed_image_file(run: Run, path: Path):
     """Embed one image file with the run's embedding model -> (dim,) float32, L2-normalised."""
-    import torch
-    from PIL import Image
+    import torch  # heavy: only for --similar on a file
 
     try:
         with Image.open(path) as im:
@@ -521,9 +454,7 @@ def embed_image_file(run: Run, path: Path):
 
 
 def neighbours(run: Run, *, query_vec, k: int, exclude: Optional[str] = None) -> list[dict]:
-    import numpy as np
-
-    index, ids = _load_index(run)
+    index, ids = read_index(run.rd.require(run.rd.index, "curate"), run.rd.require(run.rd.index_ids, "curate"))
     q = np.asarray(query_vec, dtype=np.float32).reshape(1, -1)
     if q.shape[1] != index.d:
         raise DataError(f"query embedding has dim {q.shape[1]} but {run.rd.index} has dim {index.d}")
@@ -539,9 +470,9 @@ def neighbours(run: Run, *, query_vec, k: int, exclude: Optional[str] = None) ->
         iid = ids[r]
         if exclude and iid == exclude:
             continue
-        d = run.by_id.get(iid) or run.by_key.get(iid) or {"id": iid}
-        out.append({"rank": len(out) + 1, "score": float(s), "id": d.get("id", iid), "key": d.get("key"),
-                    "class": d.get("class"), "path": d.get("path")})
+        d = run.by_id.get(iid) or run.by_key.get(iid)
+        out.append({"rank": len(out) + 1, "score": float(s), "id": d.id if d else iid, "key": d.key if d else None,
+                    "class": d.cls if d else None, "path": d.path if d else None})
         if len(out) >= k:
             break
     return out
@@ -556,8 +487,8 @@ def similar(run_dir: str | Path, query: str, k: int = 16) -> tuple[list[dict], d
         info = {"query": str(qpath), "path": qpath, "id": None}
         return neighbours(run, query_vec=vec, k=k), info
     vec, iid = _lookup_embedding(run, query)
-    d = run.by_id.get(iid, {})
-    info = {"query": query, "id": iid, "path": run.image_file(d) if d else None, "class": d.get("class")}
+    d = run.by_id.get(iid)
+    info = {"query": query, "id": iid, "path": run.image_file(d) if d else None, "class": d.cls if d else None}
     return neighbours(run, query_vec=vec, k=k, exclude=iid), info
 
 
@@ -584,8 +515,6 @@ def text_query(run_dir: str | Path, text: str, k: int = 16) -> list[dict]:
 # ---------------------------------------------------------------- sheets
 
 def neighbour_sheet(run: Run, hits: list[dict], out: Path, *, title: str, query_image=None) -> Path:
-    from .sheets import ACCENTS, Tile, write_sheet
-
     tiles = []
     if query_image is not None:
         tiles.append(Tile(query_image, "query", "", ACCENTS["query"]))
@@ -598,103 +527,29 @@ def neighbour_sheet(run: Run, hits: list[dict], out: Path, *, title: str, query_
 def class_sheet(run_dir: str | Path, cls: str, out: str | Path, *, include_dropped: bool = True,
                 limit: int = 200) -> Path:
     """Contact sheet PNG of one class: kept images first, then dropped ones with their reason."""
-    from .sheets import ACCENTS, Tile, write_sheet
-
     run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
     if cls not in run.classes:
         raise DataError(f"class {cls!r} is not in run {run.rd.name} (classes: {', '.join(run.classes) or 'none'})")
     tiles: list[Tile] = []
     if run.decisions:
-        rows = [d for d in run.decisions if d.get("class") == cls]
-        kept = [d for d in rows if d.get("kept")]
-        dropped = [d for d in rows if not d.get("kept")]
-        dropped.sort(key=lambda d: DROP_REASONS.index(d["reason"]) if d.get("reason") in DROP_REASONS else 99)
+        rows = [d for d in run.decisions if d.cls == cls]
+        kept = [d for d in rows if d.kept]
+        dropped = [d for d in rows if not d.kept]
+        dropped.sort(key=lambda d: DROP_REASONS.index(d.reason.value) if d.reason is not None else 99)
         for d in kept:
-            tiles.append(Tile(run.image_file(d), d.get("key") or d["id"][:16], f"{d.get('w')}x{d.get('h')}",
-                              ACCENTS["kept"]))
+            tiles.append(Tile(run.image_file(d), d.key or d.id[:16], f"{d.w}x{d.h}", ACCENTS["kept"]))
         if include_dropped:
             for d in dropped:
-                tiles.append(Tile(run.image_file(d), REASON_LABELS.get(d.get("reason"), str(d.get("reason"))),
-                                  d.get("detail") or "", ACCENTS["dropped"]))
+                tiles.append(Tile(run.image_file(d), d.reason.label if d.reason else "dropped", d.detail or "",
+                                  ACCENTS["dropped"]))
         sub = f"{len(kept)} kept (green), {len(dropped)} dropped (red)"
     else:
-        rows = [r for r in run.records if r.get("class") == cls and r.get("status") == "ok"]
+        rows = [r for r in run.records if r.cls == cls and r.status == "ok"]
         for r in rows:
-            tiles.append(Tile(run.rd.root / r["path"] if r.get("path") else None, r.get("sha256", "")[:16],
-                              f"{r.get('w')}x{r.get('h')} {r.get('engine')}"))
+            tiles.append(Tile(run.rd.root / r.path if r.path else None, (r.sha256 or "")[:16],
+                              f"{r.w}x{r.h} {r.engine}"))
         sub = f"{len(rows)} downloaded (not curated yet)"
     if len(tiles) > limit:
         sub += f"; first {limit} of {len(tiles)} shown"
         tiles = tiles[:limit]
     return write_sheet(tiles, out, title=f"{run.rd.name} · {cls}", subtitle=sub, cols=10, thumb=128)
-
-
-# ---------------------------------------------------------------- CLI
-
-def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="run directory runs/<name> or its manifest.json")
-    p.add_argument("--html", action="store_true", help="write the static report runs/<name>/report/index.html")
-    p.add_argument("--similar", metavar="IMG|KEY", help="nearest neighbours of an image file or an image id/key")
-    p.add_argument("--text", metavar="PROMPT", help='nearest neighbours of a text prompt (needs real CLIP weights)')
-    p.add_argument("-k", type=int, default=16, help="neighbours to return (default: 16)")
-    p.add_argument("--class", dest="cls", metavar="C", help="class for --sheet")
-    p.add_argument("--sheet", type=Path, metavar="OUT.png",
-                   help="contact sheet PNG (of --class, or of the --similar/--text neighbours)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
-    p.add_argument("--log-level", default="WARNING", help="logging level")
-
-
-def _print_hits(hits: list[dict], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=title, title_justify="left", header_style="bold")
-    for col in ("#", "score", "class", "key", "path"):
-        t.add_column(col, justify="right" if col in ("#", "score") else "left")
-    for h in hits:
-        t.add_row(str(h["rank"]), f"{h['score']:.4f}", _fmt(h.get("class")), (h.get("key") or h["id"])[:16],
-                  _fmt(h.get("path")))
-    Console().print(t)
-
-
-def inspect_cli(args) -> int:
-    import json as _json
-
-    if args.k <= 0:
-        raise Kd3Error(f"-k must be positive, got {args.k}")
-    run = Run(args.path)
-    did = False
-    if args.similar or args.text:
-        if args.similar and args.text:
-            raise Kd3Error("give --similar or --text, not both")
-        if args.similar:
-            hits, info = similar(run, args.similar, k=args.k)
-            title = f"neighbours of {args.similar}"
-            qimg = info.get("path")
-        else:
-            hits, qimg = text_query(run, args.text, k=args.k), None
-            title = f'neighbours of "{args.text}"'
-        _print_hits(hits, title)
-        out = args.sheet or run.rd.report / ("similar.png" if args.similar else "text.png")
-        neighbour_sheet(run, hits, out, title=title, query_image=qimg)
-        print(f"sheet: {out}")
-        did = True
-    elif args.sheet is not None or args.cls is not None:
-        if args.cls is None or args.sheet is None:
-            raise Kd3Error("--class and --sheet go together: kd3 inspect RUN --class C --sheet out.png")
-        out = class_sheet(run, args.cls, args.sheet)
-        print(f"sheet: {out}")
-        did = True
-    if args.html:
-        from .report import write_report
-
-        path = write_report(run)
-        print(f"report: {path}")
-        did = True
-    if not did:
-        s = summarize(run)
-        if args.json:
-            print(_json.dumps(s, indent=2, default=str))
-        else:
-            render_summary(s)
-    return 0

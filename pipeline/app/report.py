@@ -12,24 +12,22 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import logging
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence, Union
 
-from .inspect import DUP_REASONS, REASON_LABELS, Run, _fmt_bytes, summarize
-from .io import atomic_write_text
-from .runs import DROP_REASONS
+from pipeline.core.io import atomic_write_text
+from pipeline.core.records import CrawlRecord, Decision, DropReason
+
+from .inspect import Run, fmt_bytes, summarize
+from .sheets import save_jpeg, thumbnail
 
 log = logging.getLogger(__name__)
 
 PALETTE = ["#2563eb", "#db2777", "#16a34a", "#ea580c", "#7c3aed", "#0891b2", "#ca8a04", "#dc2626",
            "#4f46e5", "#059669", "#9333ea", "#0d9488"]
-REASON_COLORS = {
-    "invalid": "#6b7280", "too_small": "#6b7280", "bad_aspect": "#6b7280", "bomb": "#374151",
-    "exact_dup": "#ea580c", "phash_dup": "#f59e0b", "near_dup": "#d97706", "cross_class_dup": "#b45309",
-    "contaminated": "#7c3aed", "off_class": "#db2777",
-}
 THUMB = 176
 
 e = html.escape
@@ -50,11 +48,9 @@ class Thumbs:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.written = 0
 
-    def src(self, row: dict) -> str:
+    def src(self, row: Union[Decision, CrawlRecord]) -> str:
         """Relative URL of the thumbnail of a decision or record row (created if needed)."""
-        from .sheets import save_jpeg, thumbnail
-
-        ident = (row.get("id") or row.get("sha256") or "unknown")[:20]
+        ident = (_ident(row) or "unknown")[:20]
         out = self.dir / f"{ident}.jpg"
         if not out.is_file():
             path = self.run.image_file(row)
@@ -63,22 +59,27 @@ class Thumbs:
             self.written += 1
         return f"thumbs/{out.name}"
 
-    def href(self, row: dict) -> Optional[str]:
+    def href(self, row: Union[Decision, CrawlRecord]) -> Optional[str]:
         path = self.run.image_file(row)
         if path is None:
             return None
         return Path(os.path.relpath(path, self.report_dir)).as_posix()
 
 
-def _tile(th: Thumbs, row: dict, caption: str = "", sub: str = "", badge: str = "", badge_color: str = "",
-          title: str = "") -> str:
+def _ident(row: Union[Decision, CrawlRecord]) -> Optional[str]:
+    return row.id if isinstance(row, Decision) else row.sha256
+
+
+def _tile(th: Thumbs, row: Union[Decision, CrawlRecord], caption: str = "", sub: str = "", badge: str = "",
+          badge_color: str = "", title: str = "") -> str:
     src = th.src(row)
     href = th.href(row)
-    img = f'<img src="{e(src)}" alt="{e(caption or row.get("id", "")[:16])}" loading="eager">'
+    alt = caption or (row.id[:16] if isinstance(row, Decision) else "")
+    img = f'<img src="{e(src)}" alt="{e(alt)}" loading="eager">'
     if href:
         img = f'<a href="{e(href)}">{img}</a>'
     b = (f'<span class="badge" style="background:{badge_color}">{e(badge)}</span>' if badge else "")
-    tip = title or " · ".join(x for x in (row.get("url") or "", row.get("detail") or "") if x)
+    tip = title or " · ".join(x for x in (row.url or "", getattr(row, "detail", "") or "") if x)
     return (f'<figure class="tile" title="{e(tip)}">{img}{b}'
             f'<figcaption><span>{e(caption)}</span><small>{e(sub)}</small></figcaption></figure>')
 
@@ -121,8 +122,6 @@ def _svg_funnel(steps: list[tuple[str, int]], width: int = 760) -> str:
 def _nice_max(v: float) -> float:
     if v <= 0:
         return 1.0
-    import math
-
     exp = 10 ** math.floor(math.log10(v))
     for m in (1, 2, 2.5, 5, 10):
         if v <= m * exp:
@@ -228,7 +227,7 @@ def _n(v) -> str:
 def _section_overview(s: dict) -> str:
     t = s["totals"]
     cards = [("URLs tried", _n(t.get("crawled"))), ("downloaded", _n(t.get("downloaded"))),
-             ("kept", _n(t.get("kept"))), ("in shards", _fmt_bytes(t.get("bytes")) if t.get("bytes") is not None else "–"),
+             ("kept", _n(t.get("kept"))), ("in shards", fmt_bytes(t.get("bytes")) if t.get("bytes") is not None else "–"),
              ("classes", str(len(s["classes"])))]
     best = max((d for d in s["distill"] if d.get("top1") is not None), key=lambda d: d["top1"], default=None)
     if best:
@@ -250,7 +249,7 @@ def _section_counts(s: dict) -> str:
         cells = []
         for k, _ in cols:
             v = r[k]
-            txt = _fmt_bytes(v) if k == "bytes" and v is not None else _n(v)
+            txt = fmt_bytes(v) if k == "bytes" and v is not None else _n(v)
             cls = ' class="z"' if v == 0 else (' class="kept"' if k == "kept" else "")
             cells.append(f"<td{cls}>{e(txt)}</td>")
         rate = (r["kept"] / r["downloaded"]) if r.get("kept") is not None and r.get("downloaded") else None
@@ -259,7 +258,7 @@ def _section_counts(s: dict) -> str:
         rows.append(f'<tr><th scope="row"><i class="dot" style="background:{_color(i)}"></i>'
                     f'<a href="#class-{i}">{e(c)}</a></th>{"".join(cells)}<td class="ratecell">{bar}</td></tr>')
     t = s["totals"]
-    foot = "".join(f"<td>{e(_fmt_bytes(t.get(k)) if k == 'bytes' and t.get(k) is not None else _n(t.get(k)))}</td>"
+    foot = "".join(f"<td>{e(fmt_bytes(t.get(k)) if k == 'bytes' and t.get(k) is not None else _n(t.get(k)))}</td>"
                    for k, _ in cols)
     group = ('<tr class="group"><th colspan="4"></th><th colspan="4" class="grp">duplicates</th>'
              f'<th colspan="{len(cols) - 6}"></th></tr>')
@@ -268,72 +267,74 @@ def _section_counts(s: dict) -> str:
             f'</table></div>')
 
 
+def _dropped_html(th: Thumbs, r: dict, dropped: list[Decision], max_dropped: int) -> str:
+    """A class's dropped images, grouped by reason (report order = DropReason order)."""
+    present = [rz for rz in DropReason if r.get(rz.value)]
+    parts = [f'<details class="dropped" open><summary>dropped <span class="count">{len(dropped)}</span> '
+             + " ".join(f'<span class="pill" style="background:{rz.color}">{e(rz.label)} {r.get(rz.value) or 0}</span>'
+                        for rz in present) + "</summary>", '<div class="reasons">']
+    for rz in DropReason:
+        group = [d for d in dropped if d.reason is rz]
+        if not group:
+            continue
+        more = len(group) - max_dropped
+        parts.append(f'<div class="reasongroup" style="border-top-color:{rz.color}">'
+                     f'<h5><span class="pill" style="background:{rz.color}">{e(rz.label)}</span> {len(group)}</h5>'
+                     f'<div class="row">' + "".join(_tile(th, d, d.detail or rz.value, d.id[:16])
+                                                    for d in group[:max_dropped])
+                     + "</div>" + (f'<p class="more">… and {more} more</p>' if more > 0 else "") + "</div>")
+    parts.append("</div></details>")
+    return "".join(parts)
+
+
 def _section_classes(run: Run, s: dict, th: Thumbs, max_kept: int, max_dropped: int) -> str:
     out = []
-    by_class: dict[str, list[dict]] = defaultdict(list)
+    by_class: dict[str, list[Decision]] = defaultdict(list)
     for d in run.decisions:
-        by_class[d.get("class")].append(d)
+        by_class[d.cls].append(d)
     for i, c in enumerate(s["classes"]):
-        r = s["per_class"][c]
         rows = by_class.get(c, [])
         parts = [f'<section class="cls" id="class-{i}"><h3><i class="dot" style="background:{_color(i)}"></i>'
                  f'{e(c)}</h3>']
         if rows:
-            kept = [d for d in rows if d.get("kept")]
+            kept = [d for d in rows if d.kept]
             parts.append(f'<h4>kept <span class="count">{len(kept)}</span></h4>')
-            tiles = [_tile(th, d, d.get("key") or d["id"][:16], f'{d.get("w")}×{d.get("h")}'
-                           + (f' · {d["teacher_conf"]:.2f}' if isinstance(d.get("teacher_conf"), (int, float)) else ""))
+            tiles = [_tile(th, d, d.key or d.id[:16], f'{d.w}×{d.h}'
+                           + (f' · {d.teacher_conf:.2f}' if isinstance(d.teacher_conf, (int, float)) else ""))
                      for d in kept[:max_kept]]
             parts.append(_grid(tiles, len(kept) - max_kept, "no image kept for this class"))
-            dropped = [d for d in rows if not d.get("kept")]
+            dropped = [d for d in rows if not d.kept]
             if dropped:
-                parts.append(f'<details class="dropped" open><summary>dropped <span class="count">{len(dropped)}</span> '
-                             + " ".join(f'<span class="pill" style="background:{REASON_COLORS.get(rz, "#6b7280")}">'
-                                        f'{e(REASON_LABELS.get(rz, rz))} {r.get(rz) or 0}</span>'
-                                        for rz in DROP_REASONS if r.get(rz)) + "</summary>")
-                parts.append('<div class="reasons">')
-                for rz in DROP_REASONS:
-                    group = [d for d in dropped if d.get("reason") == rz]
-                    if not group:
-                        continue
-                    more = len(group) - max_dropped
-                    parts.append(f'<div class="reasongroup" style="border-top-color:{REASON_COLORS[rz]}">'
-                                 f'<h5><span class="pill" style="background:{REASON_COLORS[rz]}">'
-                                 f'{e(REASON_LABELS[rz])}</span> {len(group)}</h5><div class="row">'
-                                 + "".join(_tile(th, d, d.get("detail") or rz, d["id"][:16])
-                                           for d in group[:max_dropped])
-                                 + "</div>" + (f'<p class="more">… and {more} more</p>' if more > 0 else "")
-                                 + "</div>")
-                parts.append("</div></details>")
+                parts.append(_dropped_html(th, s["per_class"][c], dropped, max_dropped))
         else:
-            recs = [x for x in run.records if x.get("class") == c and x.get("status") == "ok"]
+            recs = [x for x in run.records if x.cls == c and x.status == "ok"]
             parts.append(f'<h4>downloaded <span class="count">{len(recs)}</span> <small>(not curated yet)</small></h4>')
-            parts.append(_grid([_tile(th, x, x.get("sha256", "")[:16], f'{x.get("w")}×{x.get("h")} · {x.get("engine")}',
-                                      title=x.get("url") or "") for x in recs[:max_kept]],
-                               len(recs) - max_kept, "nothing downloaded for this class"))
+            parts.append(_grid([_tile(th, x, (x.sha256 or "")[:16], f'{x.w}×{x.h} · {x.engine}', title=x.url or "")
+                                for x in recs[:max_kept]], len(recs) - max_kept, "nothing downloaded for this class"))
         parts.append("</section>")
         out.append("".join(parts))
     return "".join(out)
 
 
 def _section_dups(run: Run, th: Thumbs, max_groups: int) -> str:
-    groups: dict[str, list[dict]] = defaultdict(list)
+    groups: dict[str, list[Decision]] = defaultdict(list)
     for d in run.decisions:
-        if d.get("dup_of") and d.get("reason") in DUP_REASONS:
-            groups[d["dup_of"]].append(d)
+        if d.dup_of and d.reason is not None and d.reason.group == "duplicate":
+            groups[d.dup_of].append(d)
     if not groups:
         return '<p class="empty">no duplicate groups</p>'
     rows = []
     items = sorted(groups.items(), key=lambda kv: -len(kv[1]))
     for orig_id, dups in items[:max_groups]:
-        orig = next((d for d in run.decisions if d["id"] == orig_id and d.get("kept")), None) or run.by_id.get(orig_id)
+        orig = next((d for d in run.decisions if d.id == orig_id and d.kept), None) or run.by_id.get(orig_id)
         cells = []
         if orig is not None:
-            cells.append(_tile(th, orig, f'{orig.get("class")} · {"kept" if orig.get("kept") else orig.get("reason")}',
-                               orig_id[:16], badge="original", badge_color="#16a34a"))
+            state = "kept" if orig.kept else (orig.reason.value if orig.reason else None)
+            cells.append(_tile(th, orig, f'{orig.cls} · {state}', orig_id[:16], badge="original",
+                               badge_color="#16a34a"))
         for d in dups:
-            cells.append(_tile(th, d, f'{d.get("class")} · {d.get("detail") or ""}', d["id"][:16],
-                               badge=REASON_LABELS[d["reason"]], badge_color=REASON_COLORS[d["reason"]]))
+            cells.append(_tile(th, d, f'{d.cls} · {d.detail or ""}', d.id[:16], badge=d.reason.label,
+                               badge_color=d.reason.color))
         rows.append(f'<div class="dupgroup">{"".join(cells)}</div>')
     more = len(items) - max_groups
     tail = f'<p class="more">… and {more} more groups</p>' if more > 0 else ""
@@ -345,19 +346,18 @@ def _section_clip(run: Run, s: dict) -> str:
     off = defaultdict(int)
     allv = []
     for d in run.decisions:
-        sc = d.get("clip_scores")
-        c = d.get("class")
+        sc, c = d.clip_scores, d.cls
         if not sc or c not in vals:
             continue
-        li = d.get("label")
+        li = d.label
         if not isinstance(li, int) or not 0 <= li < len(sc):
             li = s["classes"].index(c) if c in s["classes"] and s["classes"].index(c) < len(sc) else None
         if li is None:
             continue
         v = float(sc[li])
         allv.append(v)
-        vals[c][0 if d.get("kept") else 1].append(v)
-        if d.get("clip_top") and d.get("clip_top") != c:
+        vals[c][0 if d.kept else 1].append(v)
+        if d.clip_top and d.clip_top != c:
             off[c] += 1
     if not allv:
         return '<p class="empty">no CLIP scores in the decisions (embedding backend without text tower?)</p>'
@@ -393,7 +393,7 @@ def _section_distill(run: Run, s: dict, th: Thumbs, max_unselected: int) -> str:
                  f'teacher {e(str(ds["teacher"]))}{eval_note}</p><div class="cards">{cards}</div>']
         sel_src = [(ep.get("epoch", j), ep.get("selected_per_class") or {}) for j, ep in enumerate(dr.epochs)]
         if not any(v for _, v in sel_src) and dr.selection:
-            sel_src = [(row.get("epoch", j), row.get("selected_per_class") or {}) for j, row in enumerate(dr.selection)]
+            sel_src = [(row.epoch, row.selected_per_class) for row in dr.selection]
         series = []
         for i, c in enumerate(s["classes"]):
             pts = [(float(ep), float(v[c])) for ep, v in sel_src if c in v]
@@ -423,8 +423,8 @@ def _section_distill(run: Run, s: dict, th: Thumbs, max_unselected: int) -> str:
                 d = run.by_key.get(k)
                 if d is None:
                     continue
-                conf = d.get("teacher_conf")
-                tiles_.append(_tile(th, d, d.get("class", ""), k + (f" · {conf:.2f}" if isinstance(conf, (int, float)) else "")))
+                conf = d.teacher_conf
+                tiles_.append(_tile(th, d, d.cls or "", k + (f" · {conf:.2f}" if isinstance(conf, (int, float)) else "")))
             parts.append(_grid(tiles_, len(never) - max_unselected, "every kept image was selected at least once"))
         else:
             parts.append(f'<p class="note">{e(str(ds["method"]))} selects nothing: '

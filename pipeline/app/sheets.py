@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .io import atomic_path
+from pipeline.core.io import atomic_path
 
 log = logging.getLogger(__name__)
 
