@@ -22,20 +22,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flows.demo import DemoSettings, run_demo  # noqa: E402
-from pipeline.io import atomic_write_json  # noqa: E402
+from kd3demo.demo import DemoSettings, run_demo  # noqa: E402
+from pipeline.core.io import atomic_write_json  # noqa: E402
 
 ABLATIONS = {
-    "kd3 no selection": {"method": "kd3", "selection": False},
-    "kd3 no mixdist/contrastive": {"method": "kd3", "mixdist": False},
-    "kd3 no weighting": {"method": "kd3", "weighting": False},
+    "kd3 no selection": {"method": "kd3", "kd3.selection": False},
+    "kd3 no mixdist/contrastive": {"method": "kd3", "kd3.mixdist": False},
+    "kd3 no weighting": {"method": "kd3", "kd3.weighting": False},
 }
 ORIGINAL = "student on original labels"
 
 
 def train_on_original(world, out: Path, arch: str, epochs: int, seed: int, batch_size: int, lr: float) -> float:
     """The student architecture trained with labels on the original train split (upper reference)."""
-    from distill.teacher_cli import train_teacher
+    from distill.teacher_train import train_teacher
 
     summary = train_teacher(world.train_dir, arch, out / "student-original-labels.pt", epochs=epochs,
                             img_size=world.spec.img_size, batch_size=batch_size, lr=lr,
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         s = DemoSettings(out=a.out / f"{a.size}-seed{seed}", size=a.size, seed=seed, epochs=a.epochs,
                          student=a.student, variants={} if a.no_ablations else dict(ABLATIONS), report=False)
         summary = run_demo(s)
-        from pipeline.demo_world import load_world
+        from kd3demo.world import load_world
 
         world = load_world(Path(summary["run_dir"]).parent.parent / "world")
         ref = train_on_original(world, Path(s.out), summary["student"], summary["epochs"], seed,

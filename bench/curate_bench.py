@@ -57,9 +57,9 @@ def throughput(model: str = "ViT-B-32", n_images: int = 256, batch_size: int = 3
 
     import torch
 
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from pipeline.curate import curate
-    from pipeline.embed import ClipEmbedder
+    from pipeline.curate.embed import ClipEmbedder
     from PIL import Image
 
     datas = _images(n_images)
@@ -128,7 +128,7 @@ def planted_embeddings(n: int, d: int = 512, dup_frac: float = 0.05, n_clusters:
 def neardup(n: int = 100_000, d: int = 512, threshold: float = 0.95, nprobe: int = 4) -> dict:
     import faiss
 
-    from pipeline.neardup import group_labels, similar_pairs
+    from pipeline.curate.neardup import group_labels, similar_pairs
 
     emb, src = planted_embeddings(n, d)
     n_base = n - len(src)

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.io import atomic_write_json, sha256_file  # noqa: E402
+from pipeline.core.io import atomic_write_json, sha256_file  # noqa: E402
 
 CLASSES = [f"digit{i}" for i in range(10)]
 
@@ -79,7 +79,7 @@ def write_pool(root: Path, items, per_shard: int = 5000) -> Path:
 
 def make_teacher(base: Path, arch: str, size: int, epochs: int, device: str) -> Path:
     """A teacher trained briefly on labelled digits (so that kd3's selection sees real confidences)."""
-    from distill.teacher_cli import train_teacher
+    from distill.teacher_train import train_teacher
 
     folder = base / "labelled"
     for k, (im, y) in enumerate(digit_images(600, size, seed=1)):
@@ -105,7 +105,7 @@ def run_bench(n: int = 512, size: int = 32, teacher_arch: str = "cnn_small", stu
               epochs: int = 2, batch_size: int = 64, device: str = "cpu", workers: int = 0,
               teacher_epochs: int = 3, threads: int | None = None, workdir: Path | None = None) -> dict:
     from distill.stage import distill
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     if threads:
         torch.set_num_threads(threads)
@@ -115,7 +115,7 @@ def run_bench(n: int = 512, size: int = 32, teacher_arch: str = "cnn_small", stu
     teacher = make_teacher(base, teacher_arch, size, teacher_epochs, "cpu" if device == "cpu" else device)
     res: dict = {"n": n, "size": size, "teacher": teacher_arch, "student": student, "epochs": epochs,
                  "batch_size": batch_size, "device": device, "threads": torch.get_num_threads(), "runs": {}}
-    for label, method, extra in (("kd", "kd", {}), ("kd3", "kd3", {}), ("kd3-all", "kd3", {"tau": 1e-9})):
+    for label, method, extra in (("kd", "kd", {}), ("kd3", "kd3", {}), ("kd3-all", "kd3", {"kd3": {"tau": 1e-9}})):
         cfg = load_config(None, {"name": "bench", "runs_root": str(run.parent), "teacher": str(teacher),
                                  "distill": {"method": method, "student": student, "epochs": epochs,
                                              "batch_size": batch_size, "workers": workers, "device": device,

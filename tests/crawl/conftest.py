@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from crawlers.fakeweb import FakeWeb, make_jpeg
-from pipeline.config import load_config
+from kd3demo.fakeweb import FakeWeb, make_jpeg
+from pipeline.core.config import load_config
 
 
 @pytest.fixture

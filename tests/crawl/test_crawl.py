@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from crawlers.fakeweb import make_jpeg, make_png
+from kd3demo.fakeweb import make_jpeg, make_png
 from crawlers.sources import GOOGLE_ZERO
 from crawlers.stage import class_done, crawl, crawl_class
-from pipeline.cli import main
-from pipeline.io import read_jsonl, sha256_file
-from pipeline.runs import RECORD_FIELDS, RunDir
+from pipeline.app.cli import main
+from pipeline.core.io import read_jsonl, sha256_file
+from pipeline.core.records import RECORD_FIELDS
+from pipeline.core.runs import RunDir
 
 
 def _records(cfg):

@@ -7,9 +7,9 @@ from icrawler.builtin.bing import BingParser
 from icrawler.builtin.google import GoogleParser
 from icrawler.utils import Signal
 
-from crawlers.fakeweb import baidu_encode_url, make_jpeg
+from kd3demo.fakeweb import baidu_encode_url, make_jpeg
 from crawlers.sources import engine_page_urls
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 
 
 def _parse(parser_cls, url):
@@ -63,7 +63,7 @@ def test_request_log_and_error_routes(fw):
 
 
 def test_serve_tree_lists_each_class_folder(tmp_path, fw):
-    from crawlers.fakeweb import serve_tree
+    from kd3demo.fakeweb import serve_tree
 
     for cls, n in (("golden_retriever", 2), ("cat", 1)):
         (tmp_path / cls).mkdir()

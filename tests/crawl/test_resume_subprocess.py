@@ -9,15 +9,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from crawlers.fakeweb import make_jpeg
+from kd3demo.fakeweb import make_jpeg
 from crawlers.stage import crawl
-from pipeline.cli import main
-from pipeline.io import read_jsonl
+from pipeline.app.cli import main
+from pipeline.core.io import read_jsonl
 
 
 def _kd3() -> list[str]:
     exe = Path(sys.executable).parent / "kd3"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.app.cli"]
 
 
 def _image_paths(requests, start=0):
@@ -76,7 +76,7 @@ def test_kill9_mid_crawl_then_resume(tmp_path, fw, cfg_for):
 def test_kd3_crawl_help_documents_every_crawl_option():
     out = subprocess.run(_kd3() + ["crawl", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
-    from pipeline.config import CrawlConfig, iter_fields
+    from pipeline.core.config import CrawlConfig, iter_fields
 
     for dotted, _, _ in iter_fields(CrawlConfig, "crawl."):
         assert "--" + dotted in out.stdout, dotted

@@ -137,7 +137,7 @@ def build_world(root: Path) -> dict:
 
 
 def make_cfg(run: Path, classes=("cat", "coffee", "space"), **curate):
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     ov = {"name": run.name, "runs_root": str(run.parent), "classes": list(classes)}
     for k, v in {**TINY, **curate}.items():

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 from curate_fixtures import CrawlWriter, jpeg, make_cfg, png
-from pipeline.errors import ConfigError, DataError
-from pipeline.io import read_jsonl
+from pipeline.core.errors import ConfigError, DataError
+from pipeline.core.io import read_jsonl
 
 
 def test_crash_in_shard_writing_then_resume(world, monkeypatch):
-    import pipeline.shards as shards
+    import pipeline.curate.shards as shards
     from pipeline.curate import curate
 
     run = world["run"]
@@ -56,7 +56,7 @@ import sys, os
 sys.argv = ['kd3', 'curate', '--run', {str(run)!r}, '--classes', 'cat,coffee,space',
             '--curate.clip_model', 'kd3-tiny-clip', '--set', 'curate.clip_pretrained=null',
             '--curate.batch_size', '4', '--curate.workers', '1', '--curate.device', 'cpu']
-import pipeline.embed as e
+import pipeline.curate.embed as e
 real = e.EmbeddingCache.add_part
 n = [0]
 def add_part(self, *a, **k):
@@ -65,7 +65,7 @@ def add_part(self, *a, **k):
     if n[0] == 2:
         os.kill(os.getpid(), 9)
 e.EmbeddingCache.add_part = add_part
-from pipeline.cli import main
+from pipeline.app.cli import main
 sys.exit(main())
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -81,7 +81,7 @@ sys.exit(main())
 
 def test_rethreshold_redecides_without_reembedding(world, monkeypatch):
     from pipeline.curate import curate
-    from pipeline.embed import ClipEmbedder
+    from pipeline.curate.embed import ClipEmbedder
 
     run = world["run"]
     m1 = curate(make_cfg(run))
@@ -137,7 +137,7 @@ def test_relevance_filter_with_weights_file_applies_the_rule(world, tmp_path):
     import open_clip
 
     from pipeline.curate import curate
-    from pipeline.embed import register_model_configs
+    from pipeline.curate.embed import register_model_configs
 
     register_model_configs()
     torch.manual_seed(1)
@@ -183,9 +183,7 @@ def _stand_in_teacher(monkeypatch, classes):
     def load_teacher(path, device):
         return T().to(device), {"input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "classes": list(classes)}
 
-    mod = types.ModuleType("distill.teacher")
-    mod.load_teacher = load_teacher
-    monkeypatch.setitem(sys.modules, "distill.teacher", mod)
+    monkeypatch.setattr("distill.embedder.load_teacher", load_teacher)
 
 
 def test_teacher_backend_and_embedding_near_duplicates(tmp_path, images, monkeypatch):
@@ -251,7 +249,7 @@ def test_bad_input(tmp_path):
     with pytest.raises(DataError, match="no usable images"):
         curate(make_cfg(run))
     # through the CLI: one line, exit 2
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "curate", "--run", str(run), "--classes", "cat"],
+    p = subprocess.run([sys.executable, "-m", "pipeline.app.cli", "curate", "--run", str(run), "--classes", "cat"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "kd3: error:" in p.stderr and "no usable images" in p.stderr
     assert "Traceback" not in p.stderr

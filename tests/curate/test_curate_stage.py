@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.io import read_jsonl, sha256_file
-from pipeline.runs import DROP_REASONS
+from pipeline.core.io import read_jsonl, sha256_file
+from pipeline.core.records import DROP_REASONS
 
 
 def _decisions(w):

@@ -3,8 +3,10 @@ import json
 
 import numpy as np
 
-from pipeline.index import build_index, index_kind, load_index, save_index
-from pipeline.neardup import near_dup_groups, pick_representatives, similar_pairs
+from pipeline.core.records import read_index as load_index
+from pipeline.core.records import write_index as save_index
+from pipeline.curate.index import build_index, index_kind
+from pipeline.curate.neardup import near_dup_groups, pick_representatives, similar_pairs
 
 
 def planted(n, d, n_dup, noise, seed=0):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.app.cli import main
 
 
 @pytest.mark.slow
@@ -16,7 +16,7 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     for m in ("kd3", "kd", "dfnd"):
         assert f"\n{m} " in printed
-    from pipeline.io import read_json, read_jsonl
+    from pipeline.core.io import read_json, read_jsonl
 
     res = read_json(out / "results.json")
     assert [m["method"] for m in res["methods"]] == ["kd3", "kd", "dfnd"]

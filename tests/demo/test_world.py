@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import demo_world as dw
-from pipeline.errors import ConfigError, DataError
+from kd3demo import world as dw
+from pipeline.core.errors import ConfigError, DataError
 
 SPEC = dw.WorldSpec(seed=3, n_per_class=10, junk_fraction=0.5, dup_fraction=0.4, n_broken=2, train_per_class=6)
 

@@ -2,9 +2,9 @@
 import pytest
 import requests
 
-from pipeline import demo_world as dw
+from kd3demo import world as dw
 
-fakeweb = pytest.importorskip("crawlers.fakeweb")
+fakeweb = pytest.importorskip("kd3demo.fakeweb")
 
 SPEC = dw.WorldSpec(seed=1, n_per_class=4, junk_fraction=1.25, dup_fraction=0.5, n_broken=2, train_per_class=4)
 
@@ -34,8 +34,8 @@ def test_every_query_finds_its_images_and_only_those(pool):
 
 def test_crawled_by_the_bing_source_same_path_as_a_real_crawl(pool, tmp_path):
     stage = pytest.importorskip("crawlers.stage")
-    from pipeline.config import load_config
-    from pipeline.io import read_jsonl
+    from pipeline.core.config import load_config
+    from pipeline.core.io import read_jsonl
 
     per_query = max(sum(v.values()) for v in dw.composition(pool).values())
     truth = dw.truth_by_sha([p.truth_row() for p in pool])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.io import atomic_write_json, sha256_file
+from pipeline.core.io import atomic_write_json, sha256_file
 
 CLASSES = ["digit0", "digit1", "digit2", "digit3"]
 SIZE = 16
@@ -84,7 +84,7 @@ def digits_world(tmp_path_factory):
     base = tmp_path_factory.mktemp("digits")
     train_dir = write_folder(base / "train", [(digit_image(X[i]), int(y[i])) for i in train_idx])
     eval_dir = write_folder(base / "eval", [(digit_image(X[i]), int(y[i])) for i in eval_idx])
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     teacher = base / "teacher.pt"
     rc = main(["teacher", "train", "--data", str(train_dir), "--arch", "cnn_small", "--out", str(teacher),

@@ -7,12 +7,13 @@ import tarfile
 import pytest
 import torch
 
-from distill.data import load_manifest, open_web_data, verify_shards
+from distill.data import open_web_data, verify_shards
+from pipeline.core.records import read_manifest as load_manifest
 from distill.models import create_model
 from distill.teacher import load_teacher
-from pipeline.checkpoint import (load_checkpoint, read_checkpoint_meta, read_teacher_classes, save_checkpoint,
+from pipeline.core.checkpoint import (load_checkpoint, read_checkpoint_meta, read_teacher_classes, save_checkpoint,
                                  save_torchscript)
-from pipeline.errors import DataError, Kd3Error
+from pipeline.core.errors import DataError, Kd3Error
 
 torch.set_num_threads(1)
 
@@ -127,7 +128,7 @@ def test_shard_sha_mismatch_refused(digits_world, tmp_path):
 
 
 def _manifest_for(tmp_path, members):
-    from pipeline.io import atomic_write_json, sha256_file
+    from pipeline.core.io import atomic_write_json, sha256_file
 
     p = tmp_path / "shards" / "bad-000000.tar"
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,9 @@ import torch
 
 from distill.stage import distill, output_dir
 from distill.teacher import load_teacher
-from pipeline.config import load_config
-from pipeline.errors import DataError
-from pipeline.io import read_json, read_jsonl
+from pipeline.core.config import load_config
+from pipeline.core.errors import DataError
+from pipeline.core.io import read_json, read_jsonl
 
 torch.set_num_threads(1)
 
@@ -75,12 +75,13 @@ def test_method_end_to_end(digits_world, run, method):
 
 
 def test_kd3_options_and_ablations_run(digits_world, run):
-    cfg = _cfg(digits_world, run, "kd3", epochs=1, cross_contrastive=True, mix_level="feature",
-               classifier_align_loss=True, weighting=False, val_fraction=0.0, eval_dir=None)
+    cfg = _cfg(digits_world, run, "kd3", epochs=1, val_fraction=0.0, eval_dir=None,
+               kd3={"cross_contrastive": True, "mix_level": "feature", "classifier_align_loss": True,
+                    "weighting": False})
     m = distill(cfg, out_id="opts")
     assert set(m["epochs"][0]["losses"]) == {"feat", "con", "cls_align", "total"}
     assert m["final"]["eval"] == "web-holdout" and m["final"]["top1"] is None  # no holdout, no eval set
-    cfg = _cfg(digits_world, run, "kd3", epochs=1, selection=False, sharing=False, mixdist=False)
+    cfg = _cfg(digits_world, run, "kd3", epochs=1, kd3={"selection": False, "sharing": False, "mixdist": False})
     m = distill(cfg, out_id="abl")
     assert m["epochs"][0]["selected"] == len((run / "distill" / "kd3-abl" / "pool_keys.txt").read_text().split())
     assert set(m["epochs"][0]["losses"]) == {"kd", "feat", "total"}
@@ -116,7 +117,7 @@ def test_resume_after_interruption_continues_exactly(digits_world, run):
 
 
 def test_cli_distill_and_teacher_info(digits_world, run, capsys):
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     rc = main(["distill", "--manifest", str(run / "manifest.json"), "--teacher", str(digits_world["teacher"]),
                "--student", "cnn_tiny", "--method", "kd", "--epochs", "1", "--distill.workers", "0",
@@ -148,7 +149,7 @@ def test_torchrun_two_processes_cpu(digits_world, run, tmp_path):
     script.write_text(
         "import sys, torch\n"
         "torch.set_num_threads(1)\n"
-        "from pipeline.config import load_config\n"
+        "from pipeline.core.config import load_config\n"
         "from distill.stage import distill\n"
         f"cfg = load_config(None, {{'name': 'web', 'runs_root': {str(run.parent)!r}, "
         f"'teacher': {str(digits_world['teacher'])!r}, 'distill': {{'method': 'dfnd', 'student': 'cnn_tiny', "

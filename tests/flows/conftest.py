@@ -58,7 +58,7 @@ def tiny_teacher(tmp_path_factory) -> Path:
     import torch
 
     from distill.models import create_model
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.core.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     net = create_model("cnn_tiny", len(CLASSES))
@@ -69,7 +69,7 @@ def tiny_teacher(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def make_cfg(digits_folder, tiny_teacher, tmp_path_factory):
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     runs_root = tmp_path_factory.mktemp("runs")
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import cli
-from pipeline.config import RunConfig, load_config, save_resolved
-from pipeline.errors import ConfigError
+from pipeline.app import cli
+from pipeline.core.config import RunConfig, load_config, save_resolved
+from pipeline.core.errors import ConfigError
 
 
 def test_yaml_and_dotted_overrides(tmp_path):
@@ -104,7 +104,7 @@ def test_cli_run_dir_sets_name(tmp_path):
 
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "crawl", "--config", str(tmp_path / "missing.yaml")],
+    r = subprocess.run([sys.executable, "-m", "pipeline.app.cli", "crawl", "--config", str(tmp_path / "missing.yaml")],
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -117,3 +117,44 @@ def test_every_subcommand_has_help():
         with pytest.raises(SystemExit) as ei:
             parser.parse_args([cmd, "--help"])
         assert ei.value.code == 0
+
+
+@pytest.mark.parametrize(
+    "distill, needle",
+    [
+        ({"method": "kd4"}, "unknown distillation method 'kd4'"),
+        ({"student": "resnet181"}, "unknown student architecture 'resnet181'"),
+        ({"tau": 0.9}, "distill.tau is now distill.kd3.tau"),
+        ({"dfnd_keep": 0.3}, "distill.dfnd_keep is now distill.dfnd.keep"),
+        ({"kd_temperature": 2}, "distill.kd_temperature is now distill.kd.temperature"),
+        ({"kd3": {"taux": 1}}, "distill.kd3.taux: unknown key"),
+    ],
+)
+def test_distill_names_and_moved_keys_fail_when_the_config_loads(tmp_path, distill, needle):
+    """A method/student typo or a flat key of old stops at load, in one line, before any crawl."""
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump({"classes": ["cat"], "distill": distill}))
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert needle in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_per_method_sections_and_plugin_names():
+    cfg = load_config(None, {"distill.method": "dfnd", "distill.dfnd.keep": 0.25, "distill.student": "timm:resnet18"})
+    assert cfg.distill.method_config() is cfg.distill.dfnd and cfg.distill.dfnd.keep == 0.25
+    assert load_config(None, {"distill.kd3.selection": False}).distill.kd3.selection is False
+    from distill.methods import list_methods
+    from distill.models import list_models
+    from pipeline.core import plugins
+
+    assert plugins.names("kd3.methods") == list_methods() == ["dfnd", "kd", "kd3"]
+    registered = [m for m in list_models() if ":" not in m]  # timm:<name>, torchvision:<name> pass through
+    assert plugins.names("kd3.models") == registered  # every registered model is declared, and only those
+
+
+def test_moved_key_as_a_flag_is_one_line(tmp_path, capsys):
+    assert cli.main(["distill", "--set", "name=x", "--set", f"runs_root={tmp_path}", "--classes", "cat",
+                     "--no-distill.selection"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kd3: error:") and "distill.kd3.selection" in err and "\n" not in err
+    assert not (tmp_path / "x").exists()

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from pipeline.io import JsonlAppender, atomic_path, atomic_write_json, read_jsonl, sha256_file
-from pipeline.slug import slugify, unique_slugs
+from pipeline.core.io import JsonlAppender, atomic_path, atomic_write_json, read_jsonl, sha256_file
+from pipeline.core.slug import slugify, unique_slugs
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
@@ -53,7 +53,7 @@ def test_kill9_during_appends_never_corrupts(tmp_path):
     p = tmp_path / "r.jsonl"
     code = (
         "import sys; sys.path.insert(0, %r)\n"
-        "from pipeline.io import JsonlAppender\n"
+        "from pipeline.core.io import JsonlAppender\n"
         "w = JsonlAppender(%r)\n"
         "i = 0\n"
         "while True:\n"

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from pipeline.io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file, write_jsonl_atomic
-from pipeline.runs import DROP_REASONS, RunDir
+from pipeline.core.io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file, write_jsonl_atomic
+from pipeline.core.records import DROP_REASONS
+from pipeline.core.runs import RunDir
 
 CLASSES = ["cat", "coffee", "flower"]
 KEPT_PER_CLASS = 8
@@ -323,7 +324,7 @@ def curate_only_run(tmp_path_factory) -> RunDir:
 @pytest.fixture(scope="session")
 def real_curated_run(tmp_path_factory) -> RunDir:
     """The fixture's crawl output curated by the real curate stage (tiny random-weight CLIP, CPU)."""
-    from pipeline.config import load_config, save_resolved
+    from pipeline.core.config import load_config, save_resolved
     from pipeline.curate import curate
 
     root = tmp_path_factory.mktemp("runs_real")

@@ -5,11 +5,11 @@ from collections import Counter
 
 from PIL import Image
 
-from pipeline.cli import main
-from pipeline.inspect import similar, summarize
-from pipeline.io import read_json, read_jsonl
-from pipeline.report import write_report
-from pipeline.runs import DROP_REASONS
+from pipeline.app.cli import main
+from pipeline.app.inspect import similar, summarize
+from pipeline.core.io import read_json, read_jsonl
+from pipeline.app.report import write_report
+from pipeline.core.records import DROP_REASONS
 
 
 def test_summary_equals_real_manifest(real_curated_run):

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.inspect import REASON_LABELS
-from pipeline.io import read_json, read_jsonl
-from pipeline.report import write_report
+from pipeline.core.records import DropReason
+from pipeline.core.io import read_json, read_jsonl
+from pipeline.app.report import write_report
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 SVG_SELF_CLOSING = {"line", "rect", "circle", "polyline", "path"}
@@ -106,7 +106,7 @@ def test_report_is_complete_and_self_contained(full_run):
     for c in m["classes"]:
         assert c in text
     for reason in {d["reason"] for d in decisions if d["reason"]}:
-        assert REASON_LABELS[reason] in text
+        assert DropReason(reason).label in text
     # one tile per decision in the contact sheets (all fit under the default limits)
     n_tiles = page.count('<figure class="tile"')
     groups = defaultdict(list)

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from pipeline.cli import main
-from pipeline.errors import DataError, Kd3Error
-from pipeline.inspect import Run, class_sheet, render_summary, similar, summarize, text_query
-from pipeline.io import atomic_write_json, read_json, read_jsonl
-from pipeline.runs import DROP_REASONS
+from pipeline.app.cli import main
+from pipeline.core.errors import DataError, Kd3Error
+from pipeline.app.inspect import Run, class_sheet, render_summary, similar, summarize, text_query
+from pipeline.core.io import atomic_write_json, read_json, read_jsonl
+from pipeline.core.records import DROP_REASONS
 
 
 def test_summary_numbers_equal_manifest_and_decisions(full_run):
@@ -200,7 +200,7 @@ def test_class_sheet_has_every_image_of_the_class(full_run, tmp_path):
 
 def test_selection_log_formats(tmp_path):
     """Key lists, "all" (kd/dfnd) and the bitmask over pool_keys.txt used for very large pools."""
-    from pipeline.inspect import DistillRun
+    from pipeline.app.inspect import DistillRun
 
     keys = [f"{i:016x}" for i in range(10)]
     (tmp_path / "pool_keys.txt").write_text("\n".join(keys) + "\n")

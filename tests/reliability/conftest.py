@@ -11,7 +11,7 @@ from reliability_helpers import load_module  # noqa: E402
 
 @pytest.fixture
 def fw():
-    from crawlers.fakeweb import FakeWeb
+    from kd3demo.fakeweb import FakeWeb
 
     with FakeWeb(slow_s=5.0) as web:
         yield web

@@ -28,7 +28,7 @@ def load_module(rel: str, name: str):
 
 
 def kd3(*args, timeout=300, env=None, cwd=None) -> subprocess.CompletedProcess:
-    exe = [str(KD3)] if KD3.exists() else [sys.executable, "-m", "pipeline.cli"]
+    exe = [str(KD3)] if KD3.exists() else [sys.executable, "-m", "pipeline.app.cli"]
     e = dict(os.environ)
     e.update(env or {})
     return subprocess.run(exe + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
@@ -54,7 +54,7 @@ def rss_mb() -> float:
 
 
 def half_written(root: Path) -> list[Path]:
-    """Files that look like the leftovers of an interrupted write (temp names of pipeline.io)."""
+    """Files that look like the leftovers of an interrupted write (temp names of pipeline.core.io)."""
     return [p for p in Path(root).rglob("*") if p.is_file() and (p.name.endswith(".tmp") or ".tmp." in p.name
                                                                   or p.name.endswith(".partial"))]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.io import atomic_write_json, sha256_file
+from pipeline.core.io import atomic_write_json, sha256_file
 
 from reliability_helpers import assert_one_line_error, kd3
 
@@ -65,7 +65,7 @@ def teacher(tmp_path_factory):
     import torch
 
     from distill.models import create_model
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.core.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     p = tmp_path_factory.mktemp("t") / "teacher.pt"

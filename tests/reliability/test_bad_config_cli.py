@@ -1,4 +1,4 @@
-"""Bad configuration at the CLI level: the real `kd3` executable (a few) and `pipeline.cli.main` in-process
+"""Bad configuration at the CLI level: the real `kd3` executable (a few) and `pipeline.app.cli.main` in-process
 (the rest) end with exactly one `kd3: error: ...` line naming the culprit, exit 2, no traceback.
 (tests/foundation/test_config.py covers load_config at the API level; these are the user's view.)"""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import pytest
 import yaml
 
-from pipeline.cli import main
-from pipeline.io import read_jsonl
+from pipeline.app.cli import main
+from pipeline.core.io import read_jsonl
 
 from reliability_helpers import assert_one_line_error, kd3
 

@@ -27,7 +27,7 @@ import resource, sys
 cap = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_FSIZE, (cap, cap))   # any file growing past `cap` bytes: EFBIG
 sys.argv = ["kd3", "curate", "--run", sys.argv[2]] + sys.argv[3:]
-from pipeline.cli import main
+from pipeline.app.cli import main
 sys.exit(main())
 """
 

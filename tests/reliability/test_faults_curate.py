@@ -41,16 +41,16 @@ sys.argv = ["kd3", "curate", "--run", sys.argv[3], "--classes", "cat,coffee,spac
             "--curate.clip_model", "kd3-tiny-clip", "--set", "curate.clip_pretrained=null",
             "--curate.batch_size", "4", "--curate.workers", "1", "--curate.device", "cpu",
             "--curate.max_side", "128", "--curate.near_dup_threshold", "0.9995", "--curate.shard_max_samples", "3"]
-from pipeline.cli import main
+from pipeline.app.cli import main
 sys.exit(main())
 """
 
 # (hook, how many calls a full run makes at most): the kill happens at a random one of them
 POINTS = {
-    "embedding": ("pipeline.embed.EmbeddingCache.add_part", 5),
-    "shard_member": ("pipeline.shards._OpenShard.add", 10),
-    "index_save": ("pipeline.index.save_index", 1),
-    "manifest": ("pipeline.manifest.write_manifest", 1),
+    "embedding": ("pipeline.curate.embed.EmbeddingCache.add_part", 5),
+    "shard_member": ("pipeline.curate.shards._OpenShard.add", 10),
+    "index_save": ("pipeline.core.records.write_index", 1),
+    "manifest": ("pipeline.core.records.write_manifest", 1),
 }
 
 
@@ -65,7 +65,7 @@ def check_whole(run: Path, manifest: dict) -> None:
     import numpy as np
 
     from distill.data import verify_shards
-    from pipeline.index import load_index
+    from pipeline.core.records import read_index as load_index
 
     verify_shards(run / "manifest.json", manifest)
     for p in run.rglob("*.json"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.io import read_jsonl
+from pipeline.core.io import read_jsonl
 
 from reliability_helpers import KD3, REPO, half_written, kd3, load_module
 
@@ -33,7 +33,7 @@ def test_kill9_mid_distill_then_resume(tmp_path):
     import torch
 
     from distill.models import create_model
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.core.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     teacher = tmp_path / "teacher.pt"
@@ -48,7 +48,7 @@ def test_kill9_mid_distill_then_resume(tmp_path):
     epoch_s = min(e["time_s"] for e in json.loads((run / "distill" / "kd3-full" / "metrics.json").read_text())["epochs"])
     delay = random.Random(SEED).uniform(0.0, 0.8 * epoch_s)  # somewhere inside the second epoch
     log = open(tmp_path / "cut.log", "w")
-    exe = [str(KD3)] if KD3.exists() else [sys.executable, "-m", "pipeline.cli"]
+    exe = [str(KD3)] if KD3.exists() else [sys.executable, "-m", "pipeline.app.cli"]
     proc = subprocess.Popen(exe + _args(run, teacher, "cut"), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
         t_end = time.monotonic() + 240

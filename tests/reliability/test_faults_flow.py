@@ -37,7 +37,7 @@ def _teacher(path: Path) -> Path:
     import torch
 
     from distill.models import create_model
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.core.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     net = create_model("cnn_tiny", len(CLASSES))
@@ -51,7 +51,7 @@ def _mtimes(run: Path) -> dict[str, int]:
 
 
 def _kd3_run(cfg: Path, env: dict, log: Path) -> subprocess.Popen:
-    exe = [str(KD3)] if KD3.exists() else [sys.executable, "-m", "pipeline.cli"]
+    exe = [str(KD3)] if KD3.exists() else [sys.executable, "-m", "pipeline.app.cli"]
     return subprocess.Popen(exe + ["run", "--config", str(cfg)], cwd=REPO, env=env, start_new_session=True,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
@@ -94,7 +94,7 @@ def test_kill9_during_flow_distill_then_rerun_uses_cached_stages(tmp_path):
     assert proc.wait(300) == 0, (tmp_path / "second.log").read_text()[-3000:]
 
     assert _mtimes(run) == before  # crawl and curate came from the cache: not one of their files rewritten
-    from pipeline.io import read_json
+    from pipeline.core.io import read_json
 
     metrics = read_json(out_dir / "metrics.json")
     assert metrics["final"]["done"] and len(metrics["epochs"]) == EPOCHS

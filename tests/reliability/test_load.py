@@ -22,7 +22,7 @@ N_CLASSES, PER_CLASS, HOSTS = 200, 50, 8
 
 CRAWL_CHILD = """
 import json, resource, sys, threading, time
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from crawlers.stage import crawl
 cfg = load_config(None, json.loads(sys.argv[1]))
 def live():  # tqdm's one process-wide monitor thread is not a leak: it does not grow with the crawl
@@ -41,7 +41,7 @@ print(json.dumps({"threads_before": before, "threads_after": after, "seconds": d
 
 
 def test_crawl_200_classes_x_50_images(tmp_path):
-    from crawlers.fakeweb import FakeWeb, make_jpeg
+    from kd3demo.fakeweb import FakeWeb, make_jpeg
 
     engine = FakeWeb("127.0.0.1").start()
     hosts = [FakeWeb(f"127.0.0.{i + 2}").start() for i in range(HOSTS)]
@@ -75,7 +75,7 @@ def test_crawl_200_classes_x_50_images(tmp_path):
 
 CURATE_CHILD = """
 import json, resource, sys, time
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from pipeline.curate import curate
 cfg = load_config(None, json.loads(sys.argv[1]))
 t0 = time.monotonic()

@@ -16,8 +16,8 @@ PROXY_USER, PROXY_PW = "kd3user", "Pr0xyPassw0rdXYZ"
 
 
 def test_fakeweb_binds_loopback_by_default():
-    from crawlers import fakeweb
-    from crawlers.fakeweb import FakeWeb
+    from kd3demo import fakeweb
+    from kd3demo.fakeweb import FakeWeb
 
     assert inspect.signature(FakeWeb.__init__).parameters["host"].default == "127.0.0.1"
     with FakeWeb() as w:
@@ -54,7 +54,7 @@ def test_no_secret_in_run_dir_or_logs(tmp_path):
     """A real `kd3 crawl` (DEBUG logs) with a Flickr key and a proxy URL carrying credentials, the proxy
     being the fake web itself (it answers absolute-URL proxy requests): neither secret appears in any
     file of the run directory nor in anything the process printed."""
-    from crawlers.fakeweb import FakeWeb, make_jpeg
+    from kd3demo.fakeweb import FakeWeb, make_jpeg
 
     with FakeWeb(flickr_key=FLICKR_KEY) as fw:
         for i in range(3):

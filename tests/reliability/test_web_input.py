@@ -14,8 +14,8 @@ from collections import Counter
 import pytest
 
 from crawlers.fetch import Fetcher
-from pipeline.config import load_config
-from pipeline.io import read_jsonl
+from pipeline.core.config import load_config
+from pipeline.core.io import read_jsonl
 
 from reliability_helpers import REPO, rss_mb
 
@@ -129,7 +129,7 @@ def test_endless_slow_body_ends_at_the_body_cap(fw):
 _HUGE_CLIENT = textwrap.dedent("""
     import json, resource, sys
     from crawlers.fetch import Fetcher
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     cfg = load_config(None, {"crawl.allowed_networks": ["127.0.0.1/32"], "crawl.max_bytes": int(sys.argv[2]),
                              "crawl.retries": 0, "crawl.rate_limit_per_domain": 1000.0})
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -142,7 +142,7 @@ _HUGE_CLIENT = textwrap.dedent("""
 def test_2gb_response_is_streamed_and_cut_at_the_byte_cap(tmp_path):
     """A 2 GiB body without Content-Length: the server generates it lazily, the client (a separate
     process, so its peak RSS is its own) stops at max_bytes; neither side holds the body in memory."""
-    from crawlers.fakeweb import FakeWeb
+    from kd3demo.fakeweb import FakeWeb
 
     cap = 20_000_000
     rss0 = rss_mb()
