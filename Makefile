@@ -18,7 +18,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: venv test test-slow demo bench clean
+.PHONY: venv lint test test-slow demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,13 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: venv
+# the architecture: layer contracts (import-linter), no import cycle between files, no function over 80 lines
+lint: venv
+	$(VENV)/bin/lint-imports
+	$(PY) tools/check_imports.py
+	$(PY) tools/check_function_length.py
+
+test: venv lint
 	$(PY) -m pytest -q -m "not slow"
 
 test-slow: venv
