@@ -21,7 +21,7 @@ EXACT_MAX = 50_000
 def similar_pairs(emb: np.ndarray, threshold: float, *, exact_max: int = EXACT_MAX, nprobe: int = 4,
                   nlist: int | None = None, batch: int = 16384) -> tuple[np.ndarray, np.ndarray]:
     """(rows i, cols j) with i < j and cos(emb[i], emb[j]) >= threshold."""
-    import faiss  # heavy: only when pairs are searched
+    import faiss
 
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     n, d = emb.shape if emb.ndim == 2 else (0, 0)
@@ -61,7 +61,7 @@ def similar_pairs(emb: np.ndarray, threshold: float, *, exact_max: int = EXACT_M
 
 def group_labels(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """Connected-component label per item (labels are arbitrary ints)."""
-    from scipy.sparse import coo_matrix  # heavy: only for the components
+    from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     if n == 0:
