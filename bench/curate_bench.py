@@ -25,6 +25,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import machine  # noqa: E402
 
 
 def _images(n: int, seed: int = 0) -> list[bytes]:
@@ -125,26 +128,159 @@ def planted_embeddings(n: int, d: int = 512, dup_frac: float = 0.05, n_clusters:
     return emb, src
 
 
-def neardup(n: int = 100_000, d: int = 512, threshold: float = 0.95, nprobe: int = 4) -> dict:
+# ------------------------------------------------------------------ near-dup alternatives
+# Each method maps (emb, threshold) -> (rows, cols) pairs. "cells" is kd3's pipeline.neardup; the others
+# are the alternatives it was measured against (issue 14). Methods whose coarse pass is approximate in
+# the similarity itself (8-bit codes, PCA) re-check candidates exactly with pipeline.neardup.recheck.
+def _ivf_range(emb, thr, *, nlist=None, nprobe=4, sq8=False, hnsw_quantizer=True, slack=0.0, batch=16384):
+    """FAISS IVF range search (kd3 <= 0.1: IVFFlat, ~4 sqrt(N) lists, HNSW quantizer, nprobe 4)."""
+    import math
+
     import faiss
 
-    from pipeline.neardup import group_labels, similar_pairs
+    from pipeline.neardup import recheck
+
+    n, d = emb.shape
+    nlist = nlist or max(16, int(4 * math.sqrt(n)))
+    quantizer = (faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT) if hnsw_quantizer and nlist > 1024
+                 else faiss.IndexFlatIP(d))
+    if sq8:
+        index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                              faiss.METRIC_INNER_PRODUCT)
+    else:
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = 10
+    index.cp.max_points_per_centroid = 32
+    rng = np.random.default_rng(0)
+    index.train(emb[np.sort(rng.choice(n, size=min(n, 32 * nlist), replace=False))])
+    index.nprobe = nprobe
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(32, 2 * nprobe)
+    index.add(emb)
+    radius = float(np.nextafter(np.float32(thr - slack), np.float32(-1)))
+    rows, cols = [], []
+    for start in range(0, n, batch):
+        lims, _, idx = index.range_search(emb[start:start + batch], radius)
+        qi = np.repeat(np.arange(start, start + min(batch, n - start), dtype=np.int64), np.diff(lims).astype(np.int64))
+        keep = idx > qi
+        rows.append(qi[keep])
+        cols.append(idx[keep].astype(np.int64))
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    return recheck(emb, rows, cols, thr) if slack else (rows, cols)
+
+
+def _hnsw_knn(emb, thr, *, k=16, m=32, ef_construction=40, ef_search=64):
+    """kNN graph (k nearest by HNSW) thresholded at the cosine cut."""
+    import faiss
+
+    index = faiss.IndexHNSWFlat(emb.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = ef_construction
+    index.add(emb)
+    index.hnsw.efSearch = ef_search
+    sims, idx = index.search(emb, k)
+    qi = np.repeat(np.arange(len(emb), dtype=np.int64), k).reshape(-1, k)
+    ok = (sims >= np.float32(thr)) & (idx >= 0) & (idx != qi)
+    a, b = qi[ok], idx[ok].astype(np.int64)
+    key = np.unique(np.minimum(a, b) * len(emb) + np.maximum(a, b))
+    return key // len(emb), key % len(emb)
+
+
+def _cells(emb, thr, **kw):
+    from pipeline.neardup import similar_pairs
+
+    return similar_pairs(emb, thr, exact_max=0, **kw)
+
+
+NEARDUP_METHODS = {
+    "cells": (_cells, {}, "kd3: blocked GEMM in k-means cells (PCA-64, 2 sqrt(N) cells, 2 probes) + exact re-check"),
+    "cells-1probe": (_cells, {"nprobe": 1}, "as cells, each row probes its own cell only"),
+    "cells-4sqrtN": (_cells, {"nprobe": 2, "nlist_per_sqrt_n": 4}, "as cells with 4 sqrt(N) cells"),
+    "ivf-range": (_ivf_range, {}, "kd3 <= 0.1: faiss IVFFlat range search, 4 sqrt(N) lists, HNSW quantizer, nprobe 4"),
+    "ivf-range-p2": (_ivf_range, {"nprobe": 2, "nlist_per_sqrt_n": 2},
+                     "faiss IVFFlat range search, 2 sqrt(N) lists, nprobe 2"),
+    "ivfsq8-range": (_ivf_range, {"nprobe": 2, "nlist_per_sqrt_n": 2, "sq8": True, "slack": 0.02},
+                     "faiss IVF + 8-bit SQ codes, range at thr-0.02, exact re-check"),
+    "hnsw-knn16": (_hnsw_knn, {}, "faiss HNSW (M 32, efC 40, efS 64) kNN graph, k=16, thresholded"),
+}
+
+
+def _peak_rss_gib() -> float:
+    """VmHWM of this process (ru_maxrss would include the parent's RSS at fork time)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _run_method(name: str, emb_path: str, thr: float, out: str) -> dict:
+    """One method in this (fresh) process: its peak RSS is the method's plus the embeddings'."""
+    import faiss
+
+    from pipeline.neardup import default_workers
+
+    faiss.omp_set_num_threads(default_workers())
+    emb = np.load(emb_path)
+    rss0 = _peak_rss_gib()
+    fn, kw, _ = NEARDUP_METHODS[name]
+    kw = dict(kw)
+    per = kw.pop("nlist_per_sqrt_n", None)
+    if per:
+        kw["nlist"] = int(per * np.sqrt(len(emb)))
+    t0 = time.perf_counter()
+    rows, cols = fn(emb, thr, **kw)
+    t = time.perf_counter() - t0
+    np.savez(out, rows=rows, cols=cols)
+    return {"s": t, "peak_rss_gib": _peak_rss_gib(),
+            "emb_loaded_rss_gib": rss0, "load": os.getloadavg()[0]}
+
+
+def neardup(n: int = 100_000, d: int = 512, threshold: float = 0.95, methods: list[str] | None = None,
+            timeout: float = 900) -> list[dict]:
+    """Each method in its own process on the same planted embeddings: time (pairs only; components
+    add ~1 s at 1M), recall of the planted pairs, false pairs (found, exact cosine < threshold),
+    pairs found beyond the planted ones, peak RSS."""
+    import subprocess
+
+    from pipeline.neardup import group_labels
 
     emb, src = planted_embeddings(n, d)
     n_base = n - len(src)
-    pair_cos = float(np.mean(np.sum(emb[src[:1000]] * emb[n_base:n_base + 1000], 1)))
-    t0 = time.perf_counter()
-    rows, cols = similar_pairs(emb, threshold, nprobe=nprobe)
-    t_pairs = time.perf_counter() - t0
-    labels = group_labels(n, rows, cols)
-    total = time.perf_counter() - t0
-    recall = float(np.mean(labels[src] == labels[n_base + np.arange(len(src))]))
-    planted_set = set(zip(src.tolist(), (n_base + np.arange(len(src))).tolist()))
-    extra = sum(1 for a, b in zip(rows.tolist(), cols.tolist()) if (a, b) not in planted_set)
-    return {"n": n, "dim": d, "threshold": threshold, "method": "flat" if n <= 50_000 else f"ivf nprobe={nprobe}",
-            "planted": len(src), "planted_cos": round(pair_cos, 3), "pairs_found": int(len(rows)),
-            "non_planted_pairs": int(extra), "recall": round(recall, 4), "pairs_s": round(t_pairs, 1),
-            "total_s": round(total, 1), "threads": faiss.omp_get_max_threads()}
+    dup = n_base + np.arange(len(src))
+    planted_cos = float(np.mean(np.sum(emb[src[:1000]] * emb[dup[:1000]], 1)))
+    out = []
+    with tempfile.TemporaryDirectory(prefix="kd3-neardup-") as tmp:
+        np.save(Path(tmp) / "emb.npy", emb)
+        for name in methods or list(NEARDUP_METHODS):
+            res = Path(tmp) / f"{name}.npz"
+            cmd = [sys.executable, __file__, "_neardup_one", name, str(Path(tmp) / "emb.npy"), str(threshold), str(res)]
+            row = {"n": n, "method": name, "s": None, "recall": None, "false_pairs": None, "extra_pairs": None,
+                   "peak_rss_gib": None, "emb_gib": round(emb.nbytes / 2**30, 2)}
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                row["s"] = f">{timeout:.0f} (stopped)"
+                out.append(row)
+                print(json.dumps(row), flush=True)
+                continue
+            if p.returncode != 0:
+                row["s"] = f"failed: {p.stderr.strip().splitlines()[-1:]}"
+                out.append(row)
+                continue
+            stat = json.loads(p.stdout.strip().splitlines()[-1])
+            z = np.load(res)
+            rows, cols = z["rows"], z["cols"]
+            labels = group_labels(n, rows, cols)
+            cos = np.einsum("ij,ij->i", emb[rows].astype(np.float64), emb[cols].astype(np.float64))
+            planted = set(zip(src.tolist(), dup.tolist()))
+            row.update(s=round(stat["s"], 1), recall=round(float(np.mean(labels[src] == labels[dup])), 5),
+                       false_pairs=int(np.sum(cos < np.float32(threshold))),
+                       extra_pairs=int(sum(1 for a, b in zip(rows.tolist(), cols.tolist()) if (a, b) not in planted)),
+                       peak_rss_gib=round(stat["peak_rss_gib"], 2), load1=round(stat["load"], 2))
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    for r in out:
+        r.update(planted=len(src), planted_cos=round(planted_cos, 3), threshold=threshold)
+    return out
 
 
 def _table(title: str, rows: list[dict]) -> None:
@@ -171,14 +307,25 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--n", type=int, nargs="*", default=[100_000])
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--nprobe", type=int, default=4)
+    p.add_argument("--methods", nargs="*", choices=sorted(NEARDUP_METHODS),
+                   help="near-dup methods to compare (default: all)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per near-dup method before it is stopped")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["_neardup_one"]:  # internal: one method in a fresh process (peak RSS)
+        name, emb_path, thr, out = argv[1:5]
+        print(json.dumps(_run_method(name, emb_path, float(thr), out)))
+        return 0
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.what in ("all", "throughput"):
         _table("curate throughput vs raw model", [throughput(a.model, a.images, a.batch, a.workers, a.device)])
     if a.what in ("all", "neardup"):
-        _table("near-duplicate removal", [neardup(n, a.dim, nprobe=a.nprobe) for n in a.n])
+        for n in a.n:
+            print(f"machine: {machine()}", flush=True)
+            _table(f"near-duplicate removal, {n} x {a.dim} planted embeddings",
+                   neardup(n, a.dim, methods=a.methods, timeout=a.timeout))
     return 0
 
 

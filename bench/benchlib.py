@@ -1,0 +1,72 @@
+"""Shared bench helpers: what machine the numbers came from, and interleaved A/B timing.
+
+On a shared, noisy machine absolute times drift by 2-3x within minutes; a ratio of two measurements
+taken back to back (A, B, A, B, ...) drifts much less. ``interleave`` runs the pair that way and
+reports the median ratio and its spread (min..max over repeats) beside the per-side medians.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """Cores, torch/faiss threads, CPU model and load average, for printing beside every table."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        cpus = os.cpu_count()
+    info = {"cpu": cpu_model(), "cores": cpus, "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import faiss
+
+        info["faiss_omp_threads"] = faiss.omp_get_max_threads()
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+def format_machine(info: dict | None = None) -> str:
+    info = info or machine()
+    return ", ".join(f"{k} {v}" for k, v in info.items())
+
+
+def interleave(a: Callable[[], float], b: Callable[[], float], repeats: int = 3) -> dict:
+    """Run a, b, a, b, ... ``repeats`` times each. Each callable returns its own measure (seconds, or
+    seconds per item); the result is per-repeat ratios b/a, their median and spread, the medians of
+    each side and the load average at each step."""
+    ta, tb, loads = [], [], []
+    for _ in range(repeats):
+        loads.append(os.getloadavg()[0])
+        ta.append(float(a()))
+        tb.append(float(b()))
+    ratios = [y / x for x, y in zip(ta, tb)]
+    return {"a": ta, "b": tb, "ratios": ratios, "ratio_median": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios), "a_median": statistics.median(ta),
+            "b_median": statistics.median(tb), "load_1min": loads, "repeats": repeats}
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
