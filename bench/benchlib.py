@@ -6,6 +6,7 @@ reports the median ratio and its spread (min..max over repeats) beside the per-s
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import statistics
@@ -70,3 +71,10 @@ def timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def quiet_logging() -> None:
+    """Warnings only on the console (the distill trainer raises kd3's logger to INFO for its train.log)."""
+    logging.basicConfig(level=logging.WARNING)
+    for h in logging.getLogger().handlers:
+        h.setLevel(logging.WARNING)

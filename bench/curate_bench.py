@@ -3,12 +3,15 @@
 (a) ``throughput``: curate's decode+hash+embed pass vs the raw embedding throughput of the same
     open_clip model in the same process (pre-decoded tensors, model only). Ratio = overhead of
     everything around the model. Random weights (no download) have the real model's cost.
-(b) ``neardup``: semantic near-duplicate removal time on N clustered random unit vectors with
-    planted near-duplicates (cosine ~0.98), and the recall of the planted pairs.
+    ``CuratePair`` is the same pair for ``bench/throughput.py``'s interleaved repeats.
+(b) ``neardup``: semantic near-duplicate removal on N clustered random unit vectors with planted
+    near-duplicates (cosine ~0.98): kd3's method and the alternatives it was chosen over, each in a
+    fresh process, as a table of time, recall of the planted pairs, false pairs, peak RSS.
 
     .venv/bin/python bench/curate_bench.py                      # both, small sizes
-    .venv/bin/python bench/curate_bench.py neardup --n 1000000  # the 1M case
-    .venv/bin/python bench/curate_bench.py throughput --model ViT-B-32 --images 256
+    .venv/bin/python bench/curate_bench.py neardup --n 1000000  # the 1M case, every method
+    .venv/bin/python bench/curate_bench.py neardup --n 1000000 --methods cells ivf-range
+    .venv/bin/python bench/curate_bench.py throughput --model ViT-B-32 --images 256 --px 800 2000
 """
 from __future__ import annotations
 
@@ -30,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import machine  # noqa: E402
 
 
-def _images(n: int, seed: int = 0) -> list[bytes]:
-    """n distinct JPEGs (random crops / sizes of real sample images)."""
+def _images(n: int, seed: int = 0, px: tuple[int, int] = (320, 640)) -> list[bytes]:
+    """n distinct JPEGs (random crops of real sample images, longer side drawn from ``px``)."""
     import skimage.data as d
     from PIL import Image
     from sklearn.datasets import load_sample_images
@@ -45,63 +48,98 @@ def _images(n: int, seed: int = 0) -> list[bytes]:
         w, h = im.size
         cw, ch = int(w * rng.uniform(0.5, 0.9)), int(h * rng.uniform(0.5, 0.9))
         x, y = int(rng.integers(0, w - cw)), int(rng.integers(0, h - ch))
-        side = int(rng.integers(320, 640))
+        side = int(rng.integers(px[0], px[1] + 1))
         crop = im.crop((x, y, x + cw, y + ch))
         crop = crop.resize((side, max(32, int(side * ch / cw))))
         buf = io.BytesIO()
-        crop.save(buf, format="JPEG", quality=90)
+        crop.convert("RGB").save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
     return out
 
 
-def throughput(model: str = "ViT-B-32", n_images: int = 256, batch_size: int = 32, workers: int = 2,
-               device: str = "auto") -> dict:
-    import hashlib
+class CuratePair:
+    """A (raw model, curate pass) pair on the same JPEGs and the same open_clip model, for interleaved
+    timing. ``raw()``: seconds per image of the model alone on pre-decoded tensors (same batches).
+    ``curate()``: seconds per image of curate's decode+hash+embed pass (``stats.embed.wall_s``) in a
+    fresh run directory (a rerun would skip the work). Random weights (no download) have the real
+    model's cost."""
 
-    import torch
+    def __init__(self, workdir: Path, model: str = "ViT-B-32", n_images: int = 128, batch_size: int = 32,
+                 workers: int = 2, device: str = "auto", px: tuple[int, int] = (800, 2000)):
+        import hashlib
 
-    from pipeline.config import load_config
-    from pipeline.curate import curate
-    from pipeline.embed import ClipEmbedder
-    from PIL import Image
+        import torch
+        from PIL import Image
 
-    datas = _images(n_images)
-    with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / "runs" / "bench"
+        from pipeline.embed import ClipEmbedder
+
+        self.workdir, self.model, self.n, self.batch, self.workers, self.device = (
+            Path(workdir), model, n_images, batch_size, workers, device)
+        self.px = px
+        datas = _images(n_images, px=px)
+        self.template = self.workdir / "crawl"
         rows = []
         for i, data in enumerate(datas):
             sha = hashlib.sha256(data).hexdigest()
             rel = f"crawl/images/{sha[:2]}/{sha}.jpg"
-            (run / rel).parent.mkdir(parents=True, exist_ok=True)
-            (run / rel).write_bytes(data)
+            (self.workdir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (self.workdir / rel).write_bytes(data)
             rows.append({"class": ["a", "b"][i % 2], "query": "", "engine": "bench", "url": f"http://x/{i}.jpg",
                          "status": "ok", "error": None, "sha256": sha, "bytes": len(data), "w": 0, "h": 0,
                          "path": rel, "time": 0})
-        (run / "crawl" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        cfg = load_config(None, {"name": "bench", "runs_root": str(run.parent), "classes": ["a", "b"],
-                                 "curate.clip_model": model, "curate.clip_pretrained": None,
-                                 "curate.batch_size": batch_size, "curate.workers": workers,
-                                 "curate.device": device})
-        # raw model throughput on pre-decoded tensors (same model, same batches)
-        emb = ClipEmbedder(model, None, None, device)
-        xs = [emb.preprocess(Image.open(io.BytesIO(d)).convert("RGB")) for d in datas]
-        emb.embed(torch.stack(xs[:batch_size]))  # warm-up
+        (self.template / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.mean_kb = sum(map(len, datas)) / len(datas) / 1024
+        self.emb = ClipEmbedder(model, None, None, device)
+        self.xs = [self.emb.preprocess(Image.open(io.BytesIO(d)).convert("RGB")) for d in datas]
+        self.emb.embed(torch.stack(self.xs[:batch_size]))  # warm-up
+        self.k = 0
+        self.last_stage_s = None
+
+    def raw(self) -> float:
+        import torch
+
         t0 = time.perf_counter()
-        for i in range(0, len(xs), batch_size):
-            emb.embed(torch.stack(xs[i:i + batch_size]))
-        if emb.device.startswith("cuda"):
+        for i in range(0, len(self.xs), self.batch):
+            self.emb.embed(torch.stack(self.xs[i:i + self.batch]))
+        if self.emb.device.startswith("cuda"):
             torch.cuda.synchronize()
-        raw_s = time.perf_counter() - t0
-        del xs, emb
+        return (time.perf_counter() - t0) / self.n
+
+    def curate(self) -> float:
+        import shutil
+
+        from pipeline.config import load_config
+        from pipeline.curate import curate
+
+        self.k += 1
+        run = self.workdir / "runs" / f"bench{self.k}"
+        shutil.copytree(self.template, run / "crawl")
+        cfg = load_config(None, {"name": run.name, "runs_root": str(run.parent), "classes": ["a", "b"],
+                                 "curate.clip_model": self.model, "curate.clip_pretrained": None,
+                                 "curate.batch_size": self.batch, "curate.workers": self.workers,
+                                 "curate.device": self.device})
         t0 = time.perf_counter()
         m = curate(cfg)
-        stage_s = time.perf_counter() - t0
-        scan_s = m["stats"]["embed"]["wall_s"]
-    raw = n_images / raw_s
-    scan = n_images / scan_s
-    return {"model": model, "device": device, "images": n_images, "batch": batch_size, "workers": workers,
-            "raw_img_s": round(raw, 1), "curate_embed_pass_img_s": round(scan, 1),
-            "overhead_pct": round(100 * (raw / scan - 1), 1),
+        self.last_stage_s = time.perf_counter() - t0
+        shutil.rmtree(run, ignore_errors=True)
+        return m["stats"]["embed"]["wall_s"] / self.n
+
+    def describe(self) -> str:
+        return (f"open_clip {self.model} (random weights = the real model's cost), {self.n} JPEGs of "
+                f"{self.px[0]}-{self.px[1]} px (mean {self.mean_kb:.0f} KiB), batch {self.batch}, "
+                f"{self.workers} decode threads, device {self.emb.device}")
+
+
+def throughput(model: str = "ViT-B-32", n_images: int = 256, batch_size: int = 32, workers: int = 2,
+               device: str = "auto", px: tuple[int, int] = (320, 640)) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        pair = CuratePair(Path(tmp), model, n_images, batch_size, workers, device, px)
+        raw_s = pair.raw()
+        scan_s = pair.curate()
+        stage_s = pair.last_stage_s
+    return {"model": model, "device": device, "images": n_images, "px": f"{px[0]}-{px[1]}", "batch": batch_size,
+            "workers": workers, "raw_img_s": round(1 / raw_s, 1), "curate_embed_pass_img_s": round(1 / scan_s, 1),
+            "overhead_pct": round(100 * (scan_s / raw_s - 1), 1),
             "curate_stage_total_img_s": round(n_images / stage_s, 1), "stage_s": round(stage_s, 2)}
 
 
@@ -305,6 +343,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
+    p.add_argument("--px", type=int, nargs=2, default=[320, 640], help="JPEG longer side range (throughput)")
     p.add_argument("--n", type=int, nargs="*", default=[100_000])
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--methods", nargs="*", choices=sorted(NEARDUP_METHODS),
@@ -320,7 +359,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.what in ("all", "throughput"):
-        _table("curate throughput vs raw model", [throughput(a.model, a.images, a.batch, a.workers, a.device)])
+        _table("curate throughput vs raw model", [throughput(a.model, a.images, a.batch, a.workers, a.device, tuple(a.px))])
     if a.what in ("all", "neardup"):
         for n in a.n:
             print(f"machine: {machine()}", flush=True)
