@@ -78,3 +78,36 @@ def quiet_logging() -> None:
     logging.basicConfig(level=logging.WARNING)
     for h in logging.getLogger().handlers:
         h.setLevel(logging.WARNING)
+
+
+def photo_jpegs(n: int, px: tuple[int, int], seed: int = 0, square: bool = False, quality: int = 90) -> list[bytes]:
+    """n distinct JPEGs: random crops (30-90 % of each side) of the real photos that ship with
+    scikit-learn and scikit-image, resized so that the longer side is drawn from ``px`` (``square``:
+    ``px[0]`` x ``px[0]``)."""
+    import io
+
+    import numpy as np
+    import skimage.data as d
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    srcs = [Image.fromarray(a) for a in load_sample_images().images]
+    srcs += [Image.fromarray(getattr(d, k)()).convert("RGB")
+             for k in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        im = srcs[i % len(srcs)]
+        w, h = im.size
+        cw, ch = int(w * rng.uniform(0.3, 0.9)), int(h * rng.uniform(0.3, 0.9))
+        x, y = int(rng.integers(0, w - cw)), int(rng.integers(0, h - ch))
+        crop = im.crop((x, y, x + cw, y + ch))
+        if square:
+            size = (px[0], px[0])
+        else:
+            side = int(rng.integers(px[0], px[1] + 1))
+            size = (side, max(32, side * ch // cw)) if cw >= ch else (max(32, side * cw // ch), side)
+        buf = io.BytesIO()
+        crop.resize(size).save(buf, format="JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out

@@ -30,31 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import machine  # noqa: E402
-
-
-def _images(n: int, seed: int = 0, px: tuple[int, int] = (320, 640)) -> list[bytes]:
-    """n distinct JPEGs (random crops of real sample images, longer side drawn from ``px``)."""
-    import skimage.data as d
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    srcs = [Image.fromarray(a) for a in load_sample_images().images]
-    srcs += [Image.fromarray(getattr(d, k)()) for k in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")]
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        im = srcs[i % len(srcs)]
-        w, h = im.size
-        cw, ch = int(w * rng.uniform(0.5, 0.9)), int(h * rng.uniform(0.5, 0.9))
-        x, y = int(rng.integers(0, w - cw)), int(rng.integers(0, h - ch))
-        side = int(rng.integers(px[0], px[1] + 1))
-        crop = im.crop((x, y, x + cw, y + ch))
-        crop = crop.resize((side, max(32, int(side * ch / cw))))
-        buf = io.BytesIO()
-        crop.convert("RGB").save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
+from benchlib import machine, photo_jpegs  # noqa: E402
 
 
 class CuratePair:
@@ -76,7 +52,7 @@ class CuratePair:
         self.workdir, self.model, self.n, self.batch, self.workers, self.device = (
             Path(workdir), model, n_images, batch_size, workers, device)
         self.px = px
-        datas = _images(n_images, px=px)
+        datas = photo_jpegs(n_images, px)
         self.template = self.workdir / "crawl"
         rows = []
         for i, data in enumerate(datas):
@@ -169,7 +145,7 @@ def planted_embeddings(n: int, d: int = 512, dup_frac: float = 0.05, n_clusters:
 # ------------------------------------------------------------------ near-dup alternatives
 # Each method maps (emb, threshold) -> (rows, cols) pairs. "cells" is kd3's pipeline.neardup; the others
 # are the alternatives it was measured against (issue 14). Methods whose coarse pass is approximate in
-# the similarity itself (8-bit codes, PCA) re-check candidates exactly with pipeline.neardup.recheck.
+# the similarity itself (8-bit codes) re-check candidates exactly with pipeline.neardup.recheck.
 def _ivf_range(emb, thr, *, nlist=None, nprobe=4, sq8=False, hnsw_quantizer=True, slack=0.0, batch=16384):
     """FAISS IVF range search (kd3 <= 0.1: IVFFlat, ~4 sqrt(N) lists, HNSW quantizer, nprobe 4)."""
     import math
@@ -194,16 +170,7 @@ def _ivf_range(emb, thr, *, nlist=None, nprobe=4, sq8=False, hnsw_quantizer=True
     index.nprobe = nprobe
     if isinstance(quantizer, faiss.IndexHNSW):
         quantizer.hnsw.efSearch = max(32, 2 * nprobe)
-    index.add(emb)
-    radius = float(np.nextafter(np.float32(thr - slack), np.float32(-1)))
-    rows, cols = [], []
-    for start in range(0, n, batch):
-        lims, _, idx = index.range_search(emb[start:start + batch], radius)
-        qi = np.repeat(np.arange(start, start + min(batch, n - start), dtype=np.int64), np.diff(lims).astype(np.int64))
-        keep = idx > qi
-        rows.append(qi[keep])
-        cols.append(idx[keep].astype(np.int64))
-    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    rows, cols = _range_pairs(index, emb, thr - slack, batch)
     return recheck(emb, rows, cols, thr) if slack else (rows, cols)
 
 
@@ -229,6 +196,34 @@ def _cells(emb, thr, **kw):
     return similar_pairs(emb, thr, exact_max=0, **kw)
 
 
+def _exact(emb, thr):
+    from pipeline.neardup import similar_pairs
+
+    return similar_pairs(emb, thr, exact_max=len(emb))
+
+
+def _flat_range(emb, thr, batch=16384):
+    """faiss IndexFlatIP range search (kd3 <= 0.1's exact path)."""
+    import faiss
+
+    return _range_pairs(faiss.IndexFlatIP(emb.shape[1]), emb, thr, batch)
+
+
+def _range_pairs(index, emb, thr, batch):
+    """Add ``emb`` to the faiss index and range-search it against itself: pairs i < j with sim >= thr."""
+    index.add(emb)
+    radius = float(np.nextafter(np.float32(thr), np.float32(-1)))  # faiss keeps sim > radius
+    rows, cols = [], []
+    for start in range(0, len(emb), batch):
+        lims, _, idx = index.range_search(emb[start:start + batch], radius)
+        qi = np.repeat(np.arange(start, start + min(batch, len(emb) - start), dtype=np.int64),
+                       np.diff(lims).astype(np.int64))
+        keep = idx > qi
+        rows.append(qi[keep])
+        cols.append(idx[keep].astype(np.int64))
+    return np.concatenate(rows), np.concatenate(cols)
+
+
 NEARDUP_METHODS = {
     "cells": (_cells, {}, "kd3: blocked GEMM in k-means cells (PCA-64, 2 sqrt(N) cells, 2 probes) + exact re-check"),
     "cells-1probe": (_cells, {"nprobe": 1}, "as cells, each row probes its own cell only"),
@@ -239,7 +234,11 @@ NEARDUP_METHODS = {
     "ivfsq8-range": (_ivf_range, {"nprobe": 2, "nlist_per_sqrt_n": 2, "sq8": True, "slack": 0.02},
                      "faiss IVF + 8-bit SQ codes, range at thr-0.02, exact re-check"),
     "hnsw-knn16": (_hnsw_knn, {}, "faiss HNSW (M 32, efC 40, efS 64) kNN graph, k=16, thresholded"),
+    # quadratic: only for small N (the default list leaves them out above EXACT_N)
+    "exact": (_exact, {}, "kd3 for N <= 50k: every pair by tiled GEMM + exact re-check"),
+    "flat-range": (_flat_range, {}, "kd3 <= 0.1 for N <= 50k: faiss IndexFlatIP range search"),
 }
+EXACT_N = 100_000
 
 
 def _peak_rss_gib() -> float:
@@ -288,7 +287,8 @@ def neardup(n: int = 100_000, d: int = 512, threshold: float = 0.95, methods: li
     out = []
     with tempfile.TemporaryDirectory(prefix="kd3-neardup-") as tmp:
         np.save(Path(tmp) / "emb.npy", emb)
-        for name in methods or list(NEARDUP_METHODS):
+        default = [m for m in NEARDUP_METHODS if n <= EXACT_N or m not in ("exact", "flat-range")]
+        for name in methods or default:
             res = Path(tmp) / f"{name}.npz"
             cmd = [sys.executable, __file__, "_neardup_one", name, str(Path(tmp) / "emb.npy"), str(threshold), str(res)]
             row = {"n": n, "method": name, "s": None, "recall": None, "false_pairs": None, "extra_pairs": None,

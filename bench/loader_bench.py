@@ -23,7 +23,6 @@ then ``--gpu-img-s <measured train img/s>``.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
@@ -38,50 +37,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchlib import format_machine, machine, quiet_logging  # noqa: E402
+from benchlib import format_machine, machine, photo_jpegs, quiet_logging  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 # ------------------------------------------------------------------ a pool, written the way curate writes it
-def _sources():
-    import skimage.data as d
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    srcs = [Image.fromarray(a) for a in load_sample_images().images]
-    srcs += [Image.fromarray(getattr(d, k)()).convert("RGB")
-             for k in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")]
-    return srcs
-
-
 def make_pool(root: Path, n: int, size: int, seed: int = 0, classes: int = 10) -> Path:
     """n photo crops -> raw files -> ``pipeline.shards.write_shards`` -> manifest. ``size`` 32: 32x32
     images (ImageNet-32-like); otherwise longer side 256-512 (web photos after curate's max_side)."""
     from pipeline.manifest import build_manifest, write_manifest
     from pipeline.shards import Sample, write_shards
 
-    srcs = _sources()
-    rng = np.random.default_rng(seed)
     raw = root / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     samples = []
-    for i in range(n):
-        im = srcs[i % len(srcs)]
-        w, h = im.size
-        cw, ch = int(w * rng.uniform(0.3, 0.9)), int(h * rng.uniform(0.3, 0.9))
-        x, y = int(rng.integers(0, w - cw)), int(rng.integers(0, h - ch))
-        crop = im.crop((x, y, x + cw, y + ch))
-        if size <= 64:
-            crop = crop.resize((size, size))
-        else:
-            side = int(rng.integers(256, 513))
-            crop = crop.resize((side, max(64, int(side * ch / cw))) if cw >= ch else (max(64, int(side * cw / ch)), side))
+    datas = photo_jpegs(n, (size, size) if size <= 64 else (256, 512), seed, square=size <= 64, quality=95)
+    for i, data in enumerate(datas):
         p = raw / f"{i:07d}.jpg"
-        buf = io.BytesIO()
-        crop.save(buf, format="JPEG", quality=95)
-        p.write_bytes(buf.getvalue())
+        p.write_bytes(data)
         label = i % classes
         samples.append(Sample(key=f"{i:016x}", meta={"class": f"c{label}", "label": label}, label=label,
                               src=p, ext=".jpg"))
@@ -252,7 +227,8 @@ def main(argv=None) -> int:
         cores = gpu / r["img_s_per_worker"]
         out_rows.append({"workers_measured": r["workers"], "img_s_per_worker": r["img_s_per_worker"],
                          "cores_to_feed_one_h100": round(cores, 1)})
-        print(f"  32 px loader, {r['workers']} worker(s): {r['img_s_per_worker']:.0f} img/s per worker process "
+        who = f"{r['workers']} worker process(es)" if r["workers"] else "in the main process (no workers)"
+        print(f"  32 px loader, {who}: {r['img_s_per_worker']:.0f} img/s per process "
               f"-> {cores:.1f} CPU cores (one worker each) to keep one H100 busy"
               + ("" if a.gpu_img_s else " (estimate)"))
     print(f"machine at the end: {format_machine()}")

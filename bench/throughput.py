@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     if "loader" in results:
         L = results["loader"]
         for c in L["cores"]:
-            print(f"loader 32 px, {c['workers_measured']} worker(s): {c['img_s_per_worker']:.0f} img/s per worker -> "
+            who = f"{c['workers_measured']} worker(s)" if c["workers_measured"] else "main process"
+            print(f"loader 32 px, {who}: {c['img_s_per_worker']:.0f} img/s per process -> "
                   f"{c['cores_to_feed_one_h100']:.1f} cores per H100 ({'estimate' if L['gpu_img_s_is_estimate'] else 'measured GPU'}"
                   f": {L['gpu_img_s']:.0f} img/s)")
     if a.json:
