@@ -55,7 +55,7 @@ def similar_pairs(emb: np.ndarray, threshold: float, *, exact_max: int = EXACT_M
         blocks = [(slice(i, min(n, i + batch)), slice(j, min(n, j + batch)))
                   for i in range(0, n, batch) for j in range(i, n, batch)]
     else:
-        blocks = cell_blocks(emb, nlist or max(16, int(2 * math.sqrt(n))), nprobe, workers)
+        blocks = cell_blocks(emb, nlist or max(16, int(2 * math.sqrt(n))), nprobe, workers, batch)
     rows, cols = candidate_pairs(emb, blocks, threshold - _SLACK, workers)
     return recheck(emb, rows, cols, threshold)
 
@@ -95,9 +95,10 @@ def _pool_map(fn, items, workers: int) -> list:
         return list(ex.map(task, items))
 
 
-def cell_blocks(emb: np.ndarray, nlist: int, nprobe: int, workers: int,
+def cell_blocks(emb: np.ndarray, nlist: int, nprobe: int, workers: int, batch: int = 4096,
                 seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Partition rows into ``nlist`` cells; block per cell = (rows probing it, rows whose nearest it is)."""
+    """Partition rows into ``nlist`` cells; blocks per cell = (rows probing it, rows whose nearest it is),
+    each side cut into pieces of at most ``batch`` rows (a crowded cell never makes a huge product)."""
     import faiss
 
     n, d = emb.shape
@@ -133,7 +134,8 @@ def cell_blocks(emb: np.ndarray, nlist: int, nprobe: int, workers: int,
     sizes = np.array([len(m) for m in members])
     log.info("near-dup cells: %d (sizes max %d, mean %.0f), %d probes per row", nlist, sizes.max(),
              sizes.mean(), nprobe)
-    return [(p, m) for p, m in zip(probers, members) if len(m)]
+    return [(p[i:i + batch], m[j:j + batch]) for p, m in zip(probers, members)
+            for i in range(0, len(p), batch) for j in range(0, len(m), batch)]
 
 
 def _group_by(keys: np.ndarray, k: int, values: np.ndarray | None = None) -> list[np.ndarray]:

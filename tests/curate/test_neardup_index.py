@@ -59,6 +59,7 @@ def test_cell_path_finds_the_exact_pairs_deterministically():
     assert len(exact[0]) >= 400 and (exact[0] < exact[1]).all()
     threads = faiss.omp_get_max_threads()
     runs = [similar_pairs(emb, 0.95, exact_max=100, nlist=64, workers=w) for w in (1, 2, 2)]
+    runs.append(similar_pairs(emb, 0.95, exact_max=100, nlist=4, batch=256))  # crowded cells, cut in pieces
     assert faiss.omp_get_max_threads() == threads  # thread settings are restored
     for rows, cols in runs:  # forced through the cells; same pairs, same order, any worker count
         assert np.array_equal(rows, exact[0]) and np.array_equal(cols, exact[1])
