@@ -3,12 +3,15 @@
 (a) ``throughput``: curate's decode+hash+embed pass vs the raw embedding throughput of the same
     open_clip model in the same process (pre-decoded tensors, model only). Ratio = overhead of
     everything around the model. Random weights (no download) have the real model's cost.
-(b) ``neardup``: semantic near-duplicate removal time on N clustered random unit vectors with
-    planted near-duplicates (cosine ~0.98), and the recall of the planted pairs.
+    ``CuratePair`` is the same pair for ``bench/throughput.py``'s interleaved repeats.
+(b) ``neardup``: semantic near-duplicate removal on N clustered random unit vectors with planted
+    near-duplicates (cosine ~0.98): kd3's method and the alternatives it was chosen over, each in a
+    fresh process, as a table of time, recall of the planted pairs, false pairs, peak RSS.
 
     .venv/bin/python bench/curate_bench.py                      # both, small sizes
-    .venv/bin/python bench/curate_bench.py neardup --n 1000000  # the 1M case
-    .venv/bin/python bench/curate_bench.py throughput --model ViT-B-32 --images 256
+    .venv/bin/python bench/curate_bench.py neardup --n 1000000  # the 1M case, every method
+    .venv/bin/python bench/curate_bench.py neardup --n 1000000 --methods cells ivf-range
+    .venv/bin/python bench/curate_bench.py throughput --model ViT-B-32 --images 256 --px 800 2000
 """
 from __future__ import annotations
 
@@ -25,80 +28,94 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import machine, photo_jpegs  # noqa: E402
 
 
-def _images(n: int, seed: int = 0) -> list[bytes]:
-    """n distinct JPEGs (random crops / sizes of real sample images)."""
-    import skimage.data as d
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
+class CuratePair:
+    """A (raw model, curate pass) pair on the same JPEGs and the same open_clip model, for interleaved
+    timing. ``raw()``: seconds per image of the model alone on pre-decoded tensors (same batches).
+    ``curate()``: seconds per image of curate's decode+hash+embed pass (``stats.embed.wall_s``) in a
+    fresh run directory (a rerun would skip the work). Random weights (no download) have the real
+    model's cost."""
 
-    srcs = [Image.fromarray(a) for a in load_sample_images().images]
-    srcs += [Image.fromarray(getattr(d, k)()) for k in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")]
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        im = srcs[i % len(srcs)]
-        w, h = im.size
-        cw, ch = int(w * rng.uniform(0.5, 0.9)), int(h * rng.uniform(0.5, 0.9))
-        x, y = int(rng.integers(0, w - cw)), int(rng.integers(0, h - ch))
-        side = int(rng.integers(320, 640))
-        crop = im.crop((x, y, x + cw, y + ch))
-        crop = crop.resize((side, max(32, int(side * ch / cw))))
-        buf = io.BytesIO()
-        crop.save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
+    def __init__(self, workdir: Path, model: str = "ViT-B-32", n_images: int = 128, batch_size: int = 32,
+                 workers: int = 2, device: str = "auto", px: tuple[int, int] = (800, 2000)):
+        import hashlib
 
+        import torch
+        from PIL import Image
 
-def throughput(model: str = "ViT-B-32", n_images: int = 256, batch_size: int = 32, workers: int = 2,
-               device: str = "auto") -> dict:
-    import hashlib
+        from pipeline.curate.embed import ClipEmbedder
 
-    import torch
-
-    from pipeline.core.config import load_config
-    from pipeline.curate import curate
-    from pipeline.curate.embed import ClipEmbedder
-    from PIL import Image
-
-    datas = _images(n_images)
-    with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / "runs" / "bench"
+        self.workdir, self.model, self.n, self.batch, self.workers, self.device = (
+            Path(workdir), model, n_images, batch_size, workers, device)
+        self.px = px
+        datas = photo_jpegs(n_images, px)
+        self.template = self.workdir / "crawl"
         rows = []
         for i, data in enumerate(datas):
             sha = hashlib.sha256(data).hexdigest()
             rel = f"crawl/images/{sha[:2]}/{sha}.jpg"
-            (run / rel).parent.mkdir(parents=True, exist_ok=True)
-            (run / rel).write_bytes(data)
+            (self.workdir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (self.workdir / rel).write_bytes(data)
             rows.append({"class": ["a", "b"][i % 2], "query": "", "engine": "bench", "url": f"http://x/{i}.jpg",
                          "status": "ok", "error": None, "sha256": sha, "bytes": len(data), "w": 0, "h": 0,
                          "path": rel, "time": 0})
-        (run / "crawl" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        cfg = load_config(None, {"name": "bench", "runs_root": str(run.parent), "classes": ["a", "b"],
-                                 "curate.clip_model": model, "curate.clip_pretrained": None,
-                                 "curate.batch_size": batch_size, "curate.workers": workers,
-                                 "curate.device": device})
-        # raw model throughput on pre-decoded tensors (same model, same batches)
-        emb = ClipEmbedder(model, None, None, device)
-        xs = [emb.preprocess(Image.open(io.BytesIO(d)).convert("RGB")) for d in datas]
-        emb.embed(torch.stack(xs[:batch_size]))  # warm-up
+        (self.template / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.mean_kb = sum(map(len, datas)) / len(datas) / 1024
+        self.emb = ClipEmbedder(model, None, None, device)
+        self.xs = [self.emb.preprocess(Image.open(io.BytesIO(d)).convert("RGB")) for d in datas]
+        self.emb.embed(torch.stack(self.xs[:batch_size]))  # warm-up
+        self.k = 0
+        self.last_stage_s = None
+
+    def raw(self) -> float:
+        import torch
+
         t0 = time.perf_counter()
-        for i in range(0, len(xs), batch_size):
-            emb.embed(torch.stack(xs[i:i + batch_size]))
-        if emb.device.startswith("cuda"):
+        for i in range(0, len(self.xs), self.batch):
+            self.emb.embed(torch.stack(self.xs[i:i + self.batch]))
+        if self.emb.device.startswith("cuda"):
             torch.cuda.synchronize()
-        raw_s = time.perf_counter() - t0
-        del xs, emb
+        return (time.perf_counter() - t0) / self.n
+
+    def curate(self) -> float:
+        import shutil
+
+        from pipeline.core.config import load_config
+        from pipeline.curate import curate
+
+        self.k += 1
+        run = self.workdir / "runs" / f"bench{self.k}"
+        shutil.copytree(self.template, run / "crawl")
+        cfg = load_config(None, {"name": run.name, "runs_root": str(run.parent), "classes": ["a", "b"],
+                                 "curate.clip_model": self.model, "curate.clip_pretrained": None,
+                                 "curate.batch_size": self.batch, "curate.workers": self.workers,
+                                 "curate.device": self.device})
         t0 = time.perf_counter()
         m = curate(cfg)
-        stage_s = time.perf_counter() - t0
-        scan_s = m["stats"]["embed"]["wall_s"]
-    raw = n_images / raw_s
-    scan = n_images / scan_s
-    return {"model": model, "device": device, "images": n_images, "batch": batch_size, "workers": workers,
-            "raw_img_s": round(raw, 1), "curate_embed_pass_img_s": round(scan, 1),
-            "overhead_pct": round(100 * (raw / scan - 1), 1),
+        self.last_stage_s = time.perf_counter() - t0
+        shutil.rmtree(run, ignore_errors=True)
+        return m["stats"]["embed"]["wall_s"] / self.n
+
+    def describe(self) -> str:
+        return (f"open_clip {self.model} (random weights = the real model's cost), {self.n} JPEGs of "
+                f"{self.px[0]}-{self.px[1]} px (mean {self.mean_kb:.0f} KiB), batch {self.batch}, "
+                f"{self.workers} decode threads, device {self.emb.device}")
+
+
+def throughput(model: str = "ViT-B-32", n_images: int = 256, batch_size: int = 32, workers: int = 2,
+               device: str = "auto", px: tuple[int, int] = (320, 640)) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        pair = CuratePair(Path(tmp), model, n_images, batch_size, workers, device, px)
+        raw_s = pair.raw()
+        scan_s = pair.curate()
+        stage_s = pair.last_stage_s
+    return {"model": model, "device": device, "images": n_images, "px": f"{px[0]}-{px[1]}", "batch": batch_size,
+            "workers": workers, "raw_img_s": round(1 / raw_s, 1), "curate_embed_pass_img_s": round(1 / scan_s, 1),
+            "overhead_pct": round(100 * (scan_s / raw_s - 1), 1),
             "curate_stage_total_img_s": round(n_images / stage_s, 1), "stage_s": round(stage_s, 2)}
 
 
@@ -125,26 +142,183 @@ def planted_embeddings(n: int, d: int = 512, dup_frac: float = 0.05, n_clusters:
     return emb, src
 
 
-def neardup(n: int = 100_000, d: int = 512, threshold: float = 0.95, nprobe: int = 4) -> dict:
+# ------------------------------------------------------------------ near-dup alternatives
+# Each method maps (emb, threshold) -> (rows, cols) pairs. "cells" is kd3's pipeline.curate.neardup; the others
+# are the alternatives it was measured against (issue 14). Methods whose coarse pass is approximate in
+# the similarity itself (8-bit codes) re-check candidates exactly with pipeline.curate.neardup.recheck.
+def _ivf_range(emb, thr, *, nlist=None, nprobe=4, sq8=False, hnsw_quantizer=True, slack=0.0, batch=16384):
+    """FAISS IVF range search (kd3 <= 0.1: IVFFlat, ~4 sqrt(N) lists, HNSW quantizer, nprobe 4)."""
+    import math
+
     import faiss
 
-    from pipeline.curate.neardup import group_labels, similar_pairs
+    from pipeline.curate.neardup import recheck
+
+    n, d = emb.shape
+    nlist = nlist or max(16, int(4 * math.sqrt(n)))
+    quantizer = (faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT) if hnsw_quantizer and nlist > 1024
+                 else faiss.IndexFlatIP(d))
+    if sq8:
+        index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                              faiss.METRIC_INNER_PRODUCT)
+    else:
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = 10
+    index.cp.max_points_per_centroid = 32
+    rng = np.random.default_rng(0)
+    index.train(emb[np.sort(rng.choice(n, size=min(n, 32 * nlist), replace=False))])
+    index.nprobe = nprobe
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(32, 2 * nprobe)
+    rows, cols = _range_pairs(index, emb, thr - slack, batch)
+    return recheck(emb, rows, cols, thr) if slack else (rows, cols)
+
+
+def _hnsw_knn(emb, thr, *, k=16, m=32, ef_construction=40, ef_search=64):
+    """kNN graph (k nearest by HNSW) thresholded at the cosine cut."""
+    import faiss
+
+    index = faiss.IndexHNSWFlat(emb.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = ef_construction
+    index.add(emb)
+    index.hnsw.efSearch = ef_search
+    sims, idx = index.search(emb, k)
+    qi = np.repeat(np.arange(len(emb), dtype=np.int64), k).reshape(-1, k)
+    ok = (sims >= np.float32(thr)) & (idx >= 0) & (idx != qi)
+    a, b = qi[ok], idx[ok].astype(np.int64)
+    key = np.unique(np.minimum(a, b) * len(emb) + np.maximum(a, b))
+    return key // len(emb), key % len(emb)
+
+
+def _cells(emb, thr, **kw):
+    from pipeline.curate.neardup import similar_pairs
+
+    return similar_pairs(emb, thr, exact_max=0, **kw)
+
+
+def _exact(emb, thr):
+    from pipeline.curate.neardup import similar_pairs
+
+    return similar_pairs(emb, thr, exact_max=len(emb))
+
+
+def _flat_range(emb, thr, batch=16384):
+    """faiss IndexFlatIP range search (kd3 <= 0.1's exact path)."""
+    import faiss
+
+    return _range_pairs(faiss.IndexFlatIP(emb.shape[1]), emb, thr, batch)
+
+
+def _range_pairs(index, emb, thr, batch):
+    """Add ``emb`` to the faiss index and range-search it against itself: pairs i < j with sim >= thr."""
+    index.add(emb)
+    radius = float(np.nextafter(np.float32(thr), np.float32(-1)))  # faiss keeps sim > radius
+    rows, cols = [], []
+    for start in range(0, len(emb), batch):
+        lims, _, idx = index.range_search(emb[start:start + batch], radius)
+        qi = np.repeat(np.arange(start, start + min(batch, len(emb) - start), dtype=np.int64),
+                       np.diff(lims).astype(np.int64))
+        keep = idx > qi
+        rows.append(qi[keep])
+        cols.append(idx[keep].astype(np.int64))
+    return np.concatenate(rows), np.concatenate(cols)
+
+
+NEARDUP_METHODS = {
+    "cells": (_cells, {}, "kd3: blocked GEMM in k-means cells (PCA-64, 2 sqrt(N) cells, 2 probes) + exact re-check"),
+    "cells-1probe": (_cells, {"nprobe": 1}, "as cells, each row probes its own cell only"),
+    "cells-4sqrtN": (_cells, {"nprobe": 2, "nlist_per_sqrt_n": 4}, "as cells with 4 sqrt(N) cells"),
+    "ivf-range": (_ivf_range, {}, "kd3 <= 0.1: faiss IVFFlat range search, 4 sqrt(N) lists, HNSW quantizer, nprobe 4"),
+    "ivf-range-p2": (_ivf_range, {"nprobe": 2, "nlist_per_sqrt_n": 2},
+                     "faiss IVFFlat range search, 2 sqrt(N) lists, nprobe 2"),
+    "ivfsq8-range": (_ivf_range, {"nprobe": 2, "nlist_per_sqrt_n": 2, "sq8": True, "slack": 0.02},
+                     "faiss IVF + 8-bit SQ codes, range at thr-0.02, exact re-check"),
+    "hnsw-knn16": (_hnsw_knn, {}, "faiss HNSW (M 32, efC 40, efS 64) kNN graph, k=16, thresholded"),
+    # quadratic: only for small N (the default list leaves them out above EXACT_N)
+    "exact": (_exact, {}, "kd3 for N <= 50k: every pair by tiled GEMM + exact re-check"),
+    "flat-range": (_flat_range, {}, "kd3 <= 0.1 for N <= 50k: faiss IndexFlatIP range search"),
+}
+EXACT_N = 100_000
+
+
+def _peak_rss_gib() -> float:
+    """VmHWM of this process (ru_maxrss would include the parent's RSS at fork time)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _run_method(name: str, emb_path: str, thr: float, out: str) -> dict:
+    """One method in this (fresh) process: its peak RSS is the method's plus the embeddings'."""
+    import faiss
+
+    from pipeline.curate.neardup import default_workers
+
+    faiss.omp_set_num_threads(default_workers())
+    emb = np.load(emb_path)
+    rss0 = _peak_rss_gib()
+    fn, kw, _ = NEARDUP_METHODS[name]
+    kw = dict(kw)
+    per = kw.pop("nlist_per_sqrt_n", None)
+    if per:
+        kw["nlist"] = int(per * np.sqrt(len(emb)))
+    t0 = time.perf_counter()
+    rows, cols = fn(emb, thr, **kw)
+    t = time.perf_counter() - t0
+    np.savez(out, rows=rows, cols=cols)
+    return {"s": t, "peak_rss_gib": _peak_rss_gib(),
+            "emb_loaded_rss_gib": rss0, "load": os.getloadavg()[0]}
+
+
+def neardup(n: int = 100_000, d: int = 512, threshold: float = 0.95, methods: list[str] | None = None,
+            timeout: float = 900) -> list[dict]:
+    """Each method in its own process on the same planted embeddings: time (pairs only; components
+    add ~1 s at 1M), recall of the planted pairs, false pairs (found, exact cosine < threshold),
+    pairs found beyond the planted ones, peak RSS."""
+    import subprocess
+
+    from pipeline.curate.neardup import group_labels
 
     emb, src = planted_embeddings(n, d)
     n_base = n - len(src)
-    pair_cos = float(np.mean(np.sum(emb[src[:1000]] * emb[n_base:n_base + 1000], 1)))
-    t0 = time.perf_counter()
-    rows, cols = similar_pairs(emb, threshold, nprobe=nprobe)
-    t_pairs = time.perf_counter() - t0
-    labels = group_labels(n, rows, cols)
-    total = time.perf_counter() - t0
-    recall = float(np.mean(labels[src] == labels[n_base + np.arange(len(src))]))
-    planted_set = set(zip(src.tolist(), (n_base + np.arange(len(src))).tolist()))
-    extra = sum(1 for a, b in zip(rows.tolist(), cols.tolist()) if (a, b) not in planted_set)
-    return {"n": n, "dim": d, "threshold": threshold, "method": "flat" if n <= 50_000 else f"ivf nprobe={nprobe}",
-            "planted": len(src), "planted_cos": round(pair_cos, 3), "pairs_found": int(len(rows)),
-            "non_planted_pairs": int(extra), "recall": round(recall, 4), "pairs_s": round(t_pairs, 1),
-            "total_s": round(total, 1), "threads": faiss.omp_get_max_threads()}
+    dup = n_base + np.arange(len(src))
+    planted_cos = float(np.mean(np.sum(emb[src[:1000]] * emb[dup[:1000]], 1)))
+    out = []
+    with tempfile.TemporaryDirectory(prefix="kd3-neardup-") as tmp:
+        np.save(Path(tmp) / "emb.npy", emb)
+        default = [m for m in NEARDUP_METHODS if n <= EXACT_N or m not in ("exact", "flat-range")]
+        for name in methods or default:
+            res = Path(tmp) / f"{name}.npz"
+            cmd = [sys.executable, __file__, "_neardup_one", name, str(Path(tmp) / "emb.npy"), str(threshold), str(res)]
+            row = {"n": n, "method": name, "s": None, "recall": None, "false_pairs": None, "extra_pairs": None,
+                   "peak_rss_gib": None, "emb_gib": round(emb.nbytes / 2**30, 2)}
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                row["s"] = f">{timeout:.0f} (stopped)"
+                out.append(row)
+                print(json.dumps(row), flush=True)
+                continue
+            if p.returncode != 0:
+                row["s"] = f"failed: {p.stderr.strip().splitlines()[-1:]}"
+                out.append(row)
+                continue
+            stat = json.loads(p.stdout.strip().splitlines()[-1])
+            z = np.load(res)
+            rows, cols = z["rows"], z["cols"]
+            labels = group_labels(n, rows, cols)
+            cos = np.einsum("ij,ij->i", emb[rows].astype(np.float64), emb[cols].astype(np.float64))
+            planted = set(zip(src.tolist(), dup.tolist()))
+            row.update(s=round(stat["s"], 1), recall=round(float(np.mean(labels[src] == labels[dup])), 5),
+                       false_pairs=int(np.sum(cos < np.float32(threshold))),
+                       extra_pairs=int(sum(1 for a, b in zip(rows.tolist(), cols.tolist()) if (a, b) not in planted)),
+                       peak_rss_gib=round(stat["peak_rss_gib"], 2), load1=round(stat["load"], 2))
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    for r in out:
+        r.update(planted=len(src), planted_cos=round(planted_cos, 3), threshold=threshold)
+    return out
 
 
 def _table(title: str, rows: list[dict]) -> None:
@@ -169,16 +343,28 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
+    p.add_argument("--px", type=int, nargs=2, default=[320, 640], help="JPEG longer side range (throughput)")
     p.add_argument("--n", type=int, nargs="*", default=[100_000])
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--nprobe", type=int, default=4)
+    p.add_argument("--methods", nargs="*", choices=sorted(NEARDUP_METHODS),
+                   help="near-dup methods to compare (default: all)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per near-dup method before it is stopped")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["_neardup_one"]:  # internal: one method in a fresh process (peak RSS)
+        name, emb_path, thr, out = argv[1:5]
+        print(json.dumps(_run_method(name, emb_path, float(thr), out)))
+        return 0
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.what in ("all", "throughput"):
-        _table("curate throughput vs raw model", [throughput(a.model, a.images, a.batch, a.workers, a.device)])
+        _table("curate throughput vs raw model", [throughput(a.model, a.images, a.batch, a.workers, a.device, tuple(a.px))])
     if a.what in ("all", "neardup"):
-        _table("near-duplicate removal", [neardup(n, a.dim, nprobe=a.nprobe) for n in a.n])
+        for n in a.n:
+            print(f"machine: {machine()}", flush=True)
+            _table(f"near-duplicate removal, {n} x {a.dim} planted embeddings",
+                   neardup(n, a.dim, methods=a.methods, timeout=a.timeout))
     return 0
 
 

@@ -97,38 +97,76 @@ def epoch_times(metrics: dict, skip_first: bool) -> dict:
     sel = float(np.median([r["time_select_s"] for r in rows]))
     tr = float(np.median([r["time_train_s"] for r in rows]))
     imgs = float(np.median([r["train_img_s"] or 0 for r in rows]))
+    per_img = float(np.median([(r["time_select_s"] + r["time_train_s"]) / max(1, r["selected"]) for r in rows]))
     return {"select_s": sel, "train_s": tr, "epoch_s": sel + tr, "train_img_s": imgs,
-            "selected": float(np.mean([r["selected"] for r in rows]))}
+            "selected": float(np.mean([r["selected"] for r in rows])), "epoch_s_per_trained_image": per_img,
+            "epochs_in_median": len(rows)}
+
+
+RUNS = {"kd": ("kd", {}), "kd3": ("kd3", {}), "kd3-all": ("kd3", {"kd3": {"tau": 1e-9}})}
+
+
+class DistillSetup:
+    """A pool (webdataset shards + manifest) and a briefly trained teacher, shared by every run."""
+
+    def __init__(self, n: int = 512, size: int = 32, teacher_arch: str = "cnn_small", student: str = "cnn_tiny",
+                 epochs: int = 2, batch_size: int = 64, device: str = "cpu", workers: int = 0,
+                 teacher_epochs: int = 3, threads: int | None = None, workdir: Path | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.n, self.size, self.teacher_arch, self.student = n, size, teacher_arch, student
+        self.epochs, self.batch_size, self.device, self.workers = epochs, batch_size, device, workers
+        base = Path(workdir or tempfile.mkdtemp(prefix="kd3-distill-bench-"))
+        self.run = base / "runs" / "bench"
+        self.manifest = write_pool(self.run, digit_images(n, size))
+        self.teacher = make_teacher(base, teacher_arch, size, teacher_epochs, "cpu" if device == "cpu" else device)
+        self.k = 0
+
+    def run_method(self, label: str, **extra) -> dict:
+        """One distill run (``label`` in RUNS); epoch times are medians over the epochs after the first."""
+        from distill.stage import distill
+        from pipeline.core.config import load_config
+
+        method, kw = RUNS[label]
+        self.k += 1
+        cfg = load_config(None, {"name": "bench", "runs_root": str(self.run.parent), "teacher": str(self.teacher),
+                                 "distill": {"method": method, "student": self.student, "epochs": self.epochs,
+                                             "batch_size": self.batch_size, "workers": self.workers,
+                                             "device": self.device, "val_fraction": 0.0, "augment": "rrc_flip",
+                                             **kw, **extra}})
+        t0 = time.perf_counter()
+        m = distill(cfg, out_id=f"{label.replace('-', '_')}_{self.k}")
+        return dict(epoch_times(m, skip_first=self.epochs > 1), wall_s=time.perf_counter() - t0,
+                    final_throughput_img_s=m["final"]["throughput_img_s"])
+
+    def kd(self) -> float:
+        """Seconds per trained image of a KD epoch (median over the epochs after the first)."""
+        return self.run_method("kd")["epoch_s_per_trained_image"]
+
+    def kd3_all(self) -> float:
+        """Seconds per trained image of a KD³ epoch with every image kept (selection pass included)."""
+        return self.run_method("kd3-all")["epoch_s_per_trained_image"]
+
+    def describe(self) -> str:
+        return (f"{self.n} images {self.size} px, teacher {self.teacher_arch} -> student {self.student}, batch "
+                f"{self.batch_size}, {self.epochs} epochs per run (median of the last {self.epochs - 1}), "
+                f"device {self.device}, loader workers {self.workers}, torch threads {torch.get_num_threads()}")
 
 
 def run_bench(n: int = 512, size: int = 32, teacher_arch: str = "cnn_small", student: str = "cnn_tiny",
               epochs: int = 2, batch_size: int = 64, device: str = "cpu", workers: int = 0,
               teacher_epochs: int = 3, threads: int | None = None, workdir: Path | None = None) -> dict:
-    from distill.stage import distill
-    from pipeline.core.config import load_config
-
-    if threads:
-        torch.set_num_threads(threads)
-    base = Path(workdir or tempfile.mkdtemp(prefix="kd3-distill-bench-"))
-    run = base / "runs" / "bench"
-    manifest = write_pool(run, digit_images(n, size))
-    teacher = make_teacher(base, teacher_arch, size, teacher_epochs, "cpu" if device == "cpu" else device)
+    st = DistillSetup(n, size, teacher_arch, student, epochs, batch_size, device, workers, teacher_epochs,
+                      threads, workdir)
     res: dict = {"n": n, "size": size, "teacher": teacher_arch, "student": student, "epochs": epochs,
                  "batch_size": batch_size, "device": device, "threads": torch.get_num_threads(), "runs": {}}
-    for label, method, extra in (("kd", "kd", {}), ("kd3", "kd3", {}), ("kd3-all", "kd3", {"kd3": {"tau": 1e-9}})):
-        cfg = load_config(None, {"name": "bench", "runs_root": str(run.parent), "teacher": str(teacher),
-                                 "distill": {"method": method, "student": student, "epochs": epochs,
-                                             "batch_size": batch_size, "workers": workers, "device": device,
-                                             "val_fraction": 0.0, "augment": "rrc_flip", **extra}})
-        t0 = time.perf_counter()
-        m = distill(cfg, out_id=label.replace("-", "_"))
-        res["runs"][label] = dict(epoch_times(m, skip_first=epochs > 1), wall_s=time.perf_counter() - t0,
-                                  final_throughput_img_s=m["final"]["throughput_img_s"])
+    for label in RUNS:
+        res["runs"][label] = st.run_method(label)
     kd, k3, k3a = res["runs"]["kd"], res["runs"]["kd3"], res["runs"]["kd3-all"]
     res["ratio_kd3_over_kd"] = k3["epoch_s"] / kd["epoch_s"]
     res["ratio_kd3_all_over_kd"] = k3a["epoch_s"] / kd["epoch_s"]
     res["kd3_all_select_fraction_of_epoch"] = k3a["select_s"] / k3a["epoch_s"]
-    res["manifest"] = str(manifest)
+    res["manifest"] = str(st.manifest)
     return res
 
 

@@ -1,64 +1,171 @@
-"""Throughput benchmark: the curate and distill benchmarks' tables, printed together.
+"""Throughput: kd3's performance goals (issue 14), measured so that a noisy shared machine can be trusted.
 
-* ``bench/curate_bench.py`` (curate area): curate img/s vs raw embedding img/s (their ratio), and
-  near-duplicate removal time at 100k / 1M embeddings.
-* ``bench/distill_bench.py`` (distill area): kd3 / kd epoch-time ratio and img/s.
+Pairs run interleaved A, B, A, B, ... (>= 3 repeats); the result is the median ratio B/A and its
+spread (min..max), printed with the machine (CPU, cores, torch/faiss threads, load average at each
+repeat). Ratios, not absolute times, are the result of a pair.
 
-Each is imported and its ``main(argv)`` called in turn, so each keeps its own flags and defaults:
+  curate    raw open_clip model on pre-decoded tensors  vs  curate's decode+hash+embed pass
+            (bench/curate_bench.py CuratePair), seconds per image; overhead = ratio - 1 (goal <= 15 %)
+  distill   KD epoch  vs  KD³ epoch with every image kept (selection pass included), seconds per trained
+            image, each the median over >= 5 epochs after the first (bench/distill_bench.py); goal <= 1.5x
+  neardup   near-duplicate removal at 1M x 512-d, planted re-encodes (bench/curate_bench.py neardup):
+            time, recall, false pairs, peak RSS; goal <= 180 s (must 300 s), recall >= 0.98, 0 false pairs
+  loader    shard -> batch images/s per worker process, and CPU cores to feed one H100 on the release
+            recipe (bench/loader_bench.py; the H100 side is a FLOP estimate until measured)
 
-    .venv/bin/python bench/throughput.py                 # both, default sizes
-    .venv/bin/python bench/throughput.py --only curate   # one of them
-    .venv/bin/python bench/throughput.py --curate-args "--n 2000" --distill-args "--epochs 2"
+    python bench/throughput.py                                  # everything (about 25 min on 2 cores)
+    python bench/throughput.py --only curate distill --repeats 5
+    python bench/throughput.py --only neardup --neardup-methods cells ivf-range
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import json
+import os
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
-BENCHES = {"curate": HERE / "curate_bench.py", "distill": HERE / "distill_bench.py"}
+from benchlib import format_machine, interleave, machine, quiet_logging  # noqa: E402
+
+PARTS = ("curate", "distill", "neardup", "loader")
 
 
-def load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(f"kd3_bench_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
+def report_pair(title: str, a_name: str, b_name: str, r: dict, unit: str, goal: str) -> str:
+    lines = [f"{title}", f"  {'repeat':>6s} {a_name:>28s} {b_name:>28s} {'ratio':>7s} {'load 1m':>8s}"]
+    for k, (x, y, q, ld) in enumerate(zip(r["a"], r["b"], r["ratios"], r["load_1min"])):
+        lines.append(f"  {k + 1:6d} {x * 1e3:25.2f} ms {y * 1e3:25.2f} ms {q:7.3f} {ld:8.2f}")
+    lines.append(f"  median ratio {r['ratio_median']:.3f} (spread {r['ratio_min']:.3f}..{r['ratio_max']:.3f} over "
+                 f"{r['repeats']} interleaved repeats); medians {r['a_median'] * 1e3:.2f} / {r['b_median'] * 1e3:.2f} "
+                 f"ms {unit}; goal: {goal}")
+    return "\n".join(lines)
+
+
+def curate_pair(a, workdir: Path) -> dict:
+    from curate_bench import CuratePair
+
+    pair = CuratePair(workdir / "curate", a.clip_model, a.curate_images, a.curate_batch, a.curate_workers,
+                      a.device, tuple(a.curate_px))
+    print(f"  {pair.describe()}", flush=True)
+    r = interleave(pair.raw, pair.curate, a.repeats)
+    print(report_pair("curate: raw model vs curate decode+hash+embed pass", "raw model s/img", "curate pass s/img",
+                      r, "per image", "overhead = ratio - 1 <= 0.15"))
+    r["overhead_pct"] = 100 * (r["ratio_median"] - 1)
+    r["met"] = r["overhead_pct"] <= 15
+    return r
+
+
+def distill_pair(a, workdir: Path) -> dict:
+    import torch
+    from distill_bench import DistillSetup
+
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    st = DistillSetup(a.distill_n, 32, a.teacher_arch, a.student, max(6, a.distill_epochs), a.distill_batch,
+                      device, a.distill_workers, 3, a.threads, workdir / "distill")
+    print(f"  {st.describe()}", flush=True)
+    r = interleave(st.kd, st.kd3_all, a.repeats)
+    print(report_pair("distill: KD vs KD³ (every image kept), epoch time per trained image", "KD s/img", "KD³ s/img",
+                      r, "per trained image", "ratio <= 1.5"))
+    r["met"] = r["ratio_median"] <= 1.5
+    return r
+
+
+def neardup_part(a, workdir: Path) -> dict:
+    from curate_bench import _table, neardup
+
+    rows = neardup(a.neardup_n, 512, methods=a.neardup_methods, timeout=a.neardup_timeout)
+    _table(f"near-duplicate removal, {a.neardup_n} x 512 planted embeddings", rows)
+    best = rows[0]
+    ok = isinstance(best["s"], (int, float))
+    return {"rows": rows, "met": ok and best["s"] <= 180 and best["recall"] >= 0.98 and best["false_pairs"] == 0}
+
+
+def loader_part(a, workdir: Path) -> dict:
+    import loader_bench
+
+    out = workdir / "loader.json"
+    loader_bench.main(shlex.split(a.loader_args) + ["--json", str(out), "--repeats", str(a.repeats)])
+    return json.loads(out.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="kd3 throughput: curate and distill benchmarks")
-    ap.add_argument("--only", choices=sorted(BENCHES), help="run one benchmark")
-    ap.add_argument("--curate-args", default="", help="arguments passed to bench/curate_bench.py")
-    ap.add_argument("--distill-args", default="", help="arguments passed to bench/distill_bench.py")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", choices=PARTS, help="parts to run (default: all)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats per pair (>= 3)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    g = ap.add_argument_group("curate pair")
+    g.add_argument("--clip-model", default="ViT-B-32")
+    g.add_argument("--curate-images", type=int, default=128)
+    g.add_argument("--curate-batch", type=int, default=32)
+    g.add_argument("--curate-workers", type=int, default=2)
+    g.add_argument("--curate-px", type=int, nargs=2, default=[800, 2000], help="JPEG longer side range")
+    g = ap.add_argument_group("distill pair")
+    g.add_argument("--teacher-arch", default="cnn_small")
+    g.add_argument("--student", default="cnn_small")
+    g.add_argument("--distill-n", type=int, default=512)
+    g.add_argument("--distill-epochs", type=int, default=6, help="epochs per run (median over all but the first; >= 6)")
+    g.add_argument("--distill-batch", type=int, default=64)
+    g.add_argument("--distill-workers", type=int, default=0)
+    g = ap.add_argument_group("near-dup")
+    g.add_argument("--neardup-n", type=int, default=1_000_000)
+    g.add_argument("--neardup-methods", nargs="*", default=["cells"], help="first one is checked against the goal")
+    g.add_argument("--neardup-timeout", type=float, default=900)
+    g = ap.add_argument_group("loader")
+    g.add_argument("--loader-args", default="", help="extra arguments for bench/loader_bench.py")
+    ap.add_argument("--json", type=Path, help="also write every result here")
     a = ap.parse_args(argv)
-    rc = 0
-    for name, path in BENCHES.items():
-        if a.only and name != a.only:
-            continue
-        print(f"\n==================== {name}: {path.relative_to(HERE.parent)} ====================", flush=True)
-        if not path.is_file():
-            print(f"{path.name} is not in this checkout; skipped")
-            rc = rc or 1
-            continue
-        mod = load(name, path)
-        entry = getattr(mod, "main", None)
-        if entry is None:
-            print(f"{path.name} has no main(argv); skipped")
-            rc = rc or 1
-            continue
-        t = time.time()
-        code = entry(shlex.split(getattr(a, f"{name}_args")))
-        print(f"({name} benchmark took {time.time() - t:.0f}s)", flush=True)
-        rc = rc or int(code or 0)
-    return rc
+    if a.repeats < 3:
+        ap.error("--repeats must be >= 3 (a median of fewer is not robust on a shared machine)")
+    quiet_logging()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    parts = {"curate": curate_pair, "distill": distill_pair, "neardup": neardup_part, "loader": loader_part}
+    results: dict = {"machine_start": machine()}
+    print(f"machine: {format_machine(results['machine_start'])}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="kd3-throughput-") as tmp:
+        for name in PARTS:
+            if a.only and name not in a.only:
+                continue
+            print(f"\n==================== {name} ====================", flush=True)
+            t = time.time()
+            results[name] = parts[name](a, Path(tmp))
+            print(f"({name} took {time.time() - t:.0f} s; load average now "
+                  f"{' '.join(f'{x:.2f}' for x in os.getloadavg())})", flush=True)
+    results["machine_end"] = machine()
+    print("\n==================== summary ====================")
+    print(f"machine: {format_machine(results['machine_end'])}")
+    if "curate" in results:
+        r = results["curate"]
+        print(f"curate pass overhead over the raw model: {r['overhead_pct']:+.0f} % (median of {r['repeats']}, ratio "
+              f"spread {r['ratio_min']:.2f}..{r['ratio_max']:.2f}); goal <= 15 %: {'met' if r['met'] else 'NOT met'}")
+    if "distill" in results:
+        r = results["distill"]
+        print(f"KD³ / KD epoch time per trained image: {r['ratio_median']:.2f}x (spread {r['ratio_min']:.2f}.."
+              f"{r['ratio_max']:.2f}); goal <= 1.5x: {'met' if r['met'] else 'NOT met'}")
+    if "neardup" in results:
+        b = results["neardup"]["rows"][0]
+        print(f"near-dup {b['n']:,} ({b['method']}): {b['s']} s, recall {b['recall']}, false pairs {b['false_pairs']}, "
+              f"peak RSS {b['peak_rss_gib']} GiB; goal <= 180 s: {'met' if results['neardup']['met'] else 'NOT met'}")
+    if "loader" in results:
+        L = results["loader"]
+        for c in L["cores"]:
+            who = f"{c['workers_measured']} worker(s)" if c["workers_measured"] else "main process"
+            print(f"loader 32 px, {who}: {c['img_s_per_worker']:.0f} img/s per process -> "
+                  f"{c['cores_to_feed_one_h100']:.1f} cores per H100 ({'estimate' if L['gpu_img_s_is_estimate'] else 'measured GPU'}"
+                  f": {L['gpu_img_s']:.0f} img/s)")
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=1, default=str))
+    return 0
 
 
 if __name__ == "__main__":

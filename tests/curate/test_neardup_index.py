@@ -39,6 +39,55 @@ def test_ivf_path_recall_on_planted_pairs():
     assert len(set(labels.tolist())) >= 6000
 
 
+def clustered_planted(n, d, n_dup, n_clusters=40, spread=0.05, noise=0.01, seed=0):
+    """Tight clusters (same-cluster cosine ~0.5) with planted near copies (cosine ~0.98): cells must
+    split clusters, so pairs across cell borders occur."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((n_clusters, d)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    x = c[rng.integers(0, n_clusters, n)] + spread * rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    src = rng.choice(n, n_dup, replace=False)
+    dup = x[src] + noise * rng.standard_normal((n_dup, d)).astype(np.float32)
+    dup /= np.linalg.norm(dup, axis=1, keepdims=True)
+    return np.vstack([x, dup]), src
+
+
+def test_cell_path_finds_the_exact_pairs_deterministically():
+    import faiss
+
+    emb, src = clustered_planted(6000, 96, 400)
+    exact = similar_pairs(emb, 0.95)  # 6400 <= EXACT_MAX: every pair compared
+    assert len(exact[0]) >= 400 and (exact[0] < exact[1]).all()
+    threads = faiss.omp_get_max_threads()
+    runs = [similar_pairs(emb, 0.95, exact_max=100, nlist=64, workers=w) for w in (1, 2, 2)]
+    runs.append(similar_pairs(emb, 0.95, exact_max=100, nlist=4, batch=256))  # crowded cells, cut in pieces
+    assert faiss.omp_get_max_threads() == threads  # thread settings are restored
+    for rows, cols in runs:  # forced through the cells; same pairs, same order, any worker count
+        assert np.array_equal(rows, exact[0]) and np.array_equal(cols, exact[1])
+    # every reported pair is at or above the threshold (exact re-check), in both paths
+    cos = np.einsum("ij,ij->i", emb[exact[0]].astype(np.float64), emb[exact[1]].astype(np.float64))
+    assert (cos >= np.float32(0.95)).all()
+
+
+def test_pairs_just_below_the_threshold_are_never_reported():
+    # cosines 0.95 - 3e-5 (inside the coarse pass's slack) and 0.95 + 3e-5, on both paths
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((300, 32)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    pairs = []
+    for k, c in enumerate([0.95 - 3e-5, 0.95 + 3e-5] * 20):
+        a = base[k]
+        o = rng.standard_normal(32).astype(np.float32)
+        o -= (o @ a) * a
+        o /= np.linalg.norm(o)
+        pairs.append(c * a + np.sqrt(1 - c * c) * o)
+    emb = np.vstack([base, np.array(pairs, np.float32)])
+    for kw in ({}, {"exact_max": 10, "nlist": 8, "nprobe": 8}):
+        rows, cols = similar_pairs(emb, 0.95, **kw)
+        assert sorted(zip(rows.tolist(), cols.tolist())) == [(k, 300 + k) for k in range(1, 40, 2)]
+
+
 def test_threshold_is_inclusive_and_representative_is_highest_priority():
     a = np.array([[1, 0], [0.95, np.sqrt(1 - 0.95 ** 2)], [0, 1]], np.float32)
     labels = near_dup_groups(a, 0.95)
