@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models import Kd3Student, Projector
+from ..models import Kd3Student, Projector, pool_to
 from ._registry import register_method
 from .base import Method, Selection
 from .losses import (alpha_schedule, disagreement_weights, kd_loss, match_spatial, mix_distribution, mixed_probs,
@@ -45,6 +45,7 @@ class KD3(Method):
             self.g_s = nn.Linear(c_s, HEAD_DIM)
             self.g_t = nn.Linear(c_t, HEAD_DIM)
         self.loss_weights = {"con": float(cfg.lambda_con)}
+        self.t_hw: tuple[int, int] | None = None  # the teacher map's H x W (seen at the first forward)
 
     # ------------------------------------------------------------ the student's logits
     def _t_cls(self):
@@ -62,9 +63,17 @@ class KD3(Method):
         w, b = self._t_cls()
         return F.linear(h, w.to(h.dtype), None if b is None else b.to(h.dtype))
 
+    def _teacher_hw(self, x: torch.Tensor) -> tuple[int, int]:
+        if self.t_hw is None:
+            with torch.no_grad():
+                self.t_hw = tuple(self.teacher.forward_features(x[:1]).shape[-2:])
+        return self.t_hw
+
     def student_logits(self, x: torch.Tensor) -> torch.Tensor:
         fs = self.student.forward_features(x)
-        fs_p = None if self.own_head else self.projector(fs)
+        if self.own_head:
+            return self.head_logits(None, fs)
+        fs_p = self.projector(pool_to(fs, self._teacher_hw(x)))
         return self.head_logits(fs_p, fs)
 
     def predict(self, x):
@@ -111,14 +120,15 @@ class KD3(Method):
             z_t = self.teacher.classifier(self.teacher.pool(ft))
         out: dict[str, torch.Tensor] = {}
 
+        self.t_hw = tuple(ft.shape[-2:])
+        # spatial matching as the release: a larger student map is pooled BEFORE the projector, a larger
+        # teacher map is pooled to the student's size
+        src, t = match_spatial(fs, ft)
+        fs_p = self.projector(src)
+        z_s = self.head_logits(fs_p, fs)
         if self.own_head:
-            z_s = self.head_logits(None, fs)
             out["kd"] = kd_loss(z_s, z_t, cfg.kd_temperature)
-            fs_p = self.projector(fs)
-        else:
-            fs_p = self.projector(fs)
-            z_s = self.head_logits(fs_p, fs)
-        a, t = match_spatial(fs_p, ft)
+        a = fs_p
         w = disagreement_weights(z_s, z_t) if cfg.weighting else None
         out["feat"] = weighted_feature_mse(a, t, w)
         if self.align:
@@ -148,7 +158,9 @@ class KD3(Method):
         if self.own_head:
             return self.student_arch, dict(self.student_kwargs), self.student
         kwargs = {"student": self.student_arch, "teacher_dim": int(self.c_t), "student_kwargs": self.student_kwargs}
-        dep = Kd3Student(self.num_classes, self.student_arch, self.c_t, self.student_kwargs)
+        if self.t_hw is not None:
+            kwargs["feat_size"] = [int(v) for v in self.t_hw]
+        dep = Kd3Student(self.num_classes, self.student_arch, self.c_t, self.student_kwargs, kwargs.get("feat_size"))
         sd = {k: v for k, v in self.student.state_dict().items() if not k.startswith("classifier.")}
         missing, unexpected = dep.backbone.load_state_dict(sd, strict=False)
         assert not unexpected, unexpected
