@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..models import Kd3Student, Projector, pool_to
 from ._registry import register_method
 from .base import Method, Selection
+from .idscore import bn_scores, in_distribution_mask
 from .losses import (alpha_schedule, disagreement_weights, kd_loss, match_spatial, mix_distribution, mixed_probs,
                      nt_xent, ramp_epochs, select_confident, weighted_feature_mse)
 
@@ -45,6 +46,10 @@ class KD3(Method):
             self.g_s = nn.Linear(c_s, HEAD_DIM)
             self.g_t = nn.Linear(c_t, HEAD_DIM)
         self.loss_weights = {"con": float(cfg.lambda_con)}
+        self.kd_term = self.own_head or float(cfg.kd_weight) > 0
+        if float(cfg.kd_weight) > 0:
+            self.loss_weights["kd"] = float(cfg.kd_weight)
+        self.id_scores: torch.Tensor | None = None  # per pool image, computed once (the teacher is frozen)
         self.t_hw: tuple[int, int] | None = None  # the teacher map's H x W (seen at the first forward)
 
     # ------------------------------------------------------------ the student's logits
@@ -82,7 +87,8 @@ class KD3(Method):
     # ------------------------------------------------------------ §2 selection
     def select(self, epoch, epochs, infer):
         cfg = self.cfg
-        if not cfg.selection:
+        use_id = cfg.id_score != "none"
+        if not cfg.selection and not use_id:
             return Selection(None, None, {"alpha": None})
         e_ramp, e_cut = ramp_epochs(epochs, cfg.ramp_frac, cfg.cut_frac)
         alpha = alpha_schedule(epoch, e_ramp, e_cut)
@@ -97,10 +103,23 @@ class KD3(Method):
 
         logits = infer(mixed_logits)
         q = mixed_probs(logits, logits, 1.0)  # logits are already mixed: q = softmax(mix)
-        keep, pred, thr = select_confident(q, cfg.tau)
-        idx = torch.nonzero(keep).flatten()
-        return Selection(idx, pred, {"alpha": alpha, "thresholds": thr.tolist(), "pred_counts":
-                                     torch.bincount(pred, minlength=self.num_classes).tolist()})
+        pred = q.argmax(dim=1)
+        log: dict = {"alpha": alpha}
+        cand = torch.ones(len(q), dtype=torch.bool)
+        if use_id:  # kd3's own part: only images the teacher's BN statistics call in-distribution
+            if self.id_scores is None:
+                self.id_scores = bn_scores(self.teacher, infer)
+            cand, log["id"] = in_distribution_mask(self.id_scores, cfg.id_rule, cfg.id_keep, pred, self.num_classes)
+        keep = cand
+        if cfg.selection:
+            # the release's rule over the candidates: class-adaptive thresholds from their predicted counts
+            idx_c = torch.nonzero(cand).flatten()
+            k, _, thr = select_confident(q[idx_c], cfg.tau)
+            keep = torch.zeros_like(cand)
+            keep[idx_c[k]] = True
+            log["thresholds"] = thr.tolist()
+        log["pred_counts"] = torch.bincount(pred, minlength=self.num_classes).tolist()
+        return Selection(torch.nonzero(keep).flatten(), pred, log)
 
     # ------------------------------------------------------------ §3–§5 losses
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -126,7 +145,7 @@ class KD3(Method):
         src, t = match_spatial(fs, ft)
         fs_p = self.projector(src)
         z_s = self.head_logits(fs_p, fs)
-        if self.own_head:
+        if self.kd_term:  # the own-head ablation's only logit signal, or the kd_weight option
             out["kd"] = kd_loss(z_s, z_t, cfg.kd_temperature)
         a = fs_p
         w = disagreement_weights(z_s, z_t) if cfg.weighting else None

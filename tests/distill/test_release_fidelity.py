@@ -87,7 +87,8 @@ class _FixedNet(Backbone):
 def _kd3_cfg(**kw):
     base = dict(sharing=True, classifier_align_loss=False, mixdist=False, weighting=False, lambda_con=0.001,
                 selection=True, tau=0.95, ramp_frac=2 / 3, cut_frac=1 / 2, con_temperature=0.3,
-                cross_contrastive=False, mix_level="input", kd_temperature=4.0)
+                cross_contrastive=False, mix_level="input", kd_temperature=4.0, kd_weight=0.0, id_score="none",
+                id_rule="gmm", id_keep=0.5)
     base.update(kw)
     return SimpleNamespace(**base)
 
