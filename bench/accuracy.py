@@ -123,7 +123,9 @@ def run_seed(level: str, seed: int, rows: list[str], a) -> dict:
         kf = oracle_keys(world, Path(summary["methods"][0]["dir"]), Path(s.out) / "oracle_keys.txt")
         cfg.distill.method, cfg.distill.keys_file = "kd", kf
         f = distill(cfg, out_id="oracle")["final"]
-        results[ORACLE] = {"top1": f["top1"], "selected_fraction": f["selected_fraction"], "quality": []}
+        n_pool = len(read_pool_keys(Path(summary["methods"][0]["dir"]) / "pool_keys.txt"))
+        n_keys = len(kf.read_text().split())
+        results[ORACLE] = {"top1": f["top1"], "selected_fraction": n_keys / n_pool, "quality": []}
     if ORIGINAL in rows:
         results[ORIGINAL] = {"top1": train_on_original(world, Path(s.out), summary["student"], summary["epochs"],
                                                        seed, summary["batch_size"], summary["lr"]),
@@ -158,7 +160,7 @@ def report_level(level: str, per_seed: dict[int, dict], rows: list[str]) -> list
     for r in rows:
         qs = [per_seed[s]["rows"][r]["quality"] for s in seeds]
         if not qs[0] or all(q.get("precision") is None for q in qs[0]):
-            continue
+            continue  # no selection log (oracle, original labels) or nothing ever selected
         n_ep = min(len(q) for q in qs)
         marks = sorted({0, n_ep // 4, n_ep // 2, (3 * n_ep) // 4, n_ep - 1})
         cells = []

@@ -113,10 +113,10 @@ def test_kd3_selection_drops_confident_out_of_distribution_images():
             return fn(images)
 
     m = create_method("kd3", student, teacher, cfg, 2, student_arch="x").eval()
-    idx, log = m.select(0, 10, infer)
-    assert set(range(12, 18)) <= set(idx.tolist())          # the release's rule keeps the confident junk
+    sel = m.select(0, 10, infer)
+    assert set(range(12, 18)) <= set(sel.indices.tolist())          # the release's rule keeps the confident junk
     cfg.id_score = "bn"
     m = create_method("kd3", student, teacher, cfg, 2, student_arch="x").eval()
-    idx, log = m.select(0, 10, infer)
-    assert not set(idx.tolist()) & set(range(12, 18))
-    assert log["id"]["kept"] == 12
+    sel = m.select(0, 10, infer)
+    assert not set(sel.indices.tolist()) & set(range(12, 18))
+    assert sel.log["id"]["kept"] == 12
