@@ -1,20 +1,29 @@
-"""Accuracy benchmark: KD³ against KD and DFND on the demo world, several seeds.
+"""Accuracy benchmark that can rank methods: paired seeds, two shift levels, an oracle gate.
 
-For every seed the whole demo runs (world → teacher → fake web → Prefect flow: crawl, curate, kd3),
-then kd, dfnd and the KD³ ablations distill on the *same* curated data with the same student and
-epochs, and the student is also trained on the original labelled train split (the upper reference).
-Every number is last-epoch top-1 on the held-out original-domain test split. Prints one table
-(mean ± std over seeds), the per-seed numbers, and what each method's last-epoch selection held by
-ground-truth kind (for the analysis: which junk gets selected). Nothing is tuned per method.
+For every shift level (``far``: 30% of the web digits scan-like, the demo's world; ``near``: all of them
+scan-like) and every seed, the whole demo runs once (world -> teacher -> fake web -> Prefect flow:
+crawl, curate, the first method), then every other row distills on the *same* curated pool, with the
+same student initialisation and the same epochs (paired: a seed's rows differ only by method). Extra
+rows: an **oracle** (KD on the pool's real digits only, from the world's ground truth) and the student
+trained with labels on the original train split (upper reference). Every number is last-epoch top-1 on
+the held-out original test digits.
 
-    .venv/bin/python bench/accuracy.py                       # bench size, seeds 0,1,2
-    .venv/bin/python bench/accuracy.py --size small --seeds 0 --epochs 5   # quick look
+Printed per level: mean ± std of each row, the paired difference to KD with its 95% t-interval, the
+oracle gate (a world where removing the junk by oracle does not beat KD beyond the noise cannot rank
+selection methods, and the bench says so), and per epoch the selection quality of each selecting row
+(precision = share of the selected that are real digits, recall = share of the pool's digits selected,
+junk kept = share of the pool's junk selected).
+
+    .venv/bin/python bench/accuracy.py                       # levels far,near; seeds 0-4 (~90 min, 2 cores)
+    .venv/bin/python bench/accuracy.py --quick               # seeds 0,1, the key rows (~25 min)
+    .venv/bin/python bench/accuracy.py --levels far --seeds 0 --rows kd,kd3 --epochs 5   # a smoke look
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import statistics
 import sys
 import time
@@ -22,15 +31,63 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kd3demo.demo import DemoSettings, run_demo  # noqa: E402
-from pipeline.core.io import atomic_write_json  # noqa: E402
+from kd3demo.demo import DIGIT_KINDS, DemoSettings, kind_by_key, run_demo, selection_quality  # noqa: E402
+from kd3demo.world import SHIFTS, load_world  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
+from pipeline.core.io import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
+from pipeline.core.records import read_pool_keys  # noqa: E402
 
-ABLATIONS = {
-    "kd3 no selection": {"method": "kd3", "kd3.selection": False},
+BASE = "kd"
+ORACLE = "oracle: kd on real digits"
+ORIGINAL = "student on original labels"
+# label -> distill overrides; each kd3 switch is measured alone on top of the release's method
+ROWS: dict[str, dict] = {
+    "kd": {"method": "kd"},
+    "kd3": {"method": "kd3"},
+    "kd3 release": {"method": "kd3", "kd3.selection": True, "kd3.id_score": "none", "kd3.kd_weight": 0.0,
+                    "epoch_steps": "selected"},
+    "kd3 no selection": {"method": "kd3", "kd3.selection": False, "kd3.id_score": "none"},
+    "kd3 + bn id score": {"method": "kd3", "kd3.id_score": "bn"},
+    "kd3 + equal steps": {"method": "kd3", "epoch_steps": "pool"},
+    "kd3 + kd term": {"method": "kd3", "kd3.kd_weight": 1.0},
     "kd3 no mixdist/contrastive": {"method": "kd3", "kd3.mixdist": False},
     "kd3 no weighting": {"method": "kd3", "kd3.weighting": False},
+    "dfnd": {"method": "dfnd"},
+    ORACLE: {"method": "kd"},
+    ORIGINAL: {},
 }
-ORIGINAL = "student on original labels"
+DEFAULT_ROWS = ["kd", "kd3", "kd3 release", "kd3 no selection", "kd3 + bn id score", "kd3 + equal steps",
+                "kd3 + kd term", "dfnd", ORACLE, ORIGINAL]
+QUICK_ROWS = ["kd", "kd3", "kd3 release", ORACLE]
+
+
+def t975(df: int) -> float:
+    """Two-sided 95% Student-t quantile."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def paired(xs: list[float], base: list[float]) -> tuple[float, float, float]:
+    """Mean paired difference and its 95% t-interval (nan-wide with one seed)."""
+    d = [a - b for a, b in zip(xs, base)]
+    m = statistics.fmean(d)
+    if len(d) < 2:
+        return m, float("nan"), float("nan")
+    h = t975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return m, m - h, m + h
+
+
+def oracle_keys(world, method_dir: Path, out: Path) -> Path:
+    """Keys of the pool's real digits (copies count as what they copy) -> a keys_file."""
+    kind = kind_by_key(read_jsonl(world.truth_path))
+    pool = read_pool_keys(method_dir / "pool_keys.txt")
+    atomic_write_text(out, "".join(k + "\n" for k in pool if kind.get(k) in DIGIT_KINDS))
+    return out
 
 
 def train_on_original(world, out: Path, arch: str, epochs: int, seed: int, batch_size: int, lr: float) -> float:
@@ -43,70 +100,123 @@ def train_on_original(world, out: Path, arch: str, epochs: int, seed: int, batch
     return float(summary["val_acc"])
 
 
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+def run_seed(level: str, seed: int, rows: list[str], a) -> dict:
+    """One (level, seed): the demo with the first distill row in its flow, then the other rows."""
+    from distill.stage import distill
+
+    distill_rows = [r for r in rows if r not in (ORACLE, ORIGINAL)]
+    first, rest = distill_rows[0], distill_rows[1:]
+    s = DemoSettings(out=a.out / f"{a.size}-{level}-seed{seed}", size=a.size, seed=seed, epochs=a.epochs,
+                     student=a.student, methods=[ROWS[first]["method"]], world=dict(SHIFTS[level]), report=False,
+                     overrides={f"distill.{k}": v for k, v in ROWS[first].items()},
+                     variants={r: ROWS[r] for r in rest})
+    summary = run_demo(s)
+    world = load_world(Path(s.out) / "world")
+    truth = read_jsonl(world.truth_path)
+    run_dir = Path(summary["run_dir"])
+    results = {}
+    for label, m in zip([first] + rest, summary["methods"]):  # the flow's method first, then the variants
+        results[label] = {"top1": m["top1"], "selected_fraction": m["selected_fraction"],
+                          "quality": selection_quality(Path(m["dir"]), truth)}
+    if ORACLE in rows:
+        cfg = load_config(run_dir / "config.yaml")
+        kf = oracle_keys(world, Path(summary["methods"][0]["dir"]), Path(s.out) / "oracle_keys.txt")
+        cfg.distill.method, cfg.distill.keys_file = "kd", kf
+        f = distill(cfg, out_id="oracle")["final"]
+        n_pool = len(read_pool_keys(Path(summary["methods"][0]["dir"]) / "pool_keys.txt"))
+        n_keys = len(kf.read_text().split())
+        results[ORACLE] = {"top1": f["top1"], "selected_fraction": n_keys / n_pool, "quality": []}
+    if ORIGINAL in rows:
+        results[ORIGINAL] = {"top1": train_on_original(world, Path(s.out), summary["student"], summary["epochs"],
+                                                       seed, summary["batch_size"], summary["lr"]),
+                             "selected_fraction": None, "quality": []}
+    return {"teacher_top1": summary["teacher_top1"], "rows": results, "student": summary["student"],
+            "epochs": summary["epochs"], "teacher_arch": summary["teacher_arch"]}
+
+
+def report_level(level: str, per_seed: dict[int, dict], rows: list[str]) -> list[str]:
+    seeds = sorted(per_seed)
+    first = per_seed[seeds[0]]
+    out = [f"## shift {level} ({SHIFTS[level]}), seeds {','.join(map(str, seeds))}, student {first['student']}, "
+           f"{first['epochs']} epochs, teacher {first['teacher_arch']}", "",
+           "| row | top-1 (mean ± std) | paired Δ to kd [95% CI] | selected |", "|---|---|---|---|"]
+    tm, ts = mean_std([per_seed[s]["teacher_top1"] for s in seeds])
+    out.append(f"| teacher | {100 * tm:.2f} ± {100 * ts:.2f} | – | – |")
+    base = [per_seed[s]["rows"][BASE]["top1"] for s in seeds]
+    for r in rows:
+        xs = [per_seed[s]["rows"][r]["top1"] for s in seeds]
+        m, sd = mean_std(xs)
+        d, lo, hi = paired(xs, base)
+        sel = [per_seed[s]["rows"][r]["selected_fraction"] for s in seeds]
+        sel_s = "–" if any(v is None for v in sel) else f"{100 * statistics.fmean(sel):.1f}%"
+        delta = "–" if r == BASE else f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+        out.append(f"| {r} | {100 * m:.2f} ± {100 * sd:.2f} | {delta} | {sel_s} |")
+    if ORACLE in rows and len(seeds) > 1:
+        _, lo, _ = paired([per_seed[s]["rows"][ORACLE]["top1"] for s in seeds], base)
+        verdict = ("the oracle beats kd beyond the noise: this world can rank selection methods" if lo > 0 else
+                   "the oracle does NOT beat kd beyond the noise: this world cannot rank selection methods")
+        out += ["", f"oracle gate: lower 95% bound of oracle − kd = {100 * lo:+.2f} points → {verdict}"]
+    out += ["", "selection quality (mean over seeds): precision / recall / junk kept, at epochs:"]
+    for r in rows:
+        qs = [per_seed[s]["rows"][r]["quality"] for s in seeds]
+        if not qs[0] or all(q.get("precision") is None for q in qs[0]):
+            continue  # no selection log (oracle, original labels) or nothing ever selected
+        n_ep = min(len(q) for q in qs)
+        marks = sorted({0, n_ep // 4, n_ep // 2, (3 * n_ep) // 4, n_ep - 1})
+        cells = []
+        for e in marks:
+            vals = [q[e] for q in qs if q[e]["precision"] is not None]
+            if not vals:
+                continue
+            p = statistics.fmean(v["precision"] for v in vals)
+            rc = statistics.fmean(v["recall"] for v in vals)
+            jk = statistics.fmean(v["junk_kept"] for v in vals)
+            cells.append(f"e{e}: {p:.2f}/{rc:.2f}/{jk:.2f}")
+        out.append(f"  {r:<28} " + "  ".join(cells))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="bench", choices=["tiny", "small", "bench"])
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--size", default="small", choices=["tiny", "small", "bench"])
+    ap.add_argument("--levels", default="far,near", help=f"shift levels, of {sorted(SHIFTS)}")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--rows", help=f"rows to run, comma-separated, of: {', '.join(ROWS)}")
+    ap.add_argument("--quick", action="store_true", help="seeds 0,1 and the key rows (development)")
     ap.add_argument("--epochs", type=int, help="student epochs (default: the size's)")
     ap.add_argument("--student", help="student architecture (default: the size's)")
     ap.add_argument("--out", type=Path, default=Path("bench-out/accuracy"))
-    ap.add_argument("--no-ablations", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if a.quick and a.seeds == ap.get_default("seeds"):
+        a.seeds = "0,1"
+    rows = [r.strip() for r in a.rows.split(",")] if a.rows else (QUICK_ROWS if a.quick else DEFAULT_ROWS)
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        ap.error(f"unknown rows {bad}; choose from {list(ROWS)}")
+    if BASE not in rows:
+        rows = [BASE] + rows
+    levels = [lv.strip() for lv in a.levels.split(",") if lv.strip()]
+    bad = [lv for lv in levels if lv not in SHIFTS]
+    if bad:
+        ap.error(f"unknown levels {bad}; choose from {sorted(SHIFTS)}")
     seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
-    per_seed: dict[int, dict] = {}
     t0 = time.time()
-    for seed in seeds:
-        s = DemoSettings(out=a.out / f"{a.size}-seed{seed}", size=a.size, seed=seed, epochs=a.epochs,
-                         student=a.student, variants={} if a.no_ablations else dict(ABLATIONS), report=False)
-        summary = run_demo(s)
-        from kd3demo.world import load_world
-
-        world = load_world(Path(summary["run_dir"]).parent.parent / "world")
-        ref = train_on_original(world, Path(s.out), summary["student"], summary["epochs"], seed,
-                                summary["batch_size"], summary["lr"])
-        summary["methods"].append({"method": ORIGINAL, "top1": ref, "teacher_top1": summary["teacher_top1"],
-                                   "gap": ref - summary["teacher_top1"], "selected_fraction": None})
-        per_seed[seed] = summary
-        print(f"seed {seed} done in {time.time() - t0:.0f}s: " +
-              ", ".join(f"{m['method']} {100 * m['top1']:.2f}" for m in summary["methods"]), flush=True)
-
-    labels = [m["method"] for m in per_seed[seeds[0]]["methods"]]
-    teacher = [per_seed[sd]["teacher_top1"] for sd in seeds]
-    tm, ts = mean_std(teacher)
-    first = per_seed[seeds[0]]
-    print()
-    print(f"## Accuracy on the held-out digits (size {a.size}, seeds {a.seeds}, student {first['student']}, "
-          f"{first['epochs']} epochs, teacher {first['teacher_arch']}, curate embeddings {first['embed_backend']})")
-    print()
-    print(f"| method | top-1 (mean ± std) | gap to teacher | selected fraction |")
-    print(f"|---|---|---|---|")
-    print(f"| teacher | {100 * tm:.2f} ± {100 * ts:.2f} | – | – |")
-    table = []
-    for label in labels:
-        rows = [next(m for m in per_seed[sd]["methods"] if m["method"] == label) for sd in seeds]
-        top = [r["top1"] for r in rows]
-        gaps = [r["top1"] - per_seed[sd]["teacher_top1"] for r, sd in zip(rows, seeds)]
-        sels = [r["selected_fraction"] for r in rows if r.get("selected_fraction") is not None]
-        m, sd_ = mean_std(top)
-        g, _ = mean_std(gaps)
-        sel = f"{100 * statistics.fmean(sels):.1f}%" if sels else "–"
-        print(f"| {label} | {100 * m:.2f} ± {100 * sd_:.2f} | {100 * g:+.2f} | {sel} |")
-        table.append({"method": label, "top1_mean": m, "top1_std": sd_, "gap_mean": g, "per_seed": top})
-    print()
-    print("Last-epoch selection by ground-truth kind (seed %d):" % seeds[0])
-    for mth in first["methods"]:
-        sel = mth.get("selection") or {}
-        if sel.get("by_kind"):
-            print(f"  {mth['method']:<28} {sel['selected']:>5} selected: {json.dumps(sel['by_kind'])}")
-    print("Curate decisions by ground-truth kind (seed %d): %s" % (seeds[0], json.dumps(first["curate"])))
-    print(f"\ntotal time {time.time() - t0:.0f}s")
-    atomic_write_json(a.out / f"accuracy-{a.size}.json", {"size": a.size, "seeds": seeds, "table": table,
-                                                           "teacher": teacher, "per_seed": per_seed})
+    results: dict[str, dict[int, dict]] = {}
+    for level in levels:
+        for seed in seeds:
+            r = run_seed(level, seed, rows, a)
+            results.setdefault(level, {})[seed] = r
+            print(f"[{time.time() - t0:.0f}s] {level} seed {seed}: " +
+                  ", ".join(f"{k} {100 * v['top1']:.2f}" for k, v in r["rows"].items()), flush=True)
+    lines = []
+    for level in levels:
+        lines += report_level(level, results[level], rows) + [""]
+    lines.append(f"total time {time.time() - t0:.0f}s")
+    print("\n" + "\n".join(lines))
+    atomic_write_json(a.out / f"accuracy-{a.size}.json", {"size": a.size, "levels": levels, "seeds": seeds,
+                                                           "rows": rows, "results": results})
+    atomic_write_text(a.out / f"accuracy-{a.size}.md", "\n".join(lines) + "\n")
     return 0
 
 

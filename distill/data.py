@@ -264,8 +264,19 @@ class WebData:
     holdout: Optional[WebPool]  # held-out web slice (validation / teacher agreement)
 
 
+def read_keys_file(path) -> set[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"keys_file {p} does not exist")
+    keys = {ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()}
+    keys = {k for k in keys if k and not k.startswith("#")}
+    if not keys:
+        raise DataError(f"keys_file {p} lists no keys")
+    return keys
+
+
 def open_web_data(manifest_path, size: int, mean, std, augment: str = "rrc_flip",
-                  val_fraction: float = 0.0) -> WebData:
+                  val_fraction: float = 0.0, keys_file=None) -> WebData:
     mp = Path(manifest_path)
     man = read_manifest(mp)
     shards = verify_shards(mp, man)
@@ -283,6 +294,12 @@ def open_web_data(manifest_path, size: int, mean, std, augment: str = "rrc_flip"
     train_t = build_transforms(size, mean, std, augment, train=True)
     eval_t = build_transforms(size, mean, std, augment, train=False)
     pool_s = [s for s in samples if not holdout_of(s.key, val_fraction)]
+    if keys_file is not None:  # train on a vetted subset; the held-out slice stays the manifest's
+        wanted = read_keys_file(keys_file)
+        unknown = wanted - {s.key for s in samples}
+        if len(unknown) == len(wanted):
+            raise DataError(f"keys_file {keys_file}: none of its {len(wanted)} keys is in manifest {mp}")
+        pool_s = [s for s in pool_s if s.key in wanted]
     hold_s = [s for s in samples if holdout_of(s.key, val_fraction)]
     if not pool_s:
         raise DataError(f"manifest {mp}: val_fraction {val_fraction} leaves no training images")

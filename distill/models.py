@@ -60,6 +60,9 @@ class Backbone(nn.Module):
 
 
 def _init(m: nn.Module) -> None:
+    """Kaiming-normal (fan_out) convs, BN weight 1 / bias 0: the CRD/mdistiller models' rule (resnet8x4,
+    resnet32x4, WRN, MobileNetV2) and kd3's small CNNs. The KD3 release's own CIFAR ResNet-18/34 and its
+    projector keep PyTorch's default init instead (no call to this)."""
     for mod in m.modules():
         if isinstance(mod, nn.Conv2d):
             nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
@@ -89,9 +92,13 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(Backbone):
-    """ResNet with a 3x3 stride-1 stem and no max-pool (the KD³ release's CIFAR ResNet-18/34)."""
+    """ResNet with a 3x3 stride-1 stem and no max-pool (the KD³ release's CIFAR ResNet-18/34).
 
-    def __init__(self, blocks: list[int], widths: list[int], num_classes: int, stem: int | None = None):
+    ``init="torch"`` keeps PyTorch's default initialisation, as the release's ``resnet_cifar.py`` does;
+    ``init="kaiming"`` applies :func:`_init` (the CRD-style resnet8x4/resnet32x4)."""
+
+    def __init__(self, blocks: list[int], widths: list[int], num_classes: int, stem: int | None = None,
+                 init: str = "torch"):
         super().__init__()
         stem = stem or widths[0]
         self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
@@ -107,7 +114,10 @@ class CifarResNet(Backbone):
         self.layers = nn.Sequential(*layers)
         self.feature_dim = cin
         self.classifier = nn.Linear(cin, num_classes)
-        _init(self)
+        if init == "kaiming":
+            _init(self)
+        elif init != "torch":
+            raise ConfigError(f"CifarResNet: unknown init {init!r} (torch, kaiming)")
 
     def forward_features(self, x):
         return self.layers(F.relu(self.bn1(self.conv1(x))))
@@ -126,12 +136,12 @@ def resnet34(num_classes: int, **kw):
 @register("resnet8x4")
 def resnet8x4(num_classes: int, **kw):
     # CRD / mdistiller: depth 8 -> one block per stage, widths x4 = [32, 64, 128, 256]
-    return CifarResNet([1, 1, 1], [64, 128, 256], num_classes, stem=32)
+    return CifarResNet([1, 1, 1], [64, 128, 256], num_classes, stem=32, init="kaiming")
 
 
 @register("resnet32x4")
 def resnet32x4(num_classes: int, **kw):
-    return CifarResNet([5, 5, 5], [64, 128, 256], num_classes, stem=32)
+    return CifarResNet([5, 5, 5], [64, 128, 256], num_classes, stem=32, init="kaiming")
 
 
 # ---------------------------------------------------------------- Wide ResNets
@@ -345,22 +355,38 @@ def _conv_bn_relu(cin: int, cout: int, k: int) -> list[nn.Module]:
 
 
 class Projector(nn.Sequential):
-    """KD³ P: conv1x1(C_S->C_T/2)-BN-ReLU-conv3x3-BN-ReLU-conv1x1(->C_T)-BN-ReLU, no biases."""
+    """KD³ P: conv1x1(C_S->C_T/2)-BN-ReLU-conv3x3-BN-ReLU-conv1x1(->C_T)-BN-ReLU, no biases.
+
+    PyTorch's default initialisation, as the release's ``KDDD`` module: every conv is followed by BN,
+    so a larger init only shrinks the effective learning rate (∝ 1/‖W‖²)."""
 
     def __init__(self, c_s: int, c_t: int):
         mid = max(1, c_t // 2)
         super().__init__(*_conv_bn_relu(c_s, mid, 1), *_conv_bn_relu(mid, mid, 3), *_conv_bn_relu(mid, c_t, 1))
-        _init(self)
+
+
+def pool_to(f: torch.Tensor, size) -> torch.Tensor:
+    """Average-pool a student map down to the teacher's spatial ``size`` (the release pools the student
+    map *before* the projector when it is larger); maps that are not larger pass unchanged."""
+    if size is None:
+        return f
+    h, w = int(size[0]), int(size[1])
+    if f.shape[-2] * f.shape[-1] > h * w:
+        return F.adaptive_avg_pool2d(f, (h, w))
+    return f
 
 
 class Kd3Student(Backbone):
-    """Deployable KD³ student: student backbone -> projector -> GAP -> the teacher's classifier."""
+    """Deployable KD³ student: student backbone -> (pool to the teacher's map size) -> projector -> GAP
+    -> the teacher's classifier."""
 
-    def __init__(self, num_classes: int, student: str, teacher_dim: int, student_kwargs: dict | None = None):
+    def __init__(self, num_classes: int, student: str, teacher_dim: int, student_kwargs: dict | None = None,
+                 feat_size: list[int] | None = None):
         super().__init__()
         self.backbone = create_model(student, num_classes, **(student_kwargs or {}))
         self.projector = Projector(self.backbone.feature_dim, teacher_dim)
         self.feature_dim = teacher_dim
+        self.feat_size = list(feat_size) if feat_size else None
         self.classifier = nn.Linear(teacher_dim, num_classes)
         # the backbone's own classifier is never used by kd3; drop it so the export has one head
         if isinstance(getattr(self.backbone, "classifier", None), nn.Linear) and \
@@ -368,13 +394,13 @@ class Kd3Student(Backbone):
             self.backbone.classifier = nn.Identity()  # type: ignore[assignment]
 
     def forward_features(self, x):
-        return self.projector(self.backbone.forward_features(x))
+        return self.projector(pool_to(self.backbone.forward_features(x), self.feat_size))
 
 
 @register("kd3_student")
 def kd3_student(num_classes: int, student: str = "resnet18", teacher_dim: int = 512,
-                student_kwargs: dict | None = None, **kw):
-    return Kd3Student(num_classes, student, teacher_dim, student_kwargs)
+                student_kwargs: dict | None = None, feat_size: list[int] | None = None, **kw):
+    return Kd3Student(num_classes, student, teacher_dim, student_kwargs, feat_size)
 
 
 def count_params(m: nn.Module) -> int:

@@ -56,8 +56,11 @@ class Trainer:
             self.teacher.to(memory_format=torch.channels_last)
         self.size = int(dc.img_size or self.tmeta["input_size"])
         self.mean, self.std = self.tmeta["mean"], self.tmeta["std"]
-        self.data = open_web_data(manifest_path, self.size, self.mean, self.std, dc.augment, dc.val_fraction)
+        self.data = open_web_data(manifest_path, self.size, self.mean, self.std, dc.augment, dc.val_fraction,
+                                  keys_file=dc.keys_file)
         self.pool = self.data.pool
+        self.pool_plain = self.pool.subset(list(range(len(self.pool))),
+                                           transform=build_transforms(self.size, self.mean, self.std, train=False))
         K = len(self.classes)
         log.info("distill %s: %d pool images, %d held out, %d classes, teacher %s, student %s, device %s x%d",
                  dc.method, len(self.pool), len(self.data.holdout or []), K, self.tmeta["arch"], dc.student,
@@ -129,9 +132,11 @@ class Trainer:
         """``infer(fn)``: no_grad pass of fn over this rank's strided share of the pool, gathered in pool order."""
         rt, pool, K = self.rt, self.pool, len(self.classes)
 
-        def infer(fn):
+        def infer(fn, augment: bool = True):
+            """``augment``: the training augmentation (the release's selection pass) or the eval transform."""
             n = len(pool)
-            batches = loader(torch.utils.data.Subset(pool, list(range(rt.rank, n, rt.world))), self.bs_local * 2,
+            view = pool if augment else self.pool_plain
+            batches = loader(torch.utils.data.Subset(view, list(range(rt.rank, n, rt.world))), self.bs_local * 2,
                              self.dc.workers, rt)
             outs = []
             with torch.no_grad():
@@ -163,6 +168,9 @@ class Trainer:
         t1 = time.perf_counter()
         g = torch.Generator().manual_seed(dc.seed * 100003 + epoch)
         order = sel[torch.randperm(len(sel), generator=g)].tolist()
+        if dc.epoch_steps == "pool" and order and len(order) < len(self.pool):
+            # as many steps as an epoch over the whole pool: cycle the shuffled selection
+            order = (order * math.ceil(len(self.pool) / len(order)))[: len(self.pool)]
         if rt.ddp and order:
             per = math.ceil(len(order) / rt.world)
             order = (order * (rt.world * per // max(1, len(order)) + 1))[: per * rt.world]

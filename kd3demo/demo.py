@@ -33,7 +33,7 @@ from pipeline.core.checkpoint import read_teacher_classes
 from pipeline.core.config import RunConfig, parse_override_value, set_by_path
 from pipeline.core.errors import ConfigError, DataError
 from pipeline.core.io import atomic_write_json, read_jsonl
-from pipeline.core.records import read_decisions, read_metrics, read_selection
+from pipeline.core.records import read_decisions, read_metrics, read_pool_keys, read_selection
 
 from . import world as dw
 from .fakeweb import FakeWeb
@@ -60,6 +60,7 @@ class DemoSettings:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     clip_weights: Optional[Path] = None
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted RunConfig overrides (--set)
+    world: dict[str, Any] = field(default_factory=dict)      # WorldSpec overrides (--world), e.g. scan_fraction
     report: bool = True
 
 
@@ -188,6 +189,14 @@ def _truth_by_sha(truth_rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+DIGIT_KINDS = ("digit", "other_digit")  # real digits (the query of an other_digit names another class)
+
+
+def kind_by_key(truth_rows: list[dict]) -> dict[str, str]:
+    """Selection key (sha256[:16]) -> ground-truth kind; a copy counts as the kind it copies."""
+    return {sha[:16]: (r.get("params", {}).get("of_kind") or r["kind"]) for sha, r in _truth_by_sha(truth_rows).items()}
+
+
 def selection_breakdown(method_dir: Path, truth_rows: list[dict]) -> dict[str, Any]:
     """What a method trained on in its last epoch, by ground-truth kind (analysis only); any form of
     the selection log (a key list, "all" of the pool, a bitmask over pool_keys.txt)."""
@@ -195,18 +204,31 @@ def selection_breakdown(method_dir: Path, truth_rows: list[dict]) -> dict[str, A
     if not sel:
         return {}
     last = sel[-1]
-    pool = (method_dir / "pool_keys.txt").read_text(encoding="utf-8").split() if not last.selects else []
-    keys = last.keys(pool, method_dir)
-    if not keys:
-        return {"epoch": last.epoch, "selected": 0, "by_kind": {}}
-    by_key = {sha[:16]: r for sha, r in _truth_by_sha(truth_rows).items()}
+    keys = last.keys(read_pool_keys(method_dir / "pool_keys.txt"), method_dir)
+    kind = kind_by_key(truth_rows)
     kinds: dict[str, int] = {}
-    correct = 0
     for k in keys:
-        r = by_key.get(k)
-        kind = "unknown" if r is None else (r.get("params", {}).get("of_kind") or r["kind"])
-        kinds[kind] = kinds.get(kind, 0) + 1
+        kinds[kind.get(k, "unknown")] = kinds.get(kind.get(k, "unknown"), 0) + 1
     return {"epoch": last.epoch, "selected": len(keys), "by_kind": dict(sorted(kinds.items()))}
+
+
+def selection_quality(method_dir: Path, truth_rows: list[dict]) -> list[dict[str, Any]]:
+    """Per epoch, against the world's ground truth: how many images were selected, the share of them that
+    are real digits (precision), the share of the pool's digits selected (recall), and the share of the
+    pool's junk selected (junk kept)."""
+    pool = read_pool_keys(Path(method_dir) / "pool_keys.txt")
+    kind = kind_by_key(truth_rows)
+    digits = {k for k in pool if kind.get(k) in DIGIT_KINDS}
+    n_junk = len(pool) - len(digits)
+    out = []
+    for row in read_selection(Path(method_dir) / "selection.jsonl"):
+        sel = row.keys(pool, method_dir)
+        dig = len(sel & digits)
+        out.append({"epoch": row.epoch, "selected": len(sel),
+                    "precision": dig / len(sel) if sel else None,
+                    "recall": dig / len(digits) if digits else None,
+                    "junk_kept": (len(sel) - dig) / n_junk if n_junk else None})
+    return out
 
 
 def curate_breakdown(run_dir: Path, truth_rows: list[dict]) -> dict[str, Any]:
@@ -299,7 +321,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     timings: dict[str, float] = {}
     out = Path(s.out).resolve()
     s.out = out
-    spec = dw.spec_for(s.size, seed=s.seed)
+    spec = dw.spec_for(s.size, seed=s.seed, **s.world)
     log.info("demo: generating the world (%s, seed %d) under %s", s.size, s.seed, out / "world")
     world = dw.generate_world(out / "world", spec)
     timings["world"] = time.time() - t0
@@ -355,24 +377,42 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-weights", type=Path,
                    help="local open_clip weights: curate with CLIP instead of the teacher's embeddings "
                         "(also env KD3_CLIP_WEIGHTS)")
+    g.add_argument("--shift", choices=["far", "near"], default="far",
+                   help="how far the web sits from the original digits: far (default; 30%% of the web digits "
+                        "scan-like) or near (all scan-like)")
+    g.add_argument("--world", action="append", default=[], metavar="KEY=VALUE",
+                   help="demo-world setting, e.g. --world scan_fraction=1.0 (the share of scan-like digits: "
+                        "the web nearest the original data) or --world 'junk_mix={noise: 2, photo: 1}'")
     g.add_argument("--no-report", action="store_true", help="skip the HTML report")
+
+
+def _key_values(items: list[str], flag: str) -> dict[str, Any]:
+    """``KEY=VALUE`` flags; values read as YAML (numbers, bools, lists, mappings)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = parse_override_value(v)
+    return out
 
 
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
     if not methods:
         raise ConfigError("--methods: name at least one of kd3, kd, dfnd")
-    overrides: dict[str, Any] = {}
-    for item in getattr(args, "set", None) or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = parse_override_value(v)
+    overrides = _key_values(getattr(args, "set", None) or [], "--set")
+    world = {**dw.SHIFTS[getattr(args, "shift", None) or "far"],
+             **_key_values(getattr(args, "world", None) or [], "--world")}
+    unknown = sorted(set(world) - set(dw.WorldSpec.__dataclass_fields__) | ({"seed"} & set(world)))
+    if unknown:
+        raise ConfigError(f"--world: unknown setting(s) {unknown} (the seed is --seed)")
     if args.epochs is not None and args.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
     return DemoSettings(out=args.out, size=args.size, seed=args.seed, epochs=args.epochs, student=args.student,
                         teacher_arch=args.teacher_arch, teacher_epochs=args.teacher_epochs, methods=methods,
-                        clip_weights=args.clip_weights, overrides=overrides, report=not args.no_report)
+                        clip_weights=args.clip_weights, overrides=overrides, world=world,
+                        report=not args.no_report)
 
 
 def register(sub) -> None:

@@ -31,7 +31,7 @@ import io
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -68,6 +68,8 @@ class WorldSpec:
     min_side: int = 32
     max_side: int = 72
     scan_fraction: float = 0.3  # rendered text drawn "scan-like": grey, light ink on dark, low resolution
+    # relative weight of each junk kind (None: equal shares, every kind present); e.g. {"noise": 2, "photo": 0}
+    junk_mix: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.n_per_class < 1:
@@ -84,6 +86,12 @@ class WorldSpec:
             raise ConfigError(f"demo world: img_size must be in [8, 256], got {self.img_size}")
         if not 0 <= self.scan_fraction <= 1:
             raise ConfigError(f"demo world: scan_fraction must be in [0, 1], got {self.scan_fraction}")
+        if self.junk_mix is not None:
+            bad = sorted(set(self.junk_mix) - set(JUNK_KINDS))
+            if bad:
+                raise ConfigError(f"demo world: junk_mix names unknown kinds {bad}; kinds are {list(JUNK_KINDS)}")
+            if any(float(v) < 0 for v in self.junk_mix.values()) or not sum(map(float, self.junk_mix.values())) > 0:
+                raise ConfigError("demo world: junk_mix weights must be >= 0 with a positive sum")
         if not 16 <= self.min_side <= self.max_side:
             raise ConfigError(f"demo world: need 16 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
 
@@ -101,6 +109,14 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(n_per_class=12, junk_fraction=0.5, dup_fraction=0.25, n_broken=1, train_per_class=40),
     "small": dict(n_per_class=60, junk_fraction=0.5, dup_fraction=0.15, n_broken=2),
     "bench": dict(n_per_class=200, junk_fraction=0.5, dup_fraction=0.1, n_broken=3),
+}
+
+
+# Named distribution-shift levels (world overrides) for `kd3 demo --shift` and the benchmark. On the
+# scan-like digits the demo teacher is right ~70% of the time, on the web-styled ones ~10%.
+SHIFTS: dict[str, dict[str, Any]] = {
+    "far": dict(scan_fraction=0.3),   # the default world: most web digits look nothing like the scans
+    "near": dict(scan_fraction=1.0),  # every web digit is scan-like: the web nearest the original data
 }
 
 
@@ -473,6 +489,24 @@ def _broken(rng: np.random.Generator, kind: str, good: bytes) -> bytes:
 
 # ---------------------------------------------------------------- the pool
 
+def _junk_kinds(rng: np.random.Generator, spec: WorldSpec) -> list[str]:
+    """The junk kinds under one query, shuffled. Equal shares by default (every kind present whenever
+    there are >= 5 junk images); with ``junk_mix``, shares by weight (largest remainders)."""
+    n_junk = spec.n_junk
+    if spec.junk_mix is None:
+        kinds = list(JUNK_KINDS) * (n_junk // len(JUNK_KINDS))
+        rest = n_junk - len(kinds)
+        kinds += [str(k) for k in rng.choice(list(JUNK_KINDS), size=rest, replace=False)] if rest else []
+    else:
+        w = np.array([float(spec.junk_mix.get(k, 0.0)) for k in JUNK_KINDS])
+        exact = n_junk * w / w.sum()
+        counts = np.floor(exact).astype(int)
+        for i in np.argsort(-(exact - counts), kind="stable")[: n_junk - counts.sum()]:
+            counts[i] += 1
+        kinds = [k for k, c in zip(JUNK_KINDS, counts) for _ in range(int(c))]
+    return [kinds[i] for i in rng.permutation(len(kinds))]
+
+
 def make_web_pool(spec: WorldSpec) -> list[WebImage]:
     """Every file of the fake web, in a deterministic order (query by query)."""
     letters = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
@@ -498,12 +532,7 @@ def make_web_pool(spec: WorldSpec) -> list[WebImage]:
             add(data, "digit", cls, p)
 
         rng = _rng(spec.seed, "junk", ci)
-        n_junk = spec.n_junk
-        # composition of the junk: every kind present whenever there are >= 5 junk images
-        kinds = list(JUNK_KINDS) * (n_junk // len(JUNK_KINDS))
-        rest = n_junk - len(kinds)
-        kinds += [str(k) for k in rng.choice(list(JUNK_KINDS), size=rest, replace=False)] if rest else []
-        kinds = [kinds[i] for i in rng.permutation(len(kinds))]
+        kinds = _junk_kinds(rng, spec)
         for kind in kinds:
             if kind == "letter":
                 data, p = render_text_image(rng, str(rng.choice(letters)), spec)
@@ -582,7 +611,9 @@ def generate_world(root: str | Path, spec: WorldSpec) -> World:
     spec_d = asdict(spec)
     if meta_path.is_file():
         meta = read_json(meta_path)
-        if meta.get("format") == WORLD_FORMAT and meta.get("spec") == spec_d:
+        # a world written before a spec field existed holds that field's default
+        old = {**{f.name: f.default for f in fields(WorldSpec)}, **(meta.get("spec") or {})}
+        if meta.get("format") == WORLD_FORMAT and old == spec_d:
             log.info("demo world at %s already generated; reusing it", root)
             return _world_from_meta(root, meta)
         raise DataError(f"{root} holds a demo world with another spec; pick another --out or delete it")

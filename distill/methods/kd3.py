@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models import Kd3Student, Projector
+from ..models import Kd3Student, Projector, pool_to
 from ._registry import register_method
 from .base import Method, Selection
+from .idscore import bn_scores, in_distribution_mask
 from .losses import (alpha_schedule, disagreement_weights, kd_loss, match_spatial, mix_distribution, mixed_probs,
                      nt_xent, ramp_epochs, select_confident, weighted_feature_mse)
 
@@ -45,6 +46,11 @@ class KD3(Method):
             self.g_s = nn.Linear(c_s, HEAD_DIM)
             self.g_t = nn.Linear(c_t, HEAD_DIM)
         self.loss_weights = {"con": float(cfg.lambda_con)}
+        self.kd_term = self.own_head or float(cfg.kd_weight) > 0
+        if float(cfg.kd_weight) > 0:
+            self.loss_weights["kd"] = float(cfg.kd_weight)
+        self.id_scores: torch.Tensor | None = None  # per pool image, computed once (the teacher is frozen)
+        self.t_hw: tuple[int, int] | None = None  # the teacher map's H x W (seen at the first forward)
 
     # ------------------------------------------------------------ the student's logits
     def _t_cls(self):
@@ -62,9 +68,17 @@ class KD3(Method):
         w, b = self._t_cls()
         return F.linear(h, w.to(h.dtype), None if b is None else b.to(h.dtype))
 
+    def _teacher_hw(self, x: torch.Tensor) -> tuple[int, int]:
+        if self.t_hw is None:
+            with torch.no_grad():
+                self.t_hw = tuple(self.teacher.forward_features(x[:1]).shape[-2:])
+        return self.t_hw
+
     def student_logits(self, x: torch.Tensor) -> torch.Tensor:
         fs = self.student.forward_features(x)
-        fs_p = None if self.own_head else self.projector(fs)
+        if self.own_head:
+            return self.head_logits(None, fs)
+        fs_p = self.projector(pool_to(fs, self._teacher_hw(x)))
         return self.head_logits(fs_p, fs)
 
     def predict(self, x):
@@ -73,7 +87,8 @@ class KD3(Method):
     # ------------------------------------------------------------ §2 selection
     def select(self, epoch, epochs, infer):
         cfg = self.cfg
-        if not cfg.selection:
+        use_id = cfg.id_score != "none"
+        if not cfg.selection and not use_id:
             return Selection(None, None, {"alpha": None})
         e_ramp, e_cut = ramp_epochs(epochs, cfg.ramp_frac, cfg.cut_frac)
         alpha = alpha_schedule(epoch, e_ramp, e_cut)
@@ -88,10 +103,23 @@ class KD3(Method):
 
         logits = infer(mixed_logits)
         q = mixed_probs(logits, logits, 1.0)  # logits are already mixed: q = softmax(mix)
-        keep, pred, thr = select_confident(q, cfg.tau)
-        idx = torch.nonzero(keep).flatten()
-        return Selection(idx, pred, {"alpha": alpha, "thresholds": thr.tolist(), "pred_counts":
-                                     torch.bincount(pred, minlength=self.num_classes).tolist()})
+        pred = q.argmax(dim=1)
+        log: dict = {"alpha": alpha}
+        cand = torch.ones(len(q), dtype=torch.bool)
+        if use_id:  # kd3's own part: only images the teacher's BN statistics call in-distribution
+            if self.id_scores is None:
+                self.id_scores = bn_scores(self.teacher, infer)
+            cand, log["id"] = in_distribution_mask(self.id_scores, cfg.id_rule, cfg.id_keep, pred, self.num_classes)
+        keep = cand
+        if cfg.selection:
+            # the release's rule over the candidates: class-adaptive thresholds from their predicted counts
+            idx_c = torch.nonzero(cand).flatten()
+            k, _, thr = select_confident(q[idx_c], cfg.tau)
+            keep = torch.zeros_like(cand)
+            keep[idx_c[k]] = True
+            log["thresholds"] = thr.tolist()
+        log["pred_counts"] = torch.bincount(pred, minlength=self.num_classes).tolist()
+        return Selection(torch.nonzero(keep).flatten(), pred, log)
 
     # ------------------------------------------------------------ §3–§5 losses
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -111,14 +139,15 @@ class KD3(Method):
             z_t = self.teacher.classifier(self.teacher.pool(ft))
         out: dict[str, torch.Tensor] = {}
 
-        if self.own_head:
-            z_s = self.head_logits(None, fs)
+        self.t_hw = tuple(ft.shape[-2:])
+        # spatial matching as the release: a larger student map is pooled BEFORE the projector, a larger
+        # teacher map is pooled to the student's size
+        src, t = match_spatial(fs, ft)
+        fs_p = self.projector(src)
+        z_s = self.head_logits(fs_p, fs)
+        if self.kd_term:  # the own-head ablation's only logit signal, or the kd_weight option
             out["kd"] = kd_loss(z_s, z_t, cfg.kd_temperature)
-            fs_p = self.projector(fs)
-        else:
-            fs_p = self.projector(fs)
-            z_s = self.head_logits(fs_p, fs)
-        a, t = match_spatial(fs_p, ft)
+        a = fs_p
         w = disagreement_weights(z_s, z_t) if cfg.weighting else None
         out["feat"] = weighted_feature_mse(a, t, w)
         if self.align:
@@ -148,7 +177,9 @@ class KD3(Method):
         if self.own_head:
             return self.student_arch, dict(self.student_kwargs), self.student
         kwargs = {"student": self.student_arch, "teacher_dim": int(self.c_t), "student_kwargs": self.student_kwargs}
-        dep = Kd3Student(self.num_classes, self.student_arch, self.c_t, self.student_kwargs)
+        if self.t_hw is not None:
+            kwargs["feat_size"] = [int(v) for v in self.t_hw]
+        dep = Kd3Student(self.num_classes, self.student_arch, self.c_t, self.student_kwargs, kwargs.get("feat_size"))
         sd = {k: v for k, v in self.student.state_dict().items() if not k.startswith("classifier.")}
         missing, unexpected = dep.backbone.load_state_dict(sd, strict=False)
         assert not unexpected, unexpected

@@ -14,10 +14,13 @@ def ramp_epochs(epochs: int, ramp_frac: float, cut_frac: float) -> tuple[float, 
 
 
 def alpha_schedule(e: int, e_ramp: float, e_cut: float) -> float:
-    """alpha_e = 1 - exp(-5 ((e+1)/E_ramp - 1)^2) for e < E_cut, else 0 (e counts from 0)."""
-    if e >= e_cut:
+    """alpha for the 0-based epoch ``e``, as the release computes it for its 1-based epoch ``e + 1``
+    (``time_d(epoch, E_cut)`` with ``epoch`` in 1..E): 1 - exp(-5 ((epoch+1)/E_ramp - 1)^2) while
+    epoch < E_cut, else 0."""
+    epoch = e + 1
+    if epoch >= e_cut:
         return 0.0
-    return 1.0 - math.exp(-5.0 * ((e + 1) / e_ramp - 1.0) ** 2)
+    return 1.0 - math.exp(-5.0 * ((epoch + 1) / e_ramp - 1.0) ** 2)
 
 
 def mixed_probs(z_t: torch.Tensor, z_s: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -152,7 +152,17 @@ class Kd3Config(_Section):
     cross_contrastive: bool = Field(False, description="paper-prose option: student x~ <-> teacher x")
     mix_level: Literal["input", "feature"] = Field("input", description="where MixDistribution acts")
     classifier_align_loss: bool = Field(False, description="paper-prose option: align classifiers by a loss")
-    kd_temperature: float = Field(4.0, gt=0, description="temperature of the KD term of the no-sharing ablation")
+    kd_temperature: float = Field(4.0, gt=0, description="temperature of kd3's KD terms (the no-sharing "
+                                                         "ablation's, and kd_weight's)")
+    # kd3's own parts, each a switch (off: the release's method)
+    id_score: Literal["none", "bn"] = Field(
+        "none", description="selection also requires an in-distribution score: bn = distance of each image's "
+                            "per-channel activation statistics from the teacher's BatchNorm running statistics")
+    id_rule: Literal["gmm", "quantile"] = Field(
+        "gmm", description="which images count as in-distribution: gmm = the low component of a 2-Gaussian fit "
+                           "to the pool's log scores; quantile = the id_keep share per predicted class")
+    id_keep: float = Field(0.5, gt=0, le=1, description="id_rule quantile: share kept per predicted class")
+    kd_weight: float = Field(0.0, ge=0, description="weight of a logit KD term on the selected images (0 = off)")
 
 
 class KdConfig(_Section):
@@ -202,6 +212,11 @@ class DistillConfig(_Section):
     channels_last: bool = Field(True, description="channels_last memory format on GPU")
     workers: int = Field(4, ge=0, description="data loader workers")
     seed: int = Field(0, description="random seed")
+    keys_file: Optional[Path] = Field(None, description="train only on the pool images whose keys this file "
+                                                         "lists, one per line (e.g. a hand-vetted subset)")
+    epoch_steps: Literal["selected", "pool"] = Field(
+        "selected", description="steps per epoch of a selecting method: one pass over the selection (release) "
+                                "or as many steps as a pass over the whole pool (the selection cycled)")
     kd3: Kd3Config = Field(default_factory=Kd3Config)
     kd: KdConfig = Field(default_factory=KdConfig)
     dfnd: DfndConfig = Field(default_factory=DfndConfig)

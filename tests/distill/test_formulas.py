@@ -5,23 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.methods.losses import (alpha_schedule, class_thresholds, disagreement_weights, kd_loss, match_spatial,
+from distill.methods.losses import (class_thresholds, disagreement_weights, kd_loss, match_spatial,
                                     mix_distribution, mixed_probs, noise_adaptation_matrix, noisy_nll, nt_xent,
-                                    ramp_epochs, select_confident, weighted_feature_mse)
+                                    select_confident, weighted_feature_mse)
 
 torch.set_num_threads(1)
-
-
-def test_alpha_schedule_release_values():
-    e_ramp, e_cut = ramp_epochs(240, 2 / 3, 1 / 2)
-    assert (e_ramp, e_cut) == pytest.approx((160, 120))
-    assert alpha_schedule(0, e_ramp, e_cut) == pytest.approx(1 - math.exp(-5 * (1 / 160 - 1) ** 2))
-    assert alpha_schedule(79, e_ramp, e_cut) == pytest.approx(1 - math.exp(-5 * 0.25))  # (80/160 - 1)^2 = 0.25
-    assert alpha_schedule(119, e_ramp, e_cut) == pytest.approx(1 - math.exp(-5 * 0.0625))
-    assert alpha_schedule(120, e_ramp, e_cut) == 0.0  # e >= E_cut
-    assert alpha_schedule(200, e_ramp, e_cut) == 0.0
-    vals = [alpha_schedule(e, e_ramp, e_cut) for e in range(120)]
-    assert all(a > b for a, b in zip(vals, vals[1:]))  # trust moves from teacher to student
 
 
 def test_mixed_probs_mixes_logits_not_probabilities():

@@ -1,0 +1,140 @@
+"""In-distribution scores from the teacher alone: how far a web image sits from the original data.
+
+The teacher's BatchNorm running mean/var are the only trace of its training data that it carries
+(the observation behind DeepInversion's BN-statistics prior). A web image whose per-channel
+activation statistics, at every BN layer, sit where the running statistics say the original data
+sat is "in distribution"; noise, photos or another rendering style move them. The score needs no
+labels and no original data, and it sees what the teacher's confidence cannot: the teacher is often
+*confidently* wrong on off-distribution junk.
+
+    score(x) = mean over BN layers l, channels c of
+               (mu_lc(x) - m_lc)^2 / v_lc  +  log^2( s2_lc(x) / v_lc )
+
+with mu_lc(x), s2_lc(x) the mean and variance over spatial positions of the BN layer's input for
+image x, and m_lc, v_lc the layer's running mean and variance. Lower = closer to the original data.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pipeline.core.errors import ConfigError
+
+EPS = 1e-5
+
+
+class BNStatScorer:
+    """Forward hooks on every BatchNorm2d of ``teacher`` accumulate the per-image score.
+
+    Use as a context manager around teacher forwards; ``take()`` returns and resets the scores of the
+    images seen since the last call.
+    """
+
+    def __init__(self, teacher: nn.Module):
+        self.layers = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats
+                       and m.running_mean is not None]
+        if not self.layers:
+            raise ConfigError("id_score bn: the teacher has no BatchNorm2d layers with running statistics "
+                              "(a TorchScript teacher hides them; use a checkpoint-contract teacher)")
+        self._handles: list = []
+        self._acc: torch.Tensor | None = None
+
+    def _hook(self, mod: nn.BatchNorm2d, inputs):
+        x = inputs[0].float()
+        mu = x.mean(dim=(2, 3))
+        var = x.var(dim=(2, 3), unbiased=False)
+        rm = mod.running_mean.float()
+        rv = mod.running_var.float() + EPS
+        d = (mu - rm) ** 2 / rv + torch.log((var + EPS) / rv) ** 2
+        s = d.mean(dim=1)
+        self._acc = s if self._acc is None else self._acc + s
+
+    def __enter__(self):
+        self._handles = [m.register_forward_pre_hook(self._hook) for m in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def take(self) -> torch.Tensor:
+        out = self._acc / len(self.layers)
+        self._acc = None
+        return out
+
+
+def bn_scores(teacher: nn.Module, infer) -> torch.Tensor:
+    """The score of every pool image: one no-grad teacher pass through ``infer`` (pool order)."""
+    scorer = BNStatScorer(teacher)
+
+    def fn(x):
+        with scorer:
+            teacher(x)
+        return scorer.take().unsqueeze(1)
+
+    return infer(fn, augment=False)[:, 0]
+
+
+def gmm_low_component(values: np.ndarray, iters: int = 200) -> tuple[np.ndarray, dict]:
+    """Two-component 1-D Gaussian mixture (EM) on ``values``; returns the posterior of the component
+    with the lower mean for every value, and the fit. Deterministic (initialised at the quartiles)."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 4 or float(v.std()) == 0.0:
+        return np.ones(len(v)), {"mu": [float(v.mean())] * 2, "sd": [0.0, 0.0], "w": [1.0, 0.0]}
+    mu = np.array([np.quantile(v, 0.25), np.quantile(v, 0.75)])
+    sd = np.full(2, v.std() / 2 + 1e-6)
+    w = np.array([0.5, 0.5])
+    for _ in range(iters):
+        logp = -0.5 * ((v[:, None] - mu) / sd) ** 2 - np.log(sd) + np.log(w)
+        logp -= logp.max(axis=1, keepdims=True)
+        r = np.exp(logp)
+        r /= r.sum(axis=1, keepdims=True)
+        n = r.sum(axis=0) + 1e-12
+        new_mu = (r * v[:, None]).sum(axis=0) / n
+        sd = np.sqrt((r * (v[:, None] - new_mu) ** 2).sum(axis=0) / n) + 1e-6
+        w = n / n.sum()
+        if np.allclose(new_mu, mu, atol=1e-9):
+            mu = new_mu
+            break
+        mu = new_mu
+    lo = int(np.argmin(mu))
+    logp = -0.5 * ((v[:, None] - mu) / sd) ** 2 - np.log(sd) + np.log(w)
+    logp -= logp.max(axis=1, keepdims=True)
+    r = np.exp(logp)
+    r /= r.sum(axis=1, keepdims=True)
+    return r[:, lo], {"mu": mu.tolist(), "sd": sd.tolist(), "w": w.tolist(), "low": lo}
+
+
+def in_distribution_mask(scores: torch.Tensor, rule: str, keep: float, pred: torch.Tensor | None = None,
+                         num_classes: int = 0) -> tuple[torch.Tensor, dict]:
+    """Which images count as in-distribution.
+
+    ``gmm``: a two-component mixture on log scores, calibrated on the pool itself; keep the images the
+    low-score component explains (posterior >= 0.5). ``quantile``: keep the ``keep`` share with the lowest
+    score within each predicted class (``pred``), so every class keeps some images.
+    """
+    s = scores.double().clamp_min(1e-12).log().numpy()
+    if rule == "gmm":
+        post, fit = gmm_low_component(s)
+        mask = torch.from_numpy(post >= 0.5)
+        thr = None
+        if mask.any():
+            thr = float(math.exp(s[mask.numpy()].max()))
+        return mask, {"rule": "gmm", "fit": fit, "threshold": thr, "kept": int(mask.sum())}
+    if rule == "quantile":
+        if pred is None:
+            raise ValueError("quantile rule needs predictions")
+        mask = torch.zeros(len(s), dtype=torch.bool)
+        for c in range(num_classes):
+            idx = torch.nonzero(pred == c).flatten()
+            if len(idx) == 0:
+                continue
+            k = max(1, int(round(keep * len(idx))))
+            order = torch.argsort(torch.from_numpy(s)[idx], stable=True)[:k]
+            mask[idx[order]] = True
+        return mask, {"rule": "quantile", "keep": keep, "kept": int(mask.sum())}
+    raise ConfigError(f"unknown id_rule {rule!r} (gmm, quantile)")

@@ -1,0 +1,122 @@
+"""The in-distribution score from the teacher's BatchNorm statistics, on hand-made nets and tensors."""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from distill.methods import create_method
+from distill.methods.idscore import BNStatScorer, bn_scores, gmm_low_component, in_distribution_mask
+from distill.models import Backbone
+
+torch.set_num_threads(1)
+
+
+class OneBN(Backbone):
+    """x -> BN(2 channels, hand-set running stats) -> ReLU; classifier on the pooled map."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(2)
+        self.bn.running_mean.copy_(torch.tensor([1.0, -2.0]))
+        self.bn.running_var.copy_(torch.tensor([4.0, 0.25]))
+        self.feature_dim = 2
+        self.classifier = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.classifier.weight.copy_(torch.tensor([[5.0, 0.0], [0.0, 5.0]]))
+            self.classifier.bias.zero_()
+        self.eval()
+
+    def forward_features(self, x):
+        return torch.relu(self.bn(x[:, :2]))
+
+
+def _image(mean, std, hw=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, hw * hw, generator=g)
+    x = (x - x.mean(1, keepdim=True)) / x.std(1, unbiased=False, keepdim=True)
+    x = x * torch.tensor(std).view(2, 1) + torch.tensor(mean).view(2, 1)
+    return torch.cat([x.view(2, hw, hw), torch.zeros(1, hw, hw)]).unsqueeze(0)
+
+
+def test_bn_score_is_zero_at_the_running_stats_and_the_hand_value_elsewhere():
+    t = OneBN()
+    sc = BNStatScorer(t)
+    at = _image([1.0, -2.0], [2.0, 0.5])           # per-channel mean/std = the running stats
+    off = _image([3.0, -2.0], [2.0, 1.0], seed=1)  # channel 0 mean +2 (1 running sd), channel 1 var x4
+    with sc, torch.no_grad():
+        t(torch.cat([at, off]))
+    s = sc.take()
+    eps = 1e-5
+    want_off = 0.5 * ((2.0 ** 2) / (4.0 + eps) + math.log((1.0 + eps) / (0.25 + eps)) ** 2
+                      + math.log((4.0 + eps) / (4.0 + eps)) ** 2)
+    assert s[0].item() == pytest.approx(0.0, abs=1e-4)
+    assert s[1].item() == pytest.approx(want_off, rel=1e-4)
+    with torch.no_grad():          # hooks are gone after the block: nothing accumulates
+        t(at)
+    assert sc._acc is None
+
+
+def test_bn_scores_run_over_the_pool_without_augmentation():
+    t = OneBN()
+    images = torch.cat([_image([1.0, -2.0], [2.0, 0.5], seed=i) for i in range(3)] + [_image([9.0, 5.0], [1.0, 1.0])])
+    seen = {}
+
+    def infer(fn, augment=True):
+        seen["augment"] = augment
+        with torch.no_grad():
+            return torch.cat([fn(images[i:i + 2]) for i in range(0, 4, 2)])
+
+    s = bn_scores(t, infer)
+    assert seen["augment"] is False and s.shape == (4,)
+    assert s[:3].max() < 1e-3 < s[3]
+
+
+def test_a_net_without_batchnorm_is_refused():
+    from pipeline.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no BatchNorm2d"):
+        BNStatScorer(nn.Sequential(nn.Conv2d(3, 3, 1)))
+
+
+def test_gmm_finds_the_low_cluster_and_quantile_keeps_a_share_per_class():
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.normal(-1.0, 0.3, 200), rng.normal(1.5, 0.5, 600)])
+    post, fit = gmm_low_component(v)
+    assert fit["mu"][fit["low"]] == pytest.approx(-1.0, abs=0.1)
+    assert (post[:200] >= 0.5).mean() > 0.97 and (post[200:] >= 0.5).mean() < 0.03
+    mask, info = in_distribution_mask(torch.from_numpy(np.exp(v)), "gmm", 0.5)
+    assert info["kept"] == int(mask.sum()) and 190 <= info["kept"] <= 215
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 20.0])
+    pred = torch.tensor([0, 0, 0, 0, 1, 1])
+    mask, _ = in_distribution_mask(scores, "quantile", 0.5, pred, 3)
+    assert mask.tolist() == [True, True, False, False, True, False]   # the lower half of each class
+
+
+def test_kd3_selection_drops_confident_out_of_distribution_images():
+    """The teacher is certain on every image; the release's rule keeps them all, the bn score drops the
+    ones whose BN statistics are far from the running stats."""
+    teacher = OneBN()
+    student = OneBN().train()
+    cfg = SimpleNamespace(sharing=True, classifier_align_loss=False, mixdist=False, weighting=True, lambda_con=0.001,
+                          selection=True, tau=0.95, ramp_frac=2 / 3, cut_frac=1 / 2, con_temperature=0.3,
+                          cross_contrastive=False, mix_level="input", kd_temperature=4.0, kd_weight=0.0,
+                          id_score="none", id_rule="gmm", id_keep=0.5)
+    ind = [_image([1.0, -2.0], [2.0, 0.5], seed=i) for i in range(12)]
+    ood = [_image([14.0, -2.0], [0.3, 3.0], seed=100 + i) for i in range(6)]  # channel 0 high: class 0, certain
+    images = torch.cat(ind + ood)
+
+    def infer(fn, augment=True):
+        with torch.no_grad():
+            return fn(images)
+
+    m = create_method("kd3", student, teacher, cfg, 2, student_arch="x").eval()
+    sel = m.select(0, 10, infer)
+    assert set(range(12, 18)) <= set(sel.indices.tolist())          # the release's rule keeps the confident junk
+    cfg.id_score = "bn"
+    m = create_method("kd3", student, teacher, cfg, 2, student_arch="x").eval()
+    sel = m.select(0, 10, infer)
+    assert not set(sel.indices.tolist()) & set(range(12, 18))
+    assert sel.log["id"]["kept"] == 12
