@@ -394,7 +394,10 @@ class Kd3Student(Backbone):
             self.backbone.classifier = nn.Identity()  # type: ignore[assignment]
 
     def forward_features(self, x):
-        return self.projector(pool_to(self.backbone.forward_features(x), self.feat_size))
+        f = self.backbone.forward_features(x)
+        if self.feat_size:  # set only when training pooled the student map (it was larger than the teacher's)
+            f = F.adaptive_avg_pool2d(f, self.feat_size)
+        return self.projector(f)
 
 
 @register("kd3_student")

@@ -51,6 +51,7 @@ class KD3(Method):
             self.loss_weights["kd"] = float(cfg.kd_weight)
         self.id_scores: torch.Tensor | None = None  # per pool image, computed once (the teacher is frozen)
         self.t_hw: tuple[int, int] | None = None  # the teacher map's H x W (seen at the first forward)
+        self.s_hw: tuple[int, int] | None = None  # the student map's
 
     # ------------------------------------------------------------ the student's logits
     def _t_cls(self):
@@ -78,6 +79,7 @@ class KD3(Method):
         fs = self.student.forward_features(x)
         if self.own_head:
             return self.head_logits(None, fs)
+        self.s_hw = tuple(fs.shape[-2:])
         fs_p = self.projector(pool_to(fs, self._teacher_hw(x)))
         return self.head_logits(fs_p, fs)
 
@@ -139,7 +141,7 @@ class KD3(Method):
             z_t = self.teacher.classifier(self.teacher.pool(ft))
         out: dict[str, torch.Tensor] = {}
 
-        self.t_hw = tuple(ft.shape[-2:])
+        self.t_hw, self.s_hw = tuple(ft.shape[-2:]), tuple(fs.shape[-2:])
         # spatial matching as the release: a larger student map is pooled BEFORE the projector, a larger
         # teacher map is pooled to the student's size
         src, t = match_spatial(fs, ft)
@@ -177,7 +179,7 @@ class KD3(Method):
         if self.own_head:
             return self.student_arch, dict(self.student_kwargs), self.student
         kwargs = {"student": self.student_arch, "teacher_dim": int(self.c_t), "student_kwargs": self.student_kwargs}
-        if self.t_hw is not None:
+        if self.t_hw is not None and self.s_hw is not None and self.s_hw[0] * self.s_hw[1] > self.t_hw[0] * self.t_hw[1]:
             kwargs["feat_size"] = [int(v) for v in self.t_hw]
         dep = Kd3Student(self.num_classes, self.student_arch, self.c_t, self.student_kwargs, kwargs.get("feat_size"))
         sd = {k: v for k, v in self.student.state_dict().items() if not k.startswith("classifier.")}
@@ -190,4 +192,9 @@ class KD3(Method):
         return "kd3_student", kwargs, dep
 
     def extra_state(self):
-        return {}
+        # the map sizes decide the export's pooling: kept across a resume that goes straight to export
+        return {"t_hw": list(self.t_hw) if self.t_hw else None, "s_hw": list(self.s_hw) if self.s_hw else None}
+
+    def load_extra_state(self, d):
+        self.t_hw = tuple(d["t_hw"]) if d.get("t_hw") else None
+        self.s_hw = tuple(d["s_hw"]) if d.get("s_hw") else None
