@@ -133,8 +133,11 @@ class KD3(Method):
         x_aug = mix_distribution(x) if input_mix else None
         # the student sees the two views in two calls (own BN batch statistics each, as the release);
         # the frozen teacher (eval-mode BN) takes both in one batch
-        fs = self.student.forward_features(x)
-        fs_aug = self.student.forward_features(x_aug) if input_mix else None
+        if input_mix and cfg.fused_views:  # option: one student call on both views (BN statistics shared)
+            fs, fs_aug = self.student.forward_features(torch.cat([x, x_aug])).split(b)
+        else:
+            fs = self.student.forward_features(x)
+            fs_aug = self.student.forward_features(x_aug) if input_mix else None
         with torch.no_grad():
             ft_all = self.teacher.forward_features(torch.cat([x, x_aug]) if input_mix else x)
             ft = ft_all[:b]

@@ -163,6 +163,8 @@ class Kd3Config(_Section):
                            "to the pool's log scores; quantile = the id_keep share per predicted class")
     id_keep: float = Field(0.5, gt=0, le=1, description="id_rule quantile: share kept per predicted class")
     kd_weight: float = Field(0.0, ge=0, description="weight of a logit KD term on the selected images (0 = off)")
+    fused_views: bool = Field(False, description="one student forward on cat(x, x~) instead of two (faster on a "
+                                                 "GPU; BatchNorm then normalises both views together)")
 
 
 class KdConfig(_Section):

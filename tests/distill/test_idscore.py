@@ -103,7 +103,7 @@ def test_kd3_selection_drops_confident_out_of_distribution_images():
     cfg = SimpleNamespace(sharing=True, classifier_align_loss=False, mixdist=False, weighting=True, lambda_con=0.001,
                           selection=True, tau=0.95, ramp_frac=2 / 3, cut_frac=1 / 2, con_temperature=0.3,
                           cross_contrastive=False, mix_level="input", kd_temperature=4.0, kd_weight=0.0,
-                          id_score="none", id_rule="gmm", id_keep=0.5)
+                          id_score="none", id_rule="gmm", id_keep=0.5, fused_views=False)
     ind = [_image([1.0, -2.0], [2.0, 0.5], seed=i) for i in range(12)]
     ood = [_image([14.0, -2.0], [0.3, 3.0], seed=100 + i) for i in range(6)]  # channel 0 high: class 0, certain
     images = torch.cat(ind + ood)

@@ -88,7 +88,7 @@ def _kd3_cfg(**kw):
     base = dict(sharing=True, classifier_align_loss=False, mixdist=False, weighting=False, lambda_con=0.001,
                 selection=True, tau=0.95, ramp_frac=2 / 3, cut_frac=1 / 2, con_temperature=0.3,
                 cross_contrastive=False, mix_level="input", kd_temperature=4.0, kd_weight=0.0, id_score="none",
-                id_rule="gmm", id_keep=0.5)
+                id_rule="gmm", id_keep=0.5, fused_views=False)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -142,3 +142,23 @@ def test_larger_teacher_map_is_pooled_to_the_student_size():
     fs_p = m.projector(student.forward_features(x))
     want = ((fs_p - F.adaptive_avg_pool2d(teacher.forward_features(x), (4, 4))) ** 2).mean()
     assert m(x)["feat"].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_fused_views_option_is_one_student_call_with_the_same_maths_in_eval_mode():
+    torch.manual_seed(0)
+    student, teacher = create_model("cnn_tiny", 3), create_model("cnn_small", 3).eval()
+    calls = []
+    orig = student.forward_features
+    student.forward_features = lambda x: (calls.append(x.shape[0]), orig(x))[1]
+    x = torch.randn(4, 3, 32, 32)
+    out = {}
+    for fused in (False, True):
+        torch.manual_seed(2)  # the same projector and heads
+        m = create_method("kd3", student, teacher, _kd3_cfg(mixdist=True, fused_views=fused), 3, student_arch="s")
+        m.eval()  # BN on running stats: fusing the two views changes nothing but the number of calls
+        calls.clear()
+        torch.manual_seed(1)
+        out[fused] = m(x)
+        assert calls == ([8] if fused else [4, 4])
+    assert out[True]["feat"].item() == pytest.approx(out[False]["feat"].item(), rel=1e-5)
+    assert out[True]["con"].item() == pytest.approx(out[False]["con"].item(), rel=1e-4)
