@@ -83,6 +83,23 @@ def test_end_to_end_produces_manifest_and_student(first_run):
             assert str(run_dir.resolve()) in found[0].data
 
 
+def test_every_run_file_honours_the_umask(first_run):
+    """Manifest, shards, index, config.yaml, student.pt, crawl images, decisions...: every file the run
+    wrote has the mode the umask gives (0644 under 0022), not mkstemp's 0600."""
+    from pipeline.core.io import current_umask
+
+    cfg, _ = first_run
+    run_dir = Path(cfg.run_dir)
+    want = 0o666 & ~current_umask()
+    kd3_files = [p for p in run_dir.rglob("*") if p.is_file() and ".prefect" not in p.relative_to(run_dir).parts]
+    names = {p.name for p in kd3_files}
+    assert {"manifest.json", "config.yaml", "student.pt", "index.faiss", "decisions.jsonl"} <= names
+    assert any(p.suffix == ".tar" for p in kd3_files) and any("images" in p.parts for p in kd3_files)
+    wrong = {str(p.relative_to(run_dir)): oct(p.stat().st_mode & 0o777) for p in kd3_files
+             if p.stat().st_mode & 0o777 != want}
+    assert not wrong, f"expected {oct(want)}: {wrong}"
+
+
 def test_second_run_hits_cache_for_crawl_and_curate(first_run):
     from flows.e2e import kd3_pipeline
 
