@@ -32,6 +32,7 @@ from tqdm import tqdm
 from pipeline.core.config import RunConfig, save_resolved
 from pipeline.core.errors import ConfigError
 from pipeline.core.folder import class_files
+from pipeline.core.interrupt import stop_requested
 from pipeline.core.io import atomic_write_bytes, sha256_bytes
 from pipeline.core.records import ClassSummary, CrawlRecord, CrawlSummary, RecordLog, read_records, \
     update_crawl_summary
@@ -44,7 +45,7 @@ from .sources import ENGINES, EngineError, engine_results, expand_queries, load_
 log = logging.getLogger("kd3.crawl")
 
 # outcomes that do not count as "tried": a rerun tries the URL again
-RETRYABLE = ("deadline",)
+RETRYABLE = ("deadline", "interrupted")
 
 
 @dataclass
@@ -259,8 +260,8 @@ class Crawler:
                 while True:
                     while (not exhausted and len(inflight) < threads
                            and self.state.ok[name] + len(inflight) < target):
-                        if self.fetcher.past_deadline():
-                            self.deadline_hit = True
+                        if self.fetcher.past_deadline():  # or Ctrl-C: the downloads in flight end at once
+                            self.deadline_hit = not stop_requested()
                             exhausted = True
                             break
                         cand = next(gen, None)
@@ -295,7 +296,7 @@ class Crawler:
             finally:
                 gen.close()
                 bar.close()
-        if self.fetcher.past_deadline() and self.state.ok[name] < target:
+        if self.fetcher.past_deadline() and self.state.ok[name] < target and not stop_requested():
             self.deadline_hit = True
             notes.append(f"deadline of {self.c.deadline_s:g}s reached")
         return self._class_summary(name, notes, counts)

@@ -3,6 +3,7 @@ evaluation. Same code on CPU, one GPU, or many GPUs under torchrun."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -17,6 +18,8 @@ from tqdm.auto import tqdm
 from pipeline.core.errors import ConfigError
 
 from .data import WebPool, collate_indexed
+
+log = logging.getLogger("kd3.distill")
 
 
 # ---------------------------------------------------------------- runtime (device, DDP, amp)
@@ -77,8 +80,31 @@ class Runtime:
         return out
 
 
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+_clamp_noted: set[tuple[int, int]] = set()
+
+
+def usable_workers(workers: int) -> int:
+    """``distill.workers`` capped at the CPU cores this process may use (more only contend, and torch
+    warns about it); says so once."""
+    cpus = available_cpus()
+    if workers <= cpus:
+        return workers
+    if (workers, cpus) not in _clamp_noted:
+        _clamp_noted.add((workers, cpus))
+        log.info("distill.workers %d > %d CPU cores available: using %d data loader workers", workers, cpus, cpus)
+    return cpus
+
+
 def loader(ds, batch_size: int, workers: int, rt: Runtime, shuffle: bool = False, drop_last: bool = False):
     """A DataLoader; pool views (a WebPool or a Subset of one) yield (images, pool indices)."""
+    workers = usable_workers(workers)
     pooled = isinstance(ds, WebPool) or isinstance(getattr(ds, "dataset", None), WebPool)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, drop_last=drop_last,
                       pin_memory=rt.device.type == "cuda", collate_fn=collate_indexed if pooled else None,
