@@ -30,9 +30,10 @@ from rich.table import Table
 from tqdm import tqdm
 
 from pipeline.core.config import RunConfig, save_resolved
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, DataError
 from pipeline.core.folder import class_files
 from pipeline.core.interrupt import stop_requested
+from pipeline.core.preflight import check_sources
 from pipeline.core.io import atomic_write_bytes, sha256_bytes
 from pipeline.core.records import ClassSummary, CrawlRecord, CrawlSummary, RecordLog, read_records, \
     update_crawl_summary
@@ -58,23 +59,6 @@ class Candidate:
 
 def _rel(run: RunDir, p: Path) -> str:
     return p.relative_to(run.root).as_posix()
-
-
-def check_sources(cfg: RunConfig) -> None:
-    """Fail fast, naming the setting, when a listed source cannot work."""
-    c = cfg.crawl
-    if "flickr" in c.sources and not c.flickr_key():
-        raise ConfigError("source 'flickr' needs an API key: set crawl.flickr_api_key or env FLICKR_API_KEY")
-    if "urls" in c.sources:
-        if c.url_list is None:
-            raise ConfigError("source 'urls' needs crawl.url_list (a .txt/.csv/.parquet file)")
-        if not Path(c.url_list).is_file():
-            raise ConfigError(f"crawl.url_list {c.url_list} does not exist")
-    if "folder" in c.sources:
-        if c.folder is None:
-            raise ConfigError("source 'folder' needs crawl.folder (a folder <root>/<class>/*)")
-        if not Path(c.folder).is_dir():
-            raise ConfigError(f"crawl.folder {c.folder} is not a folder")
 
 
 class _State:
@@ -370,8 +354,30 @@ def crawl(cfg: RunConfig, classes: list[str] | None = None) -> dict:
     finally:
         crawler.close()
     summary = _write_summary(cfg, per, deadline_hit=crawler.deadline_hit, elapsed_s=round(time.time() - t0, 2))
+    check_found_images(cfg, summary)
     print_summary(summary)
     return summary.to_row()
+
+
+LOCAL_SOURCES = ("folder", "urls")
+
+
+def check_found_images(cfg: RunConfig, summary: CrawlSummary) -> None:
+    """Local sources that gave no image at all are the user's to fix: one line, not a table of zeros.
+    (An engine that found nothing may be the network's fault: the table says so, exit 1.)"""
+    if not set(cfg.crawl.sources) <= set(LOCAL_SOURCES) or not summary.classes:
+        return
+    if any(s.downloaded or s.duplicates for s in summary.classes.values()):
+        return
+    failed: Counter = Counter()
+    for s in summary.classes.values():
+        failed.update(s.failed)
+    where = " and ".join(f"crawl.{'folder' if src == 'folder' else 'url_list'} "
+                         f"{cfg.crawl.folder if src == 'folder' else cfg.crawl.url_list}" for src in cfg.crawl.sources)
+    tried = sum(failed.values())
+    why = (f"none of its {tried} files is a usable image ({', '.join(f'{k} {v}' for k, v in failed.most_common(4))})"
+           if tried else f"no files for the classes {list(summary.classes)[:5]}")
+    raise DataError(f"{where}: {why}; nothing to curate")
 
 
 def crawl_class(cfg: RunConfig, name: str) -> dict:

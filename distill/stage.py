@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from pipeline.core.errors import ConfigError, DataError
+from pipeline.core.preflight import check_distill_inputs
 from pipeline.core.runs import RunDir
 from pipeline.core.slug import slugify
 
@@ -46,11 +47,8 @@ def distill(cfg, *, out_id: str | None = None, resume: bool = False, manifest: s
     mp = Path(manifest) if manifest is not None else rd.manifest
     if not mp.is_file():
         raise DataError(f"manifest {mp} is missing: run `kd3 curate` on {rd.root} first")
-    if cfg.teacher is None:
-        raise ConfigError("distill needs a teacher: set `teacher` (or --teacher / --set teacher=PATH)")
+    check_distill_inputs(cfg, mp)  # teacher, eval_dir, classes, shards: before any folder is made
     teacher = Path(cfg.teacher)
-    if not teacher.is_file():
-        raise DataError(f"teacher checkpoint {teacher} does not exist")
     out = output_dir(cfg, out_id)
     from .trainer import run_training  # heavy (torch): the CLI and the flows import this module at start
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -317,6 +318,7 @@ def run_training(cfg, manifest_path: Path, teacher_path: Path, out_dir: Path, *,
     dc = cfg.distill
     rt = Runtime(dc.device, dc.amp, dc.channels_last)
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     if rt.main:
         out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.json"
@@ -337,7 +339,21 @@ def run_training(cfg, manifest_path: Path, teacher_path: Path, out_dir: Path, *,
         start = trainer.resume() if resume and trainer.ck_path.is_file() else 0
         trainer.prepare(start)
         return trainer.fit(start, on_epoch_end)
+    except BaseException:
+        _remove_if_unstarted(out_dir, created and rt.main, handler)
+        raise
     finally:
         if handler is not None:
             logging.getLogger("kd3").removeHandler(handler)
             handler.close()
+
+
+def _remove_if_unstarted(out_dir: Path, ours: bool, handler) -> None:
+    """A start refused by what only the data shows (a corrupt shard, no image) or cut before the first
+    epoch checkpoint leaves no output folder: nothing in it could be resumed."""
+    if not ours or (out_dir / "checkpoint.pt").exists():
+        return
+    if handler is not None:
+        logging.getLogger("kd3").removeHandler(handler)
+        handler.close()
+    shutil.rmtree(out_dir, ignore_errors=True)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from prefect import flow, task, unmapped
 
-from crawlers.stage import crawl_class
+from crawlers.stage import check_found_images, crawl_class
 from distill.launch import launch
 from distill.stage import distill as distill_fn
 from distill.stage import output_dir
@@ -121,6 +121,8 @@ def _crawl_classes(config: RunConfig, force: bool = False) -> dict:
             raise exc
         raise RuntimeError(f"crawl failed for classes {sorted(failed)}")
     summary = read_crawl_summary(RunDir(cfg.run_dir).crawl_summary)
+    if summary is not None:
+        check_found_images(cfg, summary)
     return {"classes": {n: ("cached" if _cached(s) else "crawled") for n, s in states.items()},
             "summary": summary.to_row() if summary else {}}
 

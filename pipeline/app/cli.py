@@ -23,6 +23,7 @@ from distill.teacher_cli import add_teacher_arguments, teacher_cli
 from pipeline.core import interrupt, plugins
 from pipeline.core.config import MOVED_DISTILL_KEYS, Kd3Config, RunConfig, iter_fields, load_config, parse_override_value
 from pipeline.core.errors import ConfigError, Kd3Error, report
+from pipeline.core.preflight import STAGES, preflight
 
 from .inspect_cli import add_inspect_arguments, inspect_cli
 from .logs import setup_logging
@@ -203,6 +204,7 @@ def _leaf_parsers(p: argparse.ArgumentParser):
 
 def _cmd_crawl(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    preflight(cfg, ["crawl"])
     from crawlers.stage import crawl  # heavy: see above
 
     summary = crawl(cfg)
@@ -211,6 +213,7 @@ def _cmd_crawl(args: argparse.Namespace) -> int:
 
 def _cmd_curate(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    preflight(cfg, ["curate"])
     from pipeline.curate import curate  # heavy: see above
 
     curate(cfg)
@@ -230,6 +233,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    manifest = Path(cfg.run_dir) / "manifest.json"
+    preflight(cfg, [args.stage] if args.stage else STAGES, manifest if manifest.is_file() else None)
     from flows.cli import run_cli  # heavy (Prefect): see above
 
     return run_cli(cfg, args)

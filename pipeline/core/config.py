@@ -10,6 +10,7 @@ import hashlib
 import ipaddress
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -17,8 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from . import plugins
-from .checkpoint import read_teacher_classes
-from .errors import ConfigError
+from .checkpoint import check_classes, read_teacher_classes
+from .errors import ConfigError, Kd3Error
 from .io import atomic_write_text
 from .slug import slugify, validate_class_name
 
@@ -299,8 +300,28 @@ class RunConfig(BaseModel):
             names = [n for n in names if n and not n.startswith("#")]
             return _check_class_list(names, str(p))
         if self.teacher is not None:
-            return _check_class_list(read_teacher_classes(self.teacher), str(self.teacher))
+            return _check_class_list(teacher_classes(self.teacher), str(self.teacher))
         raise ConfigError("no classes: set `classes`, `classes_file` or `teacher` in the config")
+
+    def check_teacher_classes(self, where: str = "config") -> None:
+        """``classes`` (or ``classes_file``) and an existing teacher must list the same names in the same
+        order: the student's outputs mean the teacher's classes, in its order. kd3 refuses a reordered list
+        instead of reordering it, because a list in another order is as likely another teacher's."""
+        if self.teacher is None or not Path(self.teacher).is_file() or not (self.classes or self.classes_file):
+            return
+        given, theirs = self.resolved_classes(), teacher_classes(self.teacher)
+        if given == theirs:
+            return
+        name = Path(self.teacher).name
+        if sorted(given) == sorted(theirs):
+            i = next(i for i, (a, b) in enumerate(zip(given, theirs)) if a != b)
+            raise ConfigError(f"{where}: `classes` lists the {len(given)} classes of teacher {name} in another order "
+                              f"(position {i}: {given[i]!r}, the teacher has {theirs[i]!r}); list them in the "
+                              f"teacher's order or leave `classes` out to take the teacher's")
+        try:
+            check_classes(given, theirs, "`classes`", f"teacher {name}")
+        except Kd3Error as e:
+            raise ConfigError(f"{where}: {e}") from None
 
     def public_dict(self) -> dict[str, Any]:
         """JSON-able dict with secrets removed (for config.yaml snapshots, manifests, logs)."""
@@ -315,6 +336,21 @@ class RunConfig(BaseModel):
         d.pop("name", None)
         d.pop("runs_root", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=8)
+def _teacher_classes(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+    return tuple(read_teacher_classes(path))
+
+
+def teacher_classes(path: str | os.PathLike) -> list[str]:
+    """A teacher checkpoint's class names, read once per file version (a config asks many times)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return read_teacher_classes(p)  # names the missing file
+    return list(_teacher_classes(str(p.resolve()), st.st_mtime_ns, st.st_size))
 
 
 def _check_class_list(names: list[str], where: str) -> list[str]:
@@ -380,9 +416,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     if moved:
         raise ConfigError(f"{where}: distill.{moved[0]} is now distill.{MOVED_DISTILL_KEYS[moved[0]]}")
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, where)) from None
+    cfg.check_teacher_classes(where)
+    return cfg
 
 
 def dump_config(cfg: RunConfig) -> str:

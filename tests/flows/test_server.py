@@ -105,6 +105,13 @@ def test_served_deployment_runs_to_completion(tmp_path, make_cfg):
         run_dir = Path(cfg.run_dir)
         assert (run_dir / "manifest.json").is_file()
         assert list(run_dir.glob("distill/*/student.pt"))
+        # partial parameters merge onto the deployment's config: same run directory, 2 epochs (issue 13, 6)
+        run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "kd3-distill/served", "--params",
+                              json.dumps({"config": {"distill": {"epochs": 2}}}), "--watch", "--watch-timeout", "240"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr + (logs / "serve.log").read_text()[-4000:]
+        epochs = sorted(len(json.loads(m.read_text())["epochs"]) for m in run_dir.glob("distill/*/metrics.json"))
+        assert epochs == [1, 2], epochs
     finally:
         for p in reversed(procs):
             _stop(p)
