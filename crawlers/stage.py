@@ -359,21 +359,17 @@ def crawl(cfg: RunConfig, classes: list[str] | None = None) -> dict:
     return summary.to_row()
 
 
-LOCAL_SOURCES = ("folder", "urls")
-
-
 def check_found_images(cfg: RunConfig, summary: CrawlSummary) -> None:
-    """Local sources that gave no image at all are the user's to fix: one line, not a table of zeros.
-    (An engine that found nothing may be the network's fault: the table says so, exit 1.)"""
-    if not set(cfg.crawl.sources) <= set(LOCAL_SOURCES) or not summary.classes:
+    """A folder source that gave no image at all is the user's to fix: one line, not a table of zeros.
+    (Engines or URL lists that gave nothing may be the network's fault: the table says so, exit 1.)"""
+    if cfg.crawl.sources != ["folder"] or not summary.classes:
         return
     if any(s.downloaded or s.duplicates for s in summary.classes.values()):
         return
     failed: Counter = Counter()
     for s in summary.classes.values():
         failed.update(s.failed)
-    where = " and ".join(f"crawl.{'folder' if src == 'folder' else 'url_list'} "
-                         f"{cfg.crawl.folder if src == 'folder' else cfg.crawl.url_list}" for src in cfg.crawl.sources)
+    where = f"crawl.folder {cfg.crawl.folder}"
     tried = sum(failed.values())
     why = (f"none of its {tried} files is a usable image ({', '.join(f'{k} {v}' for k, v in failed.most_common(4))})"
            if tried else f"no files for the classes {list(summary.classes)[:5]}")

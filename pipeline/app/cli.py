@@ -23,10 +23,10 @@ from distill.teacher_cli import add_teacher_arguments, teacher_cli
 from pipeline.core import interrupt, plugins
 from pipeline.core.config import MOVED_DISTILL_KEYS, Kd3Config, RunConfig, iter_fields, load_config, parse_override_value
 from pipeline.core.errors import ConfigError, Kd3Error, report
+from pipeline.core.logs import setup_logging
 from pipeline.core.preflight import STAGES, preflight
 
 from .inspect_cli import add_inspect_arguments, inspect_cli
-from .logs import setup_logging
 
 log = logging.getLogger("kd3")
 

@@ -139,7 +139,7 @@ class CurateConfig(_Section):
 
 
 class Kd3Config(_Section):
-    """KD3 (KD3_SPEC.md sections 2-6); the switches are the ablations and the paper-prose options."""
+    """KD3 (docs/METHOD.md); the switches are the ablations and the paper-prose options."""
 
     tau: float = Field(0.95, gt=0, le=1, description="base confidence threshold")
     ramp_frac: float = Field(2 / 3, gt=0, description="E_ramp as a fraction of epochs")

@@ -54,6 +54,8 @@ def check_teacher(cfg: RunConfig, why: str) -> dict:
     """The teacher is set and readable as a checkpoint; returns its metadata."""
     if cfg.teacher is None:
         raise ConfigError(f"{why} needs a teacher: set `teacher` (or --teacher / --set teacher=PATH)")
+    if not Path(cfg.teacher).is_file():
+        raise DataError(f"teacher checkpoint {cfg.teacher} does not exist")
     return read_checkpoint_meta(cfg.teacher)
 
 

@@ -46,7 +46,7 @@ def test_default_output_is_kd3s_own_lines_and_v_adds_the_rest(tmp_path):
 def test_routine_third_party_warnings_only_with_v(capfd):
     """Hugging Face logs every retry of a download it cannot make and open_clip repeats the failure on
     the root logger; kd3's own one-line error says it once."""
-    from pipeline.app.logs import setup_logging
+    from pipeline.core.logs import setup_logging
 
     root = logging.getLogger()
     before = (list(root.handlers), root.level, logging.getLogger("huggingface_hub").level)

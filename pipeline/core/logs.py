@@ -1,4 +1,5 @@
 """What kd3 prints: its own log lines and progress bars; other libraries only when asked (``-v``).
+Used by every kd3 entry point (the CLI, ``python -m flows.deploy``, a torchrun rank).
 
 One handler on the root logger, with a filter: records of kd3's own packages pass at ``--log-level``
 (INFO by default); records of everything else (Prefect, httpx, faiss's loader, open_clip's root-logger
