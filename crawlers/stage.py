@@ -223,13 +223,15 @@ class Crawler:
 
     # ---- one class
     def crawl_class(self, name: str, classes: list[str] | None = None) -> ClassSummary:
-        """Crawl one class up to ``per_class``; a class already there is skipped (the records decide)."""
+        """Crawl one class up to its target (``crawl.target()``; None: every candidate); a class already
+        there is skipped (the records decide)."""
         classes = classes or [name]
-        target = self.c.per_class
+        target = self.c.target()
+        room = (lambda n: True) if target is None else (lambda n: n < target)  # noqa: E731
         have = self.state.ok[name]
         notes: list[str] = []
         counts: Counter = Counter()
-        if have >= target:
+        if not room(have):
             log.info("class %r: already has %d/%d images, skipped", name, have, target)
             return self._class_summary(name, notes, counts, skipped=True)
         bar = tqdm(total=target, initial=have, desc=name[:24], unit="img", disable=None, leave=True,
@@ -242,8 +244,7 @@ class Crawler:
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kd3-dl") as ex:
             try:
                 while True:
-                    while (not exhausted and len(inflight) < threads
-                           and self.state.ok[name] + len(inflight) < target):
+                    while not exhausted and len(inflight) < threads and room(self.state.ok[name] + len(inflight)):
                         if self.fetcher.past_deadline():  # or Ctrl-C: the downloads in flight end at once
                             self.deadline_hit = not stop_requested()
                             exhausted = True
@@ -280,19 +281,23 @@ class Crawler:
             finally:
                 gen.close()
                 bar.close()
-        if self.fetcher.past_deadline() and self.state.ok[name] < target and not stop_requested():
+        cut = self.fetcher.past_deadline()
+        if cut and room(self.state.ok[name]) and not stop_requested():
             self.deadline_hit = True
             notes.append(f"deadline of {self.c.deadline_s:g}s reached")
-        return self._class_summary(name, notes, counts)
+        return self._class_summary(name, notes, counts, every_tried=exhausted and not cut)
 
-    def _class_summary(self, name: str, notes: list[str], counts: Counter, skipped: bool = False) -> ClassSummary:
+    def _class_summary(self, name: str, notes: list[str], counts: Counter, skipped: bool = False,
+                       every_tried: bool = False) -> ClassSummary:
+        """``done``: the target reached, or (no target) every candidate tried."""
         st = self.state
+        target = self.c.target()
         with st.lock:
             failed = Counter(st.failed[name])
             ok, dup, found = st.ok[name], st.dup[name], len(st.urls[name])
         return ClassSummary(
-            target=self.c.per_class, found=found, downloaded=ok, duplicates=dup,
-            failed=dict(sorted(failed.items())), done=ok >= self.c.per_class, skipped=skipped,
+            target=target, found=found, downloaded=ok, duplicates=dup, failed=dict(sorted(failed.items())),
+            done=every_tried if target is None else ok >= target, skipped=skipped,
             this_run={"found": counts["found"], "ok": counts["ok"], "duplicate": counts["duplicate"],
                       "error": counts["error"]},
             notes=notes)
@@ -308,7 +313,7 @@ def _write_summary(cfg: RunConfig, per_class: dict[str, ClassSummary], **extra) 
     for name, s in per_class.items():
         s.slug = slugs.get(name) or unique_slugs([name])[name]
     return update_crawl_summary(run.crawl_summary, per_class, run_dir=str(run.root), sources=list(cfg.crawl.sources),
-                                target_per_class=cfg.crawl.per_class, **extra)
+                                target_per_class=cfg.crawl.target(), **extra)
 
 
 def print_summary(summary: CrawlSummary, file=None) -> None:
@@ -320,7 +325,7 @@ def print_summary(summary: CrawlSummary, file=None) -> None:
     t.add_column("failed by reason")
     for name, s in summary.classes.items():
         fails = ", ".join(f"{r} {s.failed[r]}" for r in reasons if r in s.failed) or "-"
-        t.add_row(name, str(s.target), str(s.found), str(s.downloaded), str(s.duplicates), fails,
+        t.add_row(name, "all" if s.target is None else str(s.target), str(s.found), str(s.downloaded), str(s.duplicates), fails,
                   style=None if s.done else "yellow")
     console = Console(file=file or sys.stderr, width=max(100, shutil.get_terminal_size((120, 20)).columns))
     console.print(t)
@@ -393,12 +398,17 @@ def crawl_class(cfg: RunConfig, name: str) -> dict:
     finally:
         crawler.close()
     _write_summary(cfg, {name: s}, deadline_hit=crawler.deadline_hit, elapsed_s=None)
-    log.info("class %r: %d/%d images (%d found, %d duplicates, %d failed)", name, s.downloaded, s.target,
-             s.found, s.duplicates, sum(s.failed.values()))
+    log.info("class %r: %d/%s images (%d found, %d duplicates, %d failed)", name, s.downloaded,
+             "all" if s.target is None else s.target, s.found, s.duplicates, sum(s.failed.values()))
     return s.to_row()
 
 
 def class_done(cfg: RunConfig, name: str) -> bool:
-    """True when the records hold ``crawl.per_class`` downloaded images for ``name``."""
-    n = sum(1 for r in read_records(RunDir(cfg.run_dir).records) if r.cls == name and r.status == "ok")
-    return n >= cfg.crawl.per_class
+    """True when the records hold the class's target of downloaded images (no target: a folder source
+    taken whole, when every file of the class has its outcome recorded)."""
+    rows = [r for r in read_records(RunDir(cfg.run_dir).records) if r.cls == name]
+    target = cfg.crawl.target()
+    if target is not None:
+        return sum(1 for r in rows if r.status == "ok") >= target
+    tried = {r.url for r in rows if r.error not in RETRYABLE}
+    return all(f.resolve().as_uri() in tried for f in class_files(Path(cfg.crawl.folder), name)[1])

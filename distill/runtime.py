@@ -7,6 +7,8 @@ import logging
 import math
 import os
 import random
+import sys
+import time
 from typing import Callable
 
 import torch
@@ -111,8 +113,46 @@ def loader(ds, batch_size: int, workers: int, rt: Runtime, shuffle: bool = False
                       persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
 
 
+_LOG_EVERY = [50]
+
+
+def set_progress_every(n: int) -> None:
+    """``distill.log_every``: batches between progress lines when stderr is not a terminal."""
+    _LOG_EVERY[0] = max(1, int(n))
+
+
 def progress(it, total: int, desc: str, enabled: bool):
-    return tqdm(it, total=total, desc=desc, leave=False, disable=not enabled or None, dynamic_ncols=True)
+    """A progress bar with rate and ETA on a terminal; otherwise a log line every ``distill.log_every``
+    batches (a 5-minute epoch in a log file or a Prefect worker still says how far it is)."""
+    if not enabled:
+        return it
+    if sys.stderr.isatty():
+        return tqdm(it, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return _logged(it, total, desc, _LOG_EVERY[0])
+
+
+def _logged(it, total: int, desc: str, every: int):
+    t0 = time.perf_counter()
+    for i, item in enumerate(it, 1):
+        yield item
+        if i % every == 0 and i < total:
+            dt = time.perf_counter() - t0
+            log.info("%s: %d/%d batches (%d%%), %.1f batches/s, ETA %s", desc, i, total, 100 * i // total,
+                     i / dt if dt > 0 else 0.0, fmt_duration(dt / i * (total - i)))
+
+
+def fmt_duration(seconds: float) -> str:
+    s = int(round(max(0.0, seconds)))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+def make_scheduler(opt, dc):
+    """``distill.lr_schedule``: ``step`` (x0.1 at ``lr_milestones``, the release) or ``cosine`` (to 0 over
+    the epochs); stepped once per epoch."""
+    if dc.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, dc.epochs))
+    milestones = sorted({max(1, int(round(f * dc.epochs))) for f in dc.lr_milestones})
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
 
 
 # ---------------------------------------------------------------- RNG state (checkpointed)

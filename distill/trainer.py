@@ -27,7 +27,8 @@ from pipeline.core.records import SelectionRow, append_selection, read_manifest,
 from .data import LabelledFolder, build_transforms, open_web_data
 from .methods import Selection, create_method
 from .models import count_params, create_model
-from .runtime import Runtime, evaluate, gather_rng, loader, progress, seed_all, set_rng_state
+from .runtime import Runtime, evaluate, fmt_duration, gather_rng, loader, make_scheduler, progress, seed_all, \
+    set_progress_every, set_rng_state
 from .teacher import load_teacher
 
 log = logging.getLogger("kd3.distill")
@@ -70,8 +71,7 @@ class Trainer:
             self.method.to(memory_format=torch.channels_last)
         params = [p for p in self.method.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=dc.lr, momentum=dc.momentum, weight_decay=dc.weight_decay)
-        milestones = sorted({max(1, int(round(f * dc.epochs))) for f in dc.lr_milestones})
-        self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=milestones, gamma=0.1)
+        self.sched = make_scheduler(self.opt, dc)
         self.metrics = {"method": dc.method, "student": dc.student,
                         "teacher": {"path": str(teacher_path), **self.tmeta}, "config": cfg.public_dict()["distill"],
                         "classes": self.classes, "world_size": rt.world, "epochs": [], "final": None}
@@ -249,9 +249,10 @@ class Trainer:
             if rt.main:
                 self.save(e, row, es, rngs)
                 log.info("epoch %d/%d: selected %d/%d, loss %s, lr %.4g, eval_top1 %s, val_agreement %s, %.1fs "
-                         "(select %.1fs, train %.1fs, eval %.1fs)", e + 1, dc.epochs, len(es.indices), len(self.pool),
-                         {k: round(v, 4) for k, v in row["losses"].items()}, tr["lr"], _fmt(row["eval_top1"]),
-                         _fmt(row["val_agreement"]), row["time_s"], es.seconds, tr["time"], row["time_eval_s"])
+                         "(select %.1fs, train %.1fs, eval %.1fs), ETA %s", e + 1, dc.epochs, len(es.indices),
+                         len(self.pool), {k: round(v, 4) for k, v in row["losses"].items()}, tr["lr"],
+                         _fmt(row["eval_top1"]), _fmt(row["val_agreement"]), row["time_s"], es.seconds, tr["time"],
+                         row["time_eval_s"], fmt_duration(row["time_s"] * (dc.epochs - e - 1)))
             rt.barrier()
             if on_epoch_end is not None:
                 on_epoch_end(e)
@@ -317,6 +318,7 @@ def run_training(cfg, manifest_path: Path, teacher_path: Path, out_dir: Path, *,
                  on_epoch_end: Optional[Callable[[int], None]] = None) -> dict:
     dc = cfg.distill
     rt = Runtime(dc.device, dc.amp, dc.channels_last)
+    set_progress_every(dc.log_every)
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     if rt.main:

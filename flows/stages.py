@@ -133,7 +133,8 @@ def _crawl_artifact(cfg: RunConfig, result: dict) -> None:
     for name, how in result["classes"].items():
         s = summary.classes.get(name)
         failed = s.failed if s else {}
-        rows.append([name, how, s.target if s else "-", s.downloaded if s else "-", s.duplicates if s else "-",
+        target = "-" if s is None else ("all" if s.target is None else s.target)
+        rows.append([name, how, target, s.downloaded if s else "-", s.duplicates if s else "-",
                      ", ".join(f"{k} {v}" for k, v in sorted(failed.items())) or "-"])
     md = "\n\n".join([
         f"# kd3 crawl — `{cfg.name}`",

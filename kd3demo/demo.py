@@ -37,6 +37,7 @@ from pipeline.core.records import read_decisions, read_metrics, read_selection
 
 from . import world as dw
 from .fakeweb import FakeWeb
+from .webtree import export_web_tree
 
 log = logging.getLogger("kd3.demo")
 
@@ -302,6 +303,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     spec = dw.spec_for(s.size, seed=s.seed)
     log.info("demo: generating the world (%s, seed %d) under %s", s.size, s.seed, out / "world")
     world = dw.generate_world(out / "world", spec)
+    log.info("demo: the web as a folder tree <class>/*: %s", export_web_tree(world.root))
     timings["world"] = time.time() - t0
 
     t = time.time()

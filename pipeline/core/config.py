@@ -12,7 +12,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -40,6 +40,10 @@ class EngineUrls(_Section):
 
 
 Source = Literal["bing", "baidu", "google", "flickr", "urls", "folder"]
+DEFAULT_PER_CLASS = 200
+# training augmentations of distill and `kd3 teacher train` (distill.data.build_transforms)
+Augment = Literal["rrc_flip", "crop", "flip", "none"]
+AUGMENTS: tuple[str, ...] = get_args(Augment)
 
 
 class CrawlConfig(_Section):
@@ -47,7 +51,9 @@ class CrawlConfig(_Section):
         default_factory=lambda: ["bing", "baidu"],
         description="image sources in fallback order: bing, baidu, google, flickr, urls, folder",
     )
-    per_class: int = Field(200, gt=0, description="target number of downloaded images per class")
+    per_class: Optional[int] = Field(
+        None, gt=0, description=f"target number of downloaded images per class (unset: {DEFAULT_PER_CLASS} from "
+                                f"engines and URL lists; every image when the only source is a folder)")
     query_templates: list[str] = Field(
         default_factory=lambda: ["{c}", "{c} photo", "a photo of a {c}"],
         description="query templates; {c} is the class name or a synonym",
@@ -105,6 +111,13 @@ class CrawlConfig(_Section):
             except ValueError:
                 raise ValueError(f"{n!r} is not an IP network (e.g. 127.0.0.1/32)") from None
         return v
+
+    def target(self) -> Optional[int]:
+        """Images wanted per class: ``per_class``; unset, every file of a folder source (when it is the only
+        source: a local tree is taken whole unless capped explicitly), else DEFAULT_PER_CLASS."""
+        if self.per_class is not None:
+            return self.per_class
+        return None if self.sources == ["folder"] else DEFAULT_PER_CLASS
 
     def flickr_key(self) -> str | None:
         if self.flickr_api_key is not None:
@@ -189,19 +202,22 @@ class DistillConfig(_Section):
     lr: float = Field(0.05, gt=0, description="SGD learning rate")
     momentum: float = Field(0.9, ge=0)
     weight_decay: float = Field(5e-4, ge=0)
+    lr_schedule: Literal["step", "cosine"] = Field(
+        "step", description="step: lr x0.1 at lr_milestones (the release); cosine: cosine decay to 0 over the epochs")
     lr_milestones: list[float] = Field(
         default_factory=lambda: [150 / 240, 180 / 240, 210 / 240],
-        description="lr x0.1 at these fractions of the epochs",
+        description="lr x0.1 at these fractions of the epochs (lr_schedule step)",
     )
     img_size: Optional[int] = Field(None, description="input size (default: the teacher's)")
-    augment: Literal["rrc_flip", "crop", "flip", "none"] = Field(
+    augment: Augment = Field(
         "rrc_flip", description="training augmentation: rrc_flip (release), crop (pad+crop, no flip), flip, none")
     eval_dir: Optional[Path] = Field(None, description="labelled ImageFolder of original-domain images")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="held-out slice of the web pool for validation")
     device: str = Field("auto", description="auto, cpu, cuda, ...")
     amp: Literal["auto", "bf16", "off"] = Field("auto", description="bf16 autocast (auto = on GPU)")
     channels_last: bool = Field(True, description="channels_last memory format on GPU")
-    workers: int = Field(4, ge=0, description="data loader workers")
+    workers: int = Field(4, ge=0, description="data loader workers (at most the CPU cores kd3 may use)")
+    log_every: int = Field(50, gt=0, description="without a terminal: a progress line every N batches")
     seed: int = Field(0, description="random seed")
     kd3: Kd3Config = Field(default_factory=Kd3Config)
     kd: KdConfig = Field(default_factory=KdConfig)
