@@ -191,7 +191,9 @@ class Trainer:
         else:
             log.warning("epoch %d: %d images selected, nothing to train on", epoch, len(sel))
         lr = self.opt.param_groups[0]["lr"]
-        self.sched.step()
+        with warnings.catch_warnings():  # an epoch that selected nothing steps the schedule, not the optimizer
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            self.sched.step()
         t_train = time.perf_counter() - t1
         self.total_imgs += n_img * rt.world
         self.total_train_s += t_train

@@ -1,6 +1,7 @@
 """``kd3 run`` and ``kd3 serve``: the Prefect side of the CLI (``pipeline.app.cli`` calls in here).
 
-``kd3 run --config run.yaml``            end-to-end flow in Prefect's embedded local mode (no server)
+``kd3 run --config run.yaml``            end-to-end flow against a temporary Prefect server of kd3's own
+                                          (flows/server.py; PREFECT_API_URL when set)
 ``kd3 run --run runs/x --stage distill`` rerun only that stage on an existing run (cache ignored)
 ``kd3 serve --config run.yaml --cron "0 3 * * *"``
                                           deployments ``kd3-pipeline/<name>`` (scheduled), ``kd3-crawl/<name>``,
@@ -29,6 +30,7 @@ from flows.stages import STAGE_FLOWS
 
 log = logging.getLogger("kd3.flows")
 STOP_GRACE_S = float(os.environ.get("KD3_STOP_GRACE_S", "10"))
+
 
 def deployment_parameters(cfg: RunConfig) -> dict[str, Any]:
     """Default parameters of a deployment: the config, absolute paths, secrets removed (they come from env)."""

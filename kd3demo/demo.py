@@ -390,7 +390,10 @@ def register(sub) -> None:
 
 def demo_cli(args) -> int:
     s = settings_from_args(args)
-    summary = run_demo(s)
+    from flows.server import prefect_api  # heavy (Prefect): only once the demo runs
+
+    with prefect_api():  # kd3's own Prefect server: Ctrl-C stops the demo cleanly, server last
+        summary = run_demo(s)
     print()
     print(f"kd3 demo ({summary['size']}, seed {summary['seed']}): student {summary['student']}, "
           f"{summary['epochs']} epochs, teacher {summary['teacher_arch']} "

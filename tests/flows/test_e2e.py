@@ -68,6 +68,11 @@ def test_end_to_end_produces_manifest_and_student(first_run):
     assert len(students) == 1
     assert read_checkpoint_meta(students[0])["classes"] == ["zero", "one", "two"]
     assert result["crawl"]["classes"] == {"zero": "crawled", "one": "crawled", "two": "crawled"}
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as c:  # one task run per class, named by it (issue 13, item 12)
+        names = {t.name for t in c.read_task_runs(limit=200) if t.name.startswith("crawl-class-")}
+    assert {"crawl-class-zero", "crawl-class-one", "crawl-class-two"} <= names
     assert result["curate"]["cached"] is False and result["distill"]["cached"] is False
     assert "final" in result["distill"]
     # results and cache records live under the run directory

@@ -27,17 +27,7 @@ def _one_line(capsys, argv) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    import torch
-
-    from distill.models import create_model
-    from pipeline.core.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    p = tmp_path_factory.mktemp("t") / "teacher.pt"
-    save_checkpoint(p, "cnn_tiny", CLASSES, 16, [0.5] * 3, [0.5] * 3, create_model("cnn_tiny", 2).state_dict())
-    return p
+teacher = art.teacher  # the same module-scoped fixture: a cnn_tiny teacher of CLASSES
 
 
 def _other_classes(run):

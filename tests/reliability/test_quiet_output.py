@@ -12,6 +12,8 @@ import pytest
 
 from reliability_helpers import REPO, kd3, load_module
 
+art = load_module("tests/reliability/test_artifacts.py", "kd3_test_artifacts")
+teacher = art.teacher  # a module-scoped fixture: a cnn_tiny teacher of art.CLASSES
 OWN = re.compile(r"^\d\d:\d\d:\d\d (INFO|DEBUG) (kd3|pipeline|crawlers|distill|flows)[.:]")
 ANY_INFO = re.compile(r"^\d\d:\d\d:\d\d (INFO|DEBUG) (\S+):")
 
@@ -57,7 +59,7 @@ def test_routine_third_party_warnings_only_with_v(capfd):
             logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 8s [Retry 5/5].")
             logging.getLogger().error("Failed to download weights for tag 'x'")
             logging.getLogger("httpx").info("HTTP Request: GET http://127.0.0.1:4200/api/health")
-            logging.getLogger("prefect.flow_runs").warning("a Prefect warning stays visible")
+            logging.getLogger("prefect.client").warning("a Prefect warning stays visible")
             logging.getLogger("kd3.crawl").info("kd3's own line")
             err = capfd.readouterr().err
             assert "kd3's own line" in err and "a Prefect warning stays visible" in err
@@ -89,19 +91,10 @@ def test_offline_clip_error_is_one_line_not_cut_mid_word():
         assert cause[-2] != " " and len(cause) <= 161
 
 
-def test_distill_workers_are_clamped_to_the_cores_it_may_use(tmp_path):
+def test_distill_workers_are_clamped_to_the_cores_it_may_use(tmp_path, teacher):
     """distill.workers 4 on a 1-core affinity: 1 loader worker, a note, no torch DataLoader warning."""
-    art = load_module("tests/reliability/test_artifacts.py", "kd3_test_artifacts")
     run = tmp_path / "runs" / "w"
     art._write_run(run)
-    import torch
-
-    from distill.models import create_model
-    from pipeline.core.checkpoint import save_checkpoint
-
-    teacher = tmp_path / "teacher.pt"
-    save_checkpoint(teacher, "cnn_tiny", art.CLASSES, 16, [0.5] * 3, [0.5] * 3,
-                    create_model("cnn_tiny", 2).state_dict())
     exe = [str(sys.executable), "-m", "pipeline.app.cli"]
     r = subprocess.run(exe + ["distill", "--run", str(run), "--classes", ",".join(art.CLASSES), "--teacher",
                               str(teacher), "--method", "kd", "--student", "cnn_tiny", "--epochs", "1",
@@ -112,4 +105,3 @@ def test_distill_workers_are_clamped_to_the_cores_it_may_use(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "distill.workers 4 > 1 CPU cores available: using 1" in r.stderr
     assert "DataLoader will create" not in r.stderr, r.stderr[-2000:]
-    del torch
