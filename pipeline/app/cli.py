@@ -120,7 +120,8 @@ def _convert(ann: Any, raw: str) -> Any:
 def add_config_arguments(p: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--config", "-c", type=Path, metavar="RUN.YAML", help="YAML run config")
-    g.add_argument("--run", type=Path, metavar="RUNS/NAME", help="existing run directory runs/<name> (its config.yaml is the base)")
+    g.add_argument("--run", type=Path, metavar="RUNS/NAME",
+                   help="existing run directory runs/<name> (its config.yaml is the base)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set crawl.per_class=50 (repeatable)")
     groups: dict[str, argparse._ArgumentGroup] = {"": g}
