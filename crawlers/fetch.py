@@ -11,11 +11,12 @@
 * ``stream=True`` with the body cut at ``max_bytes`` (``too_large``), a content-type and magic-byte check
   (JPEG, PNG, GIF, WebP, BMP, TIFF), truncated JPEG/PNG detection, ``X-Robots-Tag: noai / noimageai /
   noindex / noimageindex`` honoured like img2dataset;
-* a global deadline: past it every call returns ``deadline`` at once.
+* a global deadline: past it every call returns ``deadline`` at once; after a Ctrl-C
+  (:mod:`pipeline.core.interrupt`) every call, and every body still streaming, ends as ``interrupted``.
 
 Error reasons (``FetchResult.error``): ``bad_scheme``, ``bad_url``, ``dns``, ``private_host``,
 ``connection``, ``timeout``, ``http_<code>``, ``too_many_redirects``, ``redirect_loop``, ``robots``,
-``bad_content_type``, ``too_large``, ``truncated``, ``not_image``, ``deadline``.
+``bad_content_type``, ``too_large``, ``truncated``, ``not_image``, ``deadline``, ``interrupted``.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3
 from PIL import Image
+
+from pipeline.core.interrupt import stop_requested
 
 log = logging.getLogger("kd3.crawl.fetch")
 
@@ -245,7 +248,13 @@ class Fetcher:
         return s
 
     def past_deadline(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
+        """Past the crawl deadline, or kd3 was interrupted (Ctrl-C): either way, stop fetching."""
+        return stop_requested() or (self.deadline is not None and time.monotonic() >= self.deadline)
+
+    @staticmethod
+    def _stopped(detail: str) -> FetchError:
+        """``interrupted`` after a Ctrl-C, else ``deadline``; both are tried again by a rerun."""
+        return FetchError("interrupted", "kd3 was interrupted") if stop_requested() else FetchError("deadline", detail)
 
     def check_url(self, url: str) -> str:
         """Raise FetchError unless ``url`` is http(s) on an allowed address; returns the host."""
@@ -278,8 +287,8 @@ class Fetcher:
         c = self.cfg
         attempt = 0
         while True:
-            if not self.limiter.acquire(host, self.deadline):
-                raise FetchError("deadline", "crawl deadline reached")
+            if stop_requested() or not self.limiter.acquire(host, self.deadline):
+                raise self._stopped("crawl deadline reached")
             try:
                 r = self._session().get(url, stream=True, allow_redirects=False, headers=headers,
                                         timeout=(c.connect_timeout_s, c.read_timeout_s))
@@ -319,7 +328,7 @@ class Fetcher:
         cur = url
         for hop in range(MAX_REDIRECTS + 1):
             if self.past_deadline():
-                raise FetchError("deadline", "crawl deadline reached")
+                raise self._stopped("crawl deadline reached")
             host = self.check_url(cur)
             seen.add(cur)
             r = self._get(cur, host, headers)
@@ -363,7 +372,7 @@ class Fetcher:
                 if time.monotonic() - t0 > cap:
                     raise FetchError("timeout", f"body took more than {cap:g}s")
                 if self.past_deadline():
-                    raise FetchError("deadline", "crawl deadline reached while reading")
+                    raise self._stopped("crawl deadline reached while reading")
         except (urllib3.exceptions.ReadTimeoutError, socket.timeout, TimeoutError):
             raise FetchError("timeout", f"body stalled for {self.cfg.read_timeout_s:g}s") from None
         except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError, ConnectionError) as e:

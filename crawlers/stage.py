@@ -30,8 +30,10 @@ from rich.table import Table
 from tqdm import tqdm
 
 from pipeline.core.config import RunConfig, save_resolved
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, DataError
 from pipeline.core.folder import class_files
+from pipeline.core.interrupt import stop_requested
+from pipeline.core.preflight import check_sources
 from pipeline.core.io import atomic_write_bytes, sha256_bytes
 from pipeline.core.records import ClassSummary, CrawlRecord, CrawlSummary, RecordLog, read_records, \
     update_crawl_summary
@@ -44,7 +46,7 @@ from .sources import ENGINES, EngineError, engine_results, expand_queries, load_
 log = logging.getLogger("kd3.crawl")
 
 # outcomes that do not count as "tried": a rerun tries the URL again
-RETRYABLE = ("deadline",)
+RETRYABLE = ("deadline", "interrupted")
 
 
 @dataclass
@@ -57,23 +59,6 @@ class Candidate:
 
 def _rel(run: RunDir, p: Path) -> str:
     return p.relative_to(run.root).as_posix()
-
-
-def check_sources(cfg: RunConfig) -> None:
-    """Fail fast, naming the setting, when a listed source cannot work."""
-    c = cfg.crawl
-    if "flickr" in c.sources and not c.flickr_key():
-        raise ConfigError("source 'flickr' needs an API key: set crawl.flickr_api_key or env FLICKR_API_KEY")
-    if "urls" in c.sources:
-        if c.url_list is None:
-            raise ConfigError("source 'urls' needs crawl.url_list (a .txt/.csv/.parquet file)")
-        if not Path(c.url_list).is_file():
-            raise ConfigError(f"crawl.url_list {c.url_list} does not exist")
-    if "folder" in c.sources:
-        if c.folder is None:
-            raise ConfigError("source 'folder' needs crawl.folder (a folder <root>/<class>/*)")
-        if not Path(c.folder).is_dir():
-            raise ConfigError(f"crawl.folder {c.folder} is not a folder")
 
 
 class _State:
@@ -238,13 +223,15 @@ class Crawler:
 
     # ---- one class
     def crawl_class(self, name: str, classes: list[str] | None = None) -> ClassSummary:
-        """Crawl one class up to ``per_class``; a class already there is skipped (the records decide)."""
+        """Crawl one class up to its target (``crawl.target()``; None: every candidate); a class already
+        there is skipped (the records decide)."""
         classes = classes or [name]
-        target = self.c.per_class
+        target = self.c.target()
+        room = (lambda n: True) if target is None else (lambda n: n < target)  # noqa: E731
         have = self.state.ok[name]
         notes: list[str] = []
         counts: Counter = Counter()
-        if have >= target:
+        if not room(have):
             log.info("class %r: already has %d/%d images, skipped", name, have, target)
             return self._class_summary(name, notes, counts, skipped=True)
         bar = tqdm(total=target, initial=have, desc=name[:24], unit="img", disable=None, leave=True,
@@ -257,10 +244,9 @@ class Crawler:
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kd3-dl") as ex:
             try:
                 while True:
-                    while (not exhausted and len(inflight) < threads
-                           and self.state.ok[name] + len(inflight) < target):
-                        if self.fetcher.past_deadline():
-                            self.deadline_hit = True
+                    while not exhausted and len(inflight) < threads and room(self.state.ok[name] + len(inflight)):
+                        if self.fetcher.past_deadline():  # or Ctrl-C: the downloads in flight end at once
+                            self.deadline_hit = not stop_requested()
                             exhausted = True
                             break
                         cand = next(gen, None)
@@ -295,19 +281,23 @@ class Crawler:
             finally:
                 gen.close()
                 bar.close()
-        if self.fetcher.past_deadline() and self.state.ok[name] < target:
+        cut = self.fetcher.past_deadline()
+        if cut and room(self.state.ok[name]) and not stop_requested():
             self.deadline_hit = True
             notes.append(f"deadline of {self.c.deadline_s:g}s reached")
-        return self._class_summary(name, notes, counts)
+        return self._class_summary(name, notes, counts, every_tried=exhausted and not cut)
 
-    def _class_summary(self, name: str, notes: list[str], counts: Counter, skipped: bool = False) -> ClassSummary:
+    def _class_summary(self, name: str, notes: list[str], counts: Counter, skipped: bool = False,
+                       every_tried: bool = False) -> ClassSummary:
+        """``done``: the target reached, or (no target) every candidate tried."""
         st = self.state
+        target = self.c.target()
         with st.lock:
             failed = Counter(st.failed[name])
             ok, dup, found = st.ok[name], st.dup[name], len(st.urls[name])
         return ClassSummary(
-            target=self.c.per_class, found=found, downloaded=ok, duplicates=dup,
-            failed=dict(sorted(failed.items())), done=ok >= self.c.per_class, skipped=skipped,
+            target=target, found=found, downloaded=ok, duplicates=dup, failed=dict(sorted(failed.items())),
+            done=every_tried if target is None else ok >= target, skipped=skipped,
             this_run={"found": counts["found"], "ok": counts["ok"], "duplicate": counts["duplicate"],
                       "error": counts["error"]},
             notes=notes)
@@ -323,7 +313,7 @@ def _write_summary(cfg: RunConfig, per_class: dict[str, ClassSummary], **extra) 
     for name, s in per_class.items():
         s.slug = slugs.get(name) or unique_slugs([name])[name]
     return update_crawl_summary(run.crawl_summary, per_class, run_dir=str(run.root), sources=list(cfg.crawl.sources),
-                                target_per_class=cfg.crawl.per_class, **extra)
+                                target_per_class=cfg.crawl.target(), **extra)
 
 
 def print_summary(summary: CrawlSummary, file=None) -> None:
@@ -335,7 +325,7 @@ def print_summary(summary: CrawlSummary, file=None) -> None:
     t.add_column("failed by reason")
     for name, s in summary.classes.items():
         fails = ", ".join(f"{r} {s.failed[r]}" for r in reasons if r in s.failed) or "-"
-        t.add_row(name, str(s.target), str(s.found), str(s.downloaded), str(s.duplicates), fails,
+        t.add_row(name, "all" if s.target is None else str(s.target), str(s.found), str(s.downloaded), str(s.duplicates), fails,
                   style=None if s.done else "yellow")
     console = Console(file=file or sys.stderr, width=max(100, shutil.get_terminal_size((120, 20)).columns))
     console.print(t)
@@ -369,8 +359,26 @@ def crawl(cfg: RunConfig, classes: list[str] | None = None) -> dict:
     finally:
         crawler.close()
     summary = _write_summary(cfg, per, deadline_hit=crawler.deadline_hit, elapsed_s=round(time.time() - t0, 2))
+    check_found_images(cfg, summary)
     print_summary(summary)
     return summary.to_row()
+
+
+def check_found_images(cfg: RunConfig, summary: CrawlSummary) -> None:
+    """A folder source that gave no image at all is the user's to fix: one line, not a table of zeros.
+    (Engines or URL lists that gave nothing may be the network's fault: the table says so, exit 1.)"""
+    if cfg.crawl.sources != ["folder"] or not summary.classes:
+        return
+    if any(s.downloaded or s.duplicates for s in summary.classes.values()):
+        return
+    failed: Counter = Counter()
+    for s in summary.classes.values():
+        failed.update(s.failed)
+    where = f"crawl.folder {cfg.crawl.folder}"
+    tried = sum(failed.values())
+    why = (f"none of its {tried} files is a usable image ({', '.join(f'{k} {v}' for k, v in failed.most_common(4))})"
+           if tried else f"no files for the classes {list(summary.classes)[:5]}")
+    raise DataError(f"{where}: {why}; nothing to curate")
 
 
 def crawl_class(cfg: RunConfig, name: str) -> dict:
@@ -390,12 +398,17 @@ def crawl_class(cfg: RunConfig, name: str) -> dict:
     finally:
         crawler.close()
     _write_summary(cfg, {name: s}, deadline_hit=crawler.deadline_hit, elapsed_s=None)
-    log.info("class %r: %d/%d images (%d found, %d duplicates, %d failed)", name, s.downloaded, s.target,
-             s.found, s.duplicates, sum(s.failed.values()))
+    log.info("class %r: %d/%s images (%d found, %d duplicates, %d failed)", name, s.downloaded,
+             "all" if s.target is None else s.target, s.found, s.duplicates, sum(s.failed.values()))
     return s.to_row()
 
 
 def class_done(cfg: RunConfig, name: str) -> bool:
-    """True when the records hold ``crawl.per_class`` downloaded images for ``name``."""
-    n = sum(1 for r in read_records(RunDir(cfg.run_dir).records) if r.cls == name and r.status == "ok")
-    return n >= cfg.crawl.per_class
+    """True when the records hold the class's target of downloaded images (no target: a folder source
+    taken whole, when every file of the class has its outcome recorded)."""
+    rows = [r for r in read_records(RunDir(cfg.run_dir).records) if r.cls == name]
+    target = cfg.crawl.target()
+    if target is not None:
+        return sum(1 for r in rows if r.status == "ok") >= target
+    tried = {r.url for r in rows if r.error not in RETRYABLE}
+    return all(f.resolve().as_uri() in tried for f in class_files(Path(cfg.crawl.folder), name)[1])

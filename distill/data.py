@@ -141,14 +141,16 @@ def holdout_of(key: str, fraction: float) -> bool:
 
 
 # ---------------------------------------------------------------- transforms
-def build_transforms(size: int, mean, std, augment: str = "rrc_flip", train: bool = True):
+def build_transforms(size: int, mean, std, augment: str = "rrc_flip", train: bool = True,
+                     rrc_scale: tuple[float, float] = (0.08, 1.0)):
+    """Training (or eval) transforms of distill and ``kd3 teacher train``: ``augment`` is one of AUGMENTS."""
     norm = [T.ToTensor(), T.Normalize(mean, std)]
     if not train or augment == "none":
         return T.Compose([T.Resize(size), T.CenterCrop(size), *norm])
     if augment == "flip":
         return T.Compose([T.Resize(size), T.CenterCrop(size), T.RandomHorizontalFlip(), *norm])
     if augment == "rrc_flip":
-        return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
+        return T.Compose([T.RandomResizedCrop(size, scale=rrc_scale), T.RandomHorizontalFlip(), *norm])
     if augment == "crop":  # pad + random crop, no flip: for digits, text, anything not mirror-symmetric
         return T.Compose([T.Resize(size), T.CenterCrop(size), T.RandomCrop(size, padding=max(1, size // 8)), *norm])
     raise DataError(f"unknown augmentation {augment!r} (rrc_flip, crop, flip, none)")

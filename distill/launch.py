@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pipeline.core.config import RunConfig, absolute_config, dump_config, load_config
 from pipeline.core.errors import Kd3Error, report
+from pipeline.core.logs import setup_logging
 from pipeline.core.io import atomic_write_text
 from pipeline.core.records import read_metrics
 
@@ -58,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-id", help="output folder distill/<method>-<id>")
     p.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging("INFO")
     try:
         distill(load_config(args.config), out_id=args.out_id, resume=args.resume)
     except Kd3Error as e:

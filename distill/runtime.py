@@ -3,9 +3,12 @@ evaluation. Same code on CPU, one GPU, or many GPUs under torchrun."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
+import sys
+import time
 from typing import Callable
 
 import torch
@@ -17,6 +20,8 @@ from tqdm.auto import tqdm
 from pipeline.core.errors import ConfigError
 
 from .data import WebPool, collate_indexed
+
+log = logging.getLogger("kd3.distill")
 
 
 # ---------------------------------------------------------------- runtime (device, DDP, amp)
@@ -77,16 +82,77 @@ class Runtime:
         return out
 
 
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+_clamp_noted: set[tuple[int, int]] = set()
+
+
+def usable_workers(workers: int) -> int:
+    """``distill.workers`` capped at the CPU cores this process may use (more only contend, and torch
+    warns about it); says so once."""
+    cpus = available_cpus()
+    if workers <= cpus:
+        return workers
+    if (workers, cpus) not in _clamp_noted:
+        _clamp_noted.add((workers, cpus))
+        log.info("distill.workers %d > %d CPU cores available: using %d data loader workers", workers, cpus, cpus)
+    return cpus
+
+
 def loader(ds, batch_size: int, workers: int, rt: Runtime, shuffle: bool = False, drop_last: bool = False):
     """A DataLoader; pool views (a WebPool or a Subset of one) yield (images, pool indices)."""
+    workers = usable_workers(workers)
     pooled = isinstance(ds, WebPool) or isinstance(getattr(ds, "dataset", None), WebPool)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, drop_last=drop_last,
                       pin_memory=rt.device.type == "cuda", collate_fn=collate_indexed if pooled else None,
                       persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
 
 
+_LOG_EVERY = [50]
+
+
+def set_progress_every(n: int) -> None:
+    """``distill.log_every``: batches between progress lines when stderr is not a terminal."""
+    _LOG_EVERY[0] = max(1, int(n))
+
+
 def progress(it, total: int, desc: str, enabled: bool):
-    return tqdm(it, total=total, desc=desc, leave=False, disable=not enabled or None, dynamic_ncols=True)
+    """A progress bar with rate and ETA on a terminal; otherwise a log line every ``distill.log_every``
+    batches (a 5-minute epoch in a log file or a Prefect worker still says how far it is)."""
+    if not enabled:
+        return it
+    if sys.stderr.isatty():
+        return tqdm(it, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return _logged(it, total, desc, _LOG_EVERY[0])
+
+
+def _logged(it, total: int, desc: str, every: int):
+    t0 = time.perf_counter()
+    for i, item in enumerate(it, 1):
+        yield item
+        if i % every == 0 and i < total:
+            dt = time.perf_counter() - t0
+            log.info("%s: %d/%d batches (%d%%), %.1f batches/s, ETA %s", desc, i, total, 100 * i // total,
+                     i / dt if dt > 0 else 0.0, fmt_duration(dt / i * (total - i)))
+
+
+def fmt_duration(seconds: float) -> str:
+    s = int(round(max(0.0, seconds)))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+def make_scheduler(opt, dc):
+    """``distill.lr_schedule``: ``step`` (x0.1 at ``lr_milestones``, the release) or ``cosine`` (to 0 over
+    the epochs); stepped once per epoch."""
+    if dc.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, dc.epochs))
+    milestones = sorted({max(1, int(round(f * dc.epochs))) for f in dc.lr_milestones})
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
 
 
 # ---------------------------------------------------------------- RNG state (checkpointed)

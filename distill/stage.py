@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from pipeline.core.errors import ConfigError, DataError
+from pipeline.core.preflight import check_distill_inputs
 from pipeline.core.runs import RunDir
 from pipeline.core.slug import slugify
 
@@ -20,8 +21,10 @@ log = logging.getLogger("kd3.distill")
 def default_out_id(cfg, teacher_path: Path) -> str:
     """A hash of the distill config (less machine settings) and the teacher path."""
     d = cfg.public_dict()["distill"]
-    d.pop("workers", None)
-    d.pop("device", None)
+    for machine_only in ("workers", "device", "log_every"):  # how it runs, not what it computes
+        d.pop(machine_only, None)
+    if d.get("lr_schedule") == "step":  # the default keeps the ids runs had before the option existed
+        d.pop("lr_schedule")
     h = hashlib.sha256(json.dumps({"d": d, "teacher": str(Path(teacher_path).resolve())}, sort_keys=True,
                                   default=str).encode()).hexdigest()
     return h[:8]
@@ -46,22 +49,37 @@ def distill(cfg, *, out_id: str | None = None, resume: bool = False, manifest: s
     mp = Path(manifest) if manifest is not None else rd.manifest
     if not mp.is_file():
         raise DataError(f"manifest {mp} is missing: run `kd3 curate` on {rd.root} first")
-    if cfg.teacher is None:
-        raise ConfigError("distill needs a teacher: set `teacher` (or --teacher / --set teacher=PATH)")
+    check_distill_inputs(cfg, mp)  # teacher, eval_dir, classes, shards: before any folder is made
     teacher = Path(cfg.teacher)
-    if not teacher.is_file():
-        raise DataError(f"teacher checkpoint {teacher} does not exist")
     out = output_dir(cfg, out_id)
     from .trainer import run_training  # heavy (torch): the CLI and the flows import this module at start
 
     return run_training(cfg, mp, teacher, out, resume=resume, on_epoch_end=on_epoch_end)
 
 
+def summary_line(metrics: dict) -> str:
+    """``kd3 distill: kd3 cnn_mini → top-1 87.0% (eval_dir), teacher 96.9%, agreement 88.1%, 192k params,
+    512 img/s`` (without ``eval_dir`` the top-1 is the agreement with the teacher on the held-out web slice)."""
+    f = metrics.get("final") or {}
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    params = f.get("params")
+    size = "-" if params is None else (f"{params / 1e6:.1f}M" if params >= 1e6 else f"{params / 1e3:.0f}k")
+    what = "top-1" if f.get("eval") == "eval_dir" else "top-1 agreement with the teacher"
+    parts = [f"kd3 distill: {metrics.get('method')} {metrics.get('student')} → {what} {pct(f.get('top1'))} "
+             f"({f.get('eval', '-')})"]
+    if f.get("teacher_top1") is not None:
+        parts.append(f"teacher {pct(f['teacher_top1'])}")
+    if f.get("eval") == "eval_dir":
+        parts.append(f"agreement {pct(f.get('agreement'))}")
+    parts += [f"{size} params", f"{f.get('throughput_img_s') or 0:.0f} img/s"]
+    return ", ".join(parts)
+
+
 def distill_cli(cfg, args) -> int:
     metrics = distill(cfg, out_id=getattr(args, "out_id", None), resume=bool(getattr(args, "resume", False)),
                       manifest=getattr(args, "manifest", None))
-    f = metrics.get("final") or {}
-    print(f"kd3 distill: {metrics['method']} student {metrics['student']}: top1 {f.get('top1')} ({f.get('eval')}), "
-          f"teacher top1 {f.get('teacher_top1')}, agreement {f.get('agreement')}, params {f.get('params')}, "
-          f"{f.get('throughput_img_s') or 0:.1f} img/s")
+    print(summary_line(metrics))
     return 0

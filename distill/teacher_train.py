@@ -46,8 +46,10 @@ def channel_stats(paths: list[Path], size: int, limit: int = 2000) -> tuple[list
 
 
 def train_teacher(data: Path, arch: str, out: Path, *, epochs: int = 30, img_size: int = 32, batch_size: int = 128,
-                  lr: float = 0.05, val_dir: Path | None = None, device: str = "auto", seed: int = 0) -> dict:
-    """Supervised training (SGD, cosine lr, RandomResizedCrop(scale 0.5-1) + flip); returns a summary."""
+                  lr: float = 0.05, val_dir: Path | None = None, device: str = "auto", seed: int = 0,
+                  augment: str = "rrc_flip") -> dict:
+    """Supervised training (SGD, cosine lr); ``augment`` as distill's (rrc_flip: RandomResizedCrop with
+    scale 0.5-1 + flip; crop: pad + random crop, no flip; flip; none); returns a summary."""
     torch.manual_seed(seed)
     data = Path(data)
     classes = _folder_classes(data)
@@ -56,8 +58,7 @@ def train_teacher(data: Path, arch: str, out: Path, *, epochs: int = 30, img_siz
     if not paths:
         raise DataError(f"--data {data}: no images found")
     mean, std = channel_stats(paths, img_size)
-    train_t = T.Compose([T.RandomResizedCrop(img_size, scale=(0.5, 1.0)), T.RandomHorizontalFlip(),
-                         T.ToTensor(), T.Normalize(mean, std)])
+    train_t = build_transforms(img_size, mean, std, augment, train=True, rrc_scale=(0.5, 1.0))
     ds = LabelledFolder(data, classes, train_t)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -81,7 +82,8 @@ def train_teacher(data: Path, arch: str, out: Path, *, epochs: int = 30, img_siz
             correct += int((z.argmax(1) == y).sum())
             n += len(y)
         log.info("teacher epoch %d/%d: loss %.4f, train acc %.4f", ep + 1, epochs, tot / n, correct / n)
-    summary = {"arch": arch, "classes": classes, "train_images": len(ds), "train_acc": correct / max(1, n),
+    summary = {"arch": arch, "augment": augment, "classes": classes, "train_images": len(ds),
+               "train_acc": correct / max(1, n),
                "params": count_params(model), "time_s": time.time() - t0, "mean": mean, "std": std}
     if val_dir is not None:
         vds = LabelledFolder(val_dir, classes, build_transforms(img_size, mean, std, train=False))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from pipeline.core.records import SelectionRow, append_selection, read_manifest,
 from .data import LabelledFolder, build_transforms, open_web_data
 from .methods import Selection, create_method
 from .models import count_params, create_model
-from .runtime import Runtime, evaluate, gather_rng, loader, progress, seed_all, set_rng_state
+from .runtime import Runtime, evaluate, fmt_duration, gather_rng, loader, make_scheduler, progress, seed_all, \
+    set_progress_every, set_rng_state
 from .teacher import load_teacher
 
 log = logging.getLogger("kd3.distill")
@@ -72,8 +74,7 @@ class Trainer:
             self.method.to(memory_format=torch.channels_last)
         params = [p for p in self.method.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=dc.lr, momentum=dc.momentum, weight_decay=dc.weight_decay)
-        milestones = sorted({max(1, int(round(f * dc.epochs))) for f in dc.lr_milestones})
-        self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=milestones, gamma=0.1)
+        self.sched = make_scheduler(self.opt, dc)
         self.metrics = {"method": dc.method, "student": dc.student,
                         "teacher": {"path": str(teacher_path), **self.tmeta}, "config": cfg.public_dict()["distill"],
                         "classes": self.classes, "world_size": rt.world, "epochs": [], "final": None}
@@ -198,8 +199,8 @@ class Trainer:
         else:
             log.warning("epoch %d: %d images selected, nothing to train on", epoch, len(sel))
         lr = self.opt.param_groups[0]["lr"]
-        with warnings.catch_warnings():  # an epoch that selected nothing made no optimizer step: still count it
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        with warnings.catch_warnings():  # an epoch that selected nothing steps the schedule, not the optimizer
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
             self.sched.step()
         t_train = time.perf_counter() - t1
         self.total_imgs += n_img * rt.world
@@ -258,9 +259,10 @@ class Trainer:
             if rt.main:
                 self.save(e, row, es, rngs)
                 log.info("epoch %d/%d: selected %d/%d, loss %s, lr %.4g, eval_top1 %s, val_agreement %s, %.1fs "
-                         "(select %.1fs, train %.1fs, eval %.1fs)", e + 1, dc.epochs, len(es.indices), len(self.pool),
-                         {k: round(v, 4) for k, v in row["losses"].items()}, tr["lr"], _fmt(row["eval_top1"]),
-                         _fmt(row["val_agreement"]), row["time_s"], es.seconds, tr["time"], row["time_eval_s"])
+                         "(select %.1fs, train %.1fs, eval %.1fs), ETA %s", e + 1, dc.epochs, len(es.indices),
+                         len(self.pool), {k: round(v, 4) for k, v in row["losses"].items()}, tr["lr"],
+                         _fmt(row["eval_top1"]), _fmt(row["val_agreement"]), row["time_s"], es.seconds, tr["time"],
+                         row["time_eval_s"], fmt_duration(row["time_s"] * (dc.epochs - e - 1)))
             rt.barrier()
             if on_epoch_end is not None:
                 on_epoch_end(e)
@@ -326,7 +328,9 @@ def run_training(cfg, manifest_path: Path, teacher_path: Path, out_dir: Path, *,
                  on_epoch_end: Optional[Callable[[int], None]] = None) -> dict:
     dc = cfg.distill
     rt = Runtime(dc.device, dc.amp, dc.channels_last)
+    set_progress_every(dc.log_every)
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     if rt.main:
         out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.json"
@@ -347,7 +351,21 @@ def run_training(cfg, manifest_path: Path, teacher_path: Path, out_dir: Path, *,
         start = trainer.resume() if resume and trainer.ck_path.is_file() else 0
         trainer.prepare(start)
         return trainer.fit(start, on_epoch_end)
+    except BaseException:
+        _remove_if_unstarted(out_dir, created and rt.main, handler)
+        raise
     finally:
         if handler is not None:
             logging.getLogger("kd3").removeHandler(handler)
             handler.close()
+
+
+def _remove_if_unstarted(out_dir: Path, ours: bool, handler) -> None:
+    """A start refused by what only the data shows (a corrupt shard, no image) or cut before the first
+    epoch checkpoint leaves no output folder: nothing in it could be resumed."""
+    if not ours or (out_dir / "checkpoint.pt").exists():
+        return
+    if handler is not None:
+        logging.getLogger("kd3").removeHandler(handler)
+        handler.close()
+    shutil.rmtree(out_dir, ignore_errors=True)

@@ -139,9 +139,43 @@ def task_runner_for(cfg: RunConfig, max_workers: int):
     return ThreadPoolTaskRunner(max_workers=max_workers)
 
 
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` onto ``base``: sections merge key by key, any other value replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@lru_cache(maxsize=32)
+def _registered_config(deployment_id: str) -> str:
+    from prefect.client.orchestration import get_client  # only inside a deployment's run
+
+    with get_client(sync_client=True) as client:
+        params = client.read_deployment(deployment_id).parameters or {}
+    return json.dumps(params.get("config") or {})
+
+
+def deployment_config() -> dict:
+    """Inside a run of a deployment: the config it was registered with (its default ``config``); else {}."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    dep = getattr(getattr(ctx, "flow_run", None), "deployment_id", None)
+    return json.loads(_registered_config(str(dep))) if dep else {}
+
+
 def with_run_name(config: RunConfig | dict, run_name: Optional[str]) -> RunConfig:
-    """Flow parameters: the config (a pydantic model; a dict from the API) and an optional run name."""
+    """Flow parameters: the config (a pydantic model; a dict from the API) and an optional run name.
+
+    In a deployment's run the given config is merged onto the deployment's own: Prefect replaces a
+    parameter whole, so ``--params '{"config": {"distill": {"epochs": 3}}}'`` would otherwise run the
+    defaults (run ``default`` under ``./runs``). Only the fields the caller set are laid over it."""
     cfg = config if isinstance(config, RunConfig) else RunConfig.model_validate(config)
+    base = deployment_config()
+    if base:
+        cfg = RunConfig.model_validate(deep_merge(base, cfg.model_dump(exclude_unset=True)))
+        cfg.check_teacher_classes("deployment parameters")
     if run_name:
         cfg = cfg.model_copy(update={"name": run_name})
         cfg = RunConfig.model_validate(cfg.model_dump())  # re-validate the name

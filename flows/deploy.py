@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from prefect import flow
 
 from pipeline.core.config import RunConfig, load_config
 from pipeline.core.errors import Kd3Error, report
+from pipeline.core.logs import setup_logging
 
 from flows.cli import deployment_parameters
 
@@ -51,6 +53,15 @@ def register(cfg: RunConfig, pools: set[str], cron: str | None = None, prefix: s
     return ids
 
 
+def check_reserved_gpus(cfg: RunConfig, where) -> None:
+    """The GPU worker's container reserves ``KD3_GPUS`` GPUs; a distill takes ``flow.gpus``: equal, or a
+    distill would wait for GPUs it cannot have or leave reserved ones idle."""
+    reserved = os.environ.get("KD3_GPUS")
+    if reserved is not None and reserved.strip() != str(cfg.flow.gpus):
+        raise Kd3Error(f"KD3_GPUS={reserved} GPUs are reserved for the GPU worker but flow.gpus is {cfg.flow.gpus} "
+                       f"in {where}: set them equal")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, type=Path, help="run config YAML")
@@ -60,12 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-distill", action="store_true",
                    help="the end-to-end flow distills in its own process instead of on the GPU pool")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging("INFO")
     try:
         cfg = load_config(args.config)
         pools = {x.strip() for x in args.pools.split(",") if x.strip()}
         if not pools <= {"cpu", "gpu"}:
             raise Kd3Error(f"--pools {args.pools!r}: expected cpu, gpu or cpu,gpu")
+        if "gpu" in pools:
+            check_reserved_gpus(cfg, args.config)
         register(cfg, pools, args.cron, args.prefix, remote_distill=not args.local_distill)
     except Kd3Error as e:
         return report(e)

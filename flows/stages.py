@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from prefect import flow, task, unmapped
 
-from crawlers.stage import crawl_class
+from crawlers.stage import check_found_images, crawl_class
 from distill.launch import launch
 from distill.stage import distill as distill_fn
 from distill.stage import output_dir
@@ -121,6 +121,8 @@ def _crawl_classes(config: RunConfig, force: bool = False) -> dict:
             raise exc
         raise RuntimeError(f"crawl failed for classes {sorted(failed)}")
     summary = read_crawl_summary(RunDir(cfg.run_dir).crawl_summary)
+    if summary is not None:
+        check_found_images(cfg, summary)
     return {"classes": {n: ("cached" if _cached(s) else "crawled") for n, s in states.items()},
             "summary": summary.to_row() if summary else {}}
 
@@ -131,7 +133,8 @@ def _crawl_artifact(cfg: RunConfig, result: dict) -> None:
     for name, how in result["classes"].items():
         s = summary.classes.get(name)
         failed = s.failed if s else {}
-        rows.append([name, how, s.target if s else "-", s.downloaded if s else "-", s.duplicates if s else "-",
+        target = "-" if s is None else ("all" if s.target is None else s.target)
+        rows.append([name, how, target, s.downloaded if s else "-", s.duplicates if s else "-",
                      ", ".join(f"{k} {v}" for k, v in sorted(failed.items())) or "-"])
     md = "\n\n".join([
         f"# kd3 crawl — `{cfg.name}`",

@@ -37,6 +37,7 @@ from pipeline.core.records import read_decisions, read_metrics, read_pool_keys, 
 
 from . import world as dw
 from .fakeweb import FakeWeb
+from .webtree import export_web_tree
 
 log = logging.getLogger("kd3.demo")
 
@@ -324,6 +325,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     spec = dw.spec_for(s.size, seed=s.seed, **s.world)
     log.info("demo: generating the world (%s, seed %d) under %s", s.size, s.seed, out / "world")
     world = dw.generate_world(out / "world", spec)
+    log.info("demo: the web as a folder tree <class>/*: %s", export_web_tree(world.root))
     timings["world"] = time.time() - t0
 
     t = time.time()
@@ -428,7 +430,10 @@ def register(sub) -> None:
 
 def demo_cli(args) -> int:
     s = settings_from_args(args)
-    summary = run_demo(s)
+    from flows.server import prefect_api  # heavy (Prefect): only once the demo runs
+
+    with prefect_api():  # kd3's own Prefect server: Ctrl-C stops the demo cleanly, server last
+        summary = run_demo(s)
     print()
     print(f"kd3 demo ({summary['size']}, seed {summary['seed']}): student {summary['student']}, "
           f"{summary['epochs']} epochs, teacher {summary['teacher_arch']} "

@@ -7,18 +7,24 @@ User mistakes end with ``kd3: error: <one line>`` and exit code 2, never a trace
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import logging
 import os
+import re
+import signal
 import sys
+import threading
 import typing
 from pathlib import Path
 from typing import Any, Callable
 
 from distill.teacher_cli import add_teacher_arguments, teacher_cli
-from pipeline.core import plugins
+from pipeline.core import interrupt, plugins
 from pipeline.core.config import MOVED_DISTILL_KEYS, Kd3Config, RunConfig, iter_fields, load_config, parse_override_value
 from pipeline.core.errors import ConfigError, Kd3Error, report
+from pipeline.core.logs import setup_logging
+from pipeline.core.preflight import STAGES, preflight
 
 from .inspect_cli import add_inspect_arguments, inspect_cli
 
@@ -31,6 +37,58 @@ SECTIONS_OF = {
     "run": ("crawl", "curate", "distill", "flow"),
     "serve": ("crawl", "curate", "distill", "flow"),
 }
+
+
+class Kd3ArgumentParser(argparse.ArgumentParser):
+    """Every ``kd3`` parser: no prefix abbreviations (``--crawl.per_clas`` is not ``--crawl.per_class``),
+    and a bad command line is one line, ``kd3: error: ...``, naming the closest known flag or command."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras:  # each (sub)parser refuses what it does not know, so the hint names its own flags
+            flag = next((x for x in extras if x.startswith("-")), None)
+            if flag is None:
+                self.error(f"unexpected argument {' '.join(extras)!r}")
+            self.error(f"unknown flag {flag.split('=', 1)[0]}{self._closest(flag.split('=', 1)[0], self._flags())}")
+        return ns, extras
+
+    def _flags(self) -> list[str]:
+        return [o for a in self._actions if a.help != argparse.SUPPRESS for o in a.option_strings]
+
+    @staticmethod
+    def _closest(word: str, choices: list[str]) -> str:
+        near = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+        return f"; did you mean {near[0]}?" if near else ""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = [c.strip(" '") for c in m.group(2).split(",")]
+            message = f"unknown {'command' if 'COMMAND' in message or 'ACTION' in message else 'value'} " \
+                      f"{m.group(1)!r}{self._closest(m.group(1), choices)}"
+        self.exit(2, f"kd3: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _metavar(ann: Any) -> str:
+    """What a config flag takes, for --help: {a,b} for a choice, N, X, PATH, TEXT, A,B for lists."""
+    args = [a for a in (typing.get_args(ann) or (ann,)) if a is not type(None)]
+    if _is_list(ann) or (len(args) == 1 and _is_list(args[0])):
+        return "A,B,..."
+    if typing.get_origin(ann) is typing.Literal:
+        return "{" + ",".join(str(a) for a in typing.get_args(ann)) + "}"
+    if len(args) == 1 and typing.get_origin(args[0]) is typing.Literal:
+        return _metavar(args[0])
+    if typing.get_origin(ann) is dict or (len(args) == 1 and typing.get_origin(args[0]) is dict):
+        return "YAML"
+    names = {getattr(a, "__name__", str(a)) for a in args}
+    for kinds, meta in ((("int",), "N"), (("float",), "X"), (("Path",), "PATH")):
+        if names and names <= set(kinds):
+            return meta
+    return "TEXT"
 
 
 def _is_text_type(ann: Any) -> bool:
@@ -61,11 +119,11 @@ def _convert(ann: Any, raw: str) -> Any:
 
 def add_config_arguments(p: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--config", "-c", type=Path, help="YAML run config")
-    g.add_argument("--run", type=Path, help="existing run directory runs/<name> (its config.yaml is the base)")
+    g.add_argument("--config", "-c", type=Path, metavar="RUN.YAML", help="YAML run config")
+    g.add_argument("--run", type=Path, metavar="RUNS/NAME",
+                   help="existing run directory runs/<name> (its config.yaml is the base)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set crawl.per_class=50 (repeatable)")
-    g.add_argument("--log-level", default=os.environ.get("KD3_LOG_LEVEL", "INFO"), help="logging level")
     groups: dict[str, argparse._ArgumentGroup] = {"": g}
     for dotted, ann, info in iter_fields(RunConfig):
         section = dotted.split(".")[0] if "." in dotted else ""
@@ -81,7 +139,7 @@ def add_config_arguments(p: argparse.ArgumentParser, sections: tuple[str, ...]) 
             groups[section].add_argument(flag, dest="ov__" + dotted, action=argparse.BooleanOptionalAction,
                                          default=None, help=help_)
         else:
-            groups[section].add_argument(flag, dest="ov__" + dotted, default=None, metavar="VALUE",
+            groups[section].add_argument(flag, dest="ov__" + dotted, default=None, metavar=_metavar(ann),
                                          type=lambda raw, ann=ann: ("raw", ann, raw), help=help_)
     if "distill" in sections:  # the flat keys of old: accepted here so the config names their new place
         for old in MOVED_DISTILL_KEYS:
@@ -122,9 +180,24 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return load_config(base, overrides)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+def add_logging_arguments(p: argparse.ArgumentParser) -> None:
+    """``-v`` (other libraries' INFO; ``-vv`` DEBUG) and ``--log-level`` (kd3's own lines), where missing."""
+    have = {o for a in p._actions for o in a.option_strings}
+    if "-v" not in have:
+        p.add_argument("-v", "--verbose", action="count", default=0,
+                       help="also show other libraries' INFO lines (Prefect, httpx, faiss, open_clip); -vv: DEBUG")
+    if "--log-level" not in have:
+        p.add_argument("--log-level", default=os.environ.get("KD3_LOG_LEVEL", "INFO"), metavar="LEVEL",
+                       help="level of kd3's own log lines (default: INFO)")
+
+
+def _leaf_parsers(p: argparse.ArgumentParser):
+    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield p
+    for a in subs:
+        for child in dict.fromkeys(a.choices.values()):
+            yield from _leaf_parsers(child)
 
 
 # ---- subcommand handlers: each imports its stage when it runs, so `kd3 --help` and config errors
@@ -132,6 +205,7 @@ def _setup_logging(level: str) -> None:
 
 def _cmd_crawl(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    preflight(cfg, ["crawl"])
     from crawlers.stage import crawl  # heavy: see above
 
     summary = crawl(cfg)
@@ -140,6 +214,7 @@ def _cmd_crawl(args: argparse.Namespace) -> int:
 
 def _cmd_curate(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    preflight(cfg, ["curate"])
     from pipeline.curate import curate  # heavy: see above
 
     curate(cfg)
@@ -159,6 +234,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    manifest = Path(cfg.run_dir) / "manifest.json"
+    preflight(cfg, [args.stage] if args.stage else STAGES, manifest if manifest.is_file() else None)
     from flows.cli import run_cli  # heavy (Prefect): see above
 
     return run_cli(cfg, args)
@@ -176,11 +253,11 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Kd3ArgumentParser(
         prog="kd3",
         description="Distill a small student from your teacher on curated web images (KD³, ICCV 2023).",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Kd3ArgumentParser)
 
     def add(name: str, handler: Callable, help_: str, extra: Callable | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
@@ -196,16 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     def distill_extra(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("distill shortcuts")
-        g.add_argument("--manifest", type=Path, help="manifest.json of a curated run (sets --run)")
-        g.add_argument("--student", dest="ov__distill.student", type=lambda s: ("raw", str, s),
+        g.add_argument("--manifest", type=Path, metavar="MANIFEST.JSON", help="manifest.json of a curated run (sets --run)")
+        g.add_argument("--student", dest="ov__distill.student", type=lambda s: ("raw", str, s), metavar="ARCH",
                        help="student architecture (= --distill.student)")
-        g.add_argument("--method", dest="ov__distill.method", type=lambda s: ("raw", str, s),
+        g.add_argument("--method", dest="ov__distill.method", type=lambda s: ("raw", str, s), metavar="METHOD",
                        help="kd3, kd or dfnd (= --distill.method)")
-        g.add_argument("--epochs", dest="ov__distill.epochs", type=lambda s: ("raw", int, s),
+        g.add_argument("--epochs", dest="ov__distill.epochs", type=lambda s: ("raw", int, s), metavar="N",
                        help="epochs (= --distill.epochs)")
-        g.add_argument("--eval-dir", dest="ov__distill.eval_dir", type=lambda s: ("raw", str, s),
+        g.add_argument("--eval-dir", dest="ov__distill.eval_dir", type=lambda s: ("raw", str, s), metavar="PATH",
                        help="labelled ImageFolder of original-domain images (= --distill.eval_dir)")
-        g.add_argument("--out-id", help="name of the output folder distill/<method>-<id> (default: derived)")
+        g.add_argument("--out-id", metavar="ID", help="name of the output folder distill/<method>-<id> (default: derived)")
         g.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
 
     add("distill", _cmd_distill, "distill a student from the teacher on the curated shards", distill_extra)
@@ -231,13 +308,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in plugins.names("kd3.commands"):  # subcommands from other packages (kd3demo: `kd3 demo`)
         plugins.load("kd3.commands", name)(sub)
+    for leaf in _leaf_parsers(parser):
+        add_logging_arguments(leaf)
     return parser
+
+
+def _on_interrupt(signum, frame):  # pragma: no cover - exercised by a subprocess test
+    """Ctrl-C: tell worker threads to stop (crawl downloads look at it), then interrupt the main thread."""
+    interrupt.request_stop()
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(getattr(args, "log_level", "INFO"))
+    setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "verbose", 0))
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _on_interrupt) if on_main else None
+    interrupt.reset()
+    try:
+        return _run(args)
+    finally:
+        if on_main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The subcommand; a user mistake, Ctrl-C or a full disk end in one line (exit 2, 130, 2)."""
     try:
         return int(args.handler(args) or 0)
     except Kd3Error as e:

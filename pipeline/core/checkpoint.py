@@ -17,7 +17,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, one_line
 from .io import atomic_path
 
 FORMAT = "kd3-checkpoint-v1"
@@ -95,6 +95,25 @@ def _read_ts_meta(path: Path) -> dict:
     return _validate_meta(meta, str(path))
 
 
+def _check_torch_file(p: Path) -> None:
+    """``torch.save`` writes a zip archive (legacy files: a pickle, first byte 0x80); anything else (a
+    text, YAML or image file given as the teacher) is named for what it is, not read as a pickle."""
+    with open(p, "rb") as fh:
+        head = fh.read(64)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return
+    if not head:
+        what = "it is empty"
+    else:
+        try:
+            text = head.decode("utf-8")
+            what = f"it holds text ({one_line(text, 40)!r}...)"
+        except UnicodeDecodeError:
+            what = f"it starts with bytes {head[:8].hex(' ')}"
+    raise DataError(f"{p}: not a PyTorch checkpoint: {what}; a teacher is a file written by torch.save "
+                    f"(pipeline.core.checkpoint.save_checkpoint) or torch.jit.save")
+
+
 def load_checkpoint(path, map_location: str = "cpu") -> dict:
     """Load a contract file: metadata + ``state_dict``. Pickled objects are refused."""
     import torch  # heavy: the kernel loads torch only when a checkpoint is read or written
@@ -104,15 +123,16 @@ def load_checkpoint(path, map_location: str = "cpu") -> dict:
         raise DataError(f"checkpoint {p} does not exist")
     if is_torchscript(p):
         raise DataError(f"{p} is a TorchScript file: load it with distill.teacher.load_teacher")
+    _check_torch_file(p)
     try:
         obj = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError and friends: never fall back to full unpickling
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = one_line(e)
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "Unpickl" in type(e).__name__:
             raise DataError(f"{p}: refused: the file holds pickled Python objects, not only tensors and "
                             f"plain data; kd3 loads checkpoints with weights_only=True and never runs pickled "
                             f"code (re-save it with pipeline.core.checkpoint.save_checkpoint)") from None
-        raise DataError(f"{p}: not a readable checkpoint ({type(e).__name__}: {msg[:200]})") from None
+        raise DataError(f"{p}: not a readable checkpoint ({type(e).__name__}: {msg})") from None
     if not isinstance(obj, dict) or "state_dict" not in obj:
         raise DataError(f"{p}: not a kd3 checkpoint (expected a dict with 'state_dict' and metadata)")
     if obj.get("format", FORMAT) != FORMAT:

@@ -10,15 +10,16 @@ import hashlib
 import ipaddress
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from . import plugins
-from .checkpoint import read_teacher_classes
-from .errors import ConfigError
+from .checkpoint import check_classes, read_teacher_classes
+from .errors import ConfigError, Kd3Error
 from .io import atomic_write_text
 from .slug import slugify, validate_class_name
 
@@ -39,6 +40,10 @@ class EngineUrls(_Section):
 
 
 Source = Literal["bing", "baidu", "google", "flickr", "urls", "folder"]
+DEFAULT_PER_CLASS = 200
+# training augmentations of distill and `kd3 teacher train` (distill.data.build_transforms)
+Augment = Literal["rrc_flip", "crop", "flip", "none"]
+AUGMENTS: tuple[str, ...] = get_args(Augment)
 
 
 class CrawlConfig(_Section):
@@ -46,7 +51,9 @@ class CrawlConfig(_Section):
         default_factory=lambda: ["bing", "baidu"],
         description="image sources in fallback order: bing, baidu, google, flickr, urls, folder",
     )
-    per_class: int = Field(200, gt=0, description="target number of downloaded images per class")
+    per_class: Optional[int] = Field(
+        None, gt=0, description=f"target number of downloaded images per class (unset: {DEFAULT_PER_CLASS} from "
+                                f"engines and URL lists; every image when the only source is a folder)")
     query_templates: list[str] = Field(
         default_factory=lambda: ["{c}", "{c} photo", "a photo of a {c}"],
         description="query templates; {c} is the class name or a synonym",
@@ -105,6 +112,13 @@ class CrawlConfig(_Section):
                 raise ValueError(f"{n!r} is not an IP network (e.g. 127.0.0.1/32)") from None
         return v
 
+    def target(self) -> Optional[int]:
+        """Images wanted per class: ``per_class``; unset, every file of a folder source (when it is the only
+        source: a local tree is taken whole unless capped explicitly), else DEFAULT_PER_CLASS."""
+        if self.per_class is not None:
+            return self.per_class
+        return None if self.sources == ["folder"] else DEFAULT_PER_CLASS
+
     def flickr_key(self) -> str | None:
         if self.flickr_api_key is not None:
             return self.flickr_api_key.get_secret_value()
@@ -138,7 +152,7 @@ class CurateConfig(_Section):
 
 
 class Kd3Config(_Section):
-    """KD3 (KD3_SPEC.md sections 2-6); the switches are the ablations and the paper-prose options."""
+    """KD3 (docs/METHOD.md); the switches are the ablations and the paper-prose options."""
 
     tau: float = Field(0.95, gt=0, le=1, description="base confidence threshold")
     ramp_frac: float = Field(2 / 3, gt=0, description="E_ramp as a fraction of epochs")
@@ -200,19 +214,22 @@ class DistillConfig(_Section):
     lr: float = Field(0.05, gt=0, description="SGD learning rate")
     momentum: float = Field(0.9, ge=0)
     weight_decay: float = Field(5e-4, ge=0)
+    lr_schedule: Literal["step", "cosine"] = Field(
+        "step", description="step: lr x0.1 at lr_milestones (the release); cosine: cosine decay to 0 over the epochs")
     lr_milestones: list[float] = Field(
         default_factory=lambda: [150 / 240, 180 / 240, 210 / 240],
-        description="lr x0.1 at these fractions of the epochs",
+        description="lr x0.1 at these fractions of the epochs (lr_schedule step)",
     )
     img_size: Optional[int] = Field(None, description="input size (default: the teacher's)")
-    augment: Literal["rrc_flip", "crop", "flip", "none"] = Field(
+    augment: Augment = Field(
         "rrc_flip", description="training augmentation: rrc_flip (release), crop (pad+crop, no flip), flip, none")
     eval_dir: Optional[Path] = Field(None, description="labelled ImageFolder of original-domain images")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="held-out slice of the web pool for validation")
     device: str = Field("auto", description="auto, cpu, cuda, ...")
     amp: Literal["auto", "bf16", "off"] = Field("auto", description="bf16 autocast (auto = on GPU)")
     channels_last: bool = Field(True, description="channels_last memory format on GPU")
-    workers: int = Field(4, ge=0, description="data loader workers")
+    workers: int = Field(4, ge=0, description="data loader workers (at most the CPU cores kd3 may use)")
+    log_every: int = Field(50, gt=0, description="without a terminal: a progress line every N batches")
     seed: int = Field(0, description="random seed")
     keys_file: Optional[Path] = Field(None, description="train only on the pool images whose keys this file "
                                                          "lists, one per line (e.g. a hand-vetted subset)")
@@ -316,8 +333,28 @@ class RunConfig(BaseModel):
             names = [n for n in names if n and not n.startswith("#")]
             return _check_class_list(names, str(p))
         if self.teacher is not None:
-            return _check_class_list(read_teacher_classes(self.teacher), str(self.teacher))
+            return _check_class_list(teacher_classes(self.teacher), str(self.teacher))
         raise ConfigError("no classes: set `classes`, `classes_file` or `teacher` in the config")
+
+    def check_teacher_classes(self, where: str = "config") -> None:
+        """``classes`` (or ``classes_file``) and an existing teacher must list the same names in the same
+        order: the student's outputs mean the teacher's classes, in its order. kd3 refuses a reordered list
+        instead of reordering it, because a list in another order is as likely another teacher's."""
+        if self.teacher is None or not Path(self.teacher).is_file() or not (self.classes or self.classes_file):
+            return
+        given, theirs = self.resolved_classes(), teacher_classes(self.teacher)
+        if given == theirs:
+            return
+        name = Path(self.teacher).name
+        if sorted(given) == sorted(theirs):
+            i = next(i for i, (a, b) in enumerate(zip(given, theirs)) if a != b)
+            raise ConfigError(f"{where}: `classes` lists the {len(given)} classes of teacher {name} in another order "
+                              f"(position {i}: {given[i]!r}, the teacher has {theirs[i]!r}); list them in the "
+                              f"teacher's order or leave `classes` out to take the teacher's")
+        try:
+            check_classes(given, theirs, "`classes`", f"teacher {name}")
+        except Kd3Error as e:
+            raise ConfigError(f"{where}: {e}") from None
 
     def public_dict(self) -> dict[str, Any]:
         """JSON-able dict with secrets removed (for config.yaml snapshots, manifests, logs)."""
@@ -332,6 +369,21 @@ class RunConfig(BaseModel):
         d.pop("name", None)
         d.pop("runs_root", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=8)
+def _teacher_classes(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+    return tuple(read_teacher_classes(path))
+
+
+def teacher_classes(path: str | os.PathLike) -> list[str]:
+    """A teacher checkpoint's class names, read once per file version (a config asks many times)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return read_teacher_classes(p)  # names the missing file
+    return list(_teacher_classes(str(p.resolve()), st.st_mtime_ns, st.st_size))
 
 
 def _check_class_list(names: list[str], where: str) -> list[str]:
@@ -397,9 +449,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     if moved:
         raise ConfigError(f"{where}: distill.{moved[0]} is now distill.{MOVED_DISTILL_KEYS[moved[0]]}")
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, where)) from None
+    cfg.check_teacher_classes(where)
+    return cfg
 
 
 def dump_config(cfg: RunConfig) -> str:

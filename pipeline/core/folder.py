@@ -8,7 +8,7 @@ decided later, by whoever reads its bytes, so a stray file gets a recorded reaso
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from .errors import ConfigError
 from .slug import slugify
@@ -23,15 +23,22 @@ def match_class(value: str, classes: list[str]) -> Optional[str]:
     return None
 
 
-def class_files(root: Path, name: str) -> tuple[Optional[Path], list[Path]]:
-    """(the class folder or None, its files) for class ``name`` under ``root``."""
+def class_folder(root: Path, name: str) -> Optional[Path]:
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"crawl.folder {root} is not a folder")
-    folder = next((d for d in sorted(root.iterdir()) if d.is_dir() and match_class(d.name, [name])), None)
-    if folder is None:
-        return None, []
+    return next((d for d in sorted(root.iterdir()) if d.is_dir() and match_class(d.name, [name])), None)
+
+
+def iter_class_files(folder: Path) -> Iterator[Path]:
+    """The files of one class folder, sorted, lazily (stop at the first to learn whether there is one)."""
     inside = folder.resolve()
-    files = [f for f in sorted(folder.rglob("*"))
-             if not f.name.startswith(".") and f.is_file() and inside in f.resolve().parents]
-    return folder, files
+    for f in sorted(folder.rglob("*")):
+        if not f.name.startswith(".") and f.is_file() and inside in f.resolve().parents:
+            yield f
+
+
+def class_files(root: Path, name: str) -> tuple[Optional[Path], list[Path]]:
+    """(the class folder or None, its files) for class ``name`` under ``root``."""
+    folder = class_folder(root, name)
+    return (None, []) if folder is None else (folder, list(iter_class_files(folder)))

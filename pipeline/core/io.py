@@ -2,7 +2,7 @@
 
 Every file kd3 writes goes through here: written to a temporary name in the same
 folder, flushed, fsynced and renamed, so a crash never leaves a half file that looks
-whole. Append-only logs (crawl records) are the one exception: a crash can tear only
+whole; the file gets the mode the umask gives any new file (0644 under 0022). Append-only logs (crawl records) are the one exception: a crash can tear only
 their last line, and :func:`read_jsonl` skips a torn last line.
 """
 from __future__ import annotations
@@ -17,6 +17,23 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 CHUNK = 1 << 20
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``/proc``), else by the set-and-restore dance
+    under a lock; files kd3 creates get ``0o666 & ~umask`` like any ``open(path, "w")``."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 def _fsync_dir(path: Path) -> None:
@@ -42,8 +59,11 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     tmp_path = Path(tmp)
+    try:  # mkstemp makes the file 0600; the file kd3 leaves is readable as the umask says
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:

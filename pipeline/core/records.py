@@ -166,7 +166,7 @@ class RecordLog:
 class ClassSummary:
     """One class in ``crawl/summary.json``: counts over every crawl of the run so far."""
 
-    target: int
+    target: Optional[int]  # None: every image of a folder source
     found: int = 0
     downloaded: int = 0
     duplicates: int = 0

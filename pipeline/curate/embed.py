@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.core import plugins
 from pipeline.core.embedding import Embedder, autocast, normalise, resolve_device
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, one_line
 from pipeline.core.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,13 @@ class ClipEmbedder(Embedder):
                     torch.manual_seed(0)
                     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None)
             else:
+                log.info("curate: loading open_clip %s (%s)%s", model_name, pretrained or wp.name,
+                         "" if weights is not None else "; weights not in the cache are downloaded first")
                 model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=source)
         except ConfigError:
             raise
         except Exception as e:
-            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            first = one_line(e, 160)
             if weights is not None:
                 raise ConfigError(f"curate.clip_weights {weights}: cannot load into {model_name} ({first})") from None
             raise ConfigError(

@@ -266,6 +266,27 @@ def test_folder_source(tmp_path, fw, cfg_for):
     assert len(_records(cfg)) == n
 
 
+def test_folder_source_is_taken_whole_unless_capped(tmp_path, fw, cfg_for):
+    """crawl.per_class unset: a folder source gives every image (the engines' default 200 no longer caps it
+    silently); set explicitly, it caps (issue 13, item 12)."""
+    from pipeline.core.config import load_config
+
+    root = tmp_path / "imgs"
+    (root / "cat").mkdir(parents=True)
+    for i in range(230):
+        (root / "cat" / f"{i:03d}.png").write_bytes(make_png(size=(8 + i % 23, 8 + i // 23), color=(i, 3, 7)))
+    base = {"name": "whole", "runs_root": str(tmp_path / "runs"), "classes": ["cat"], "crawl.sources": ["folder"],
+            "crawl.folder": str(root)}
+    cfg = load_config(None, base)
+    assert cfg.crawl.per_class is None and cfg.crawl.target() is None
+    s = crawl(cfg)
+    assert s["classes"]["cat"]["downloaded"] == 230 and s["classes"]["cat"]["done"]
+    assert class_done(cfg, "cat")
+    capped = load_config(None, {**base, "name": "capped", "crawl.per_class": 7})
+    assert crawl(capped)["classes"]["cat"]["downloaded"] == 7
+    assert load_config(None, {"crawl.sources": ["bing"]}).crawl.target() == 200  # engines keep their default
+
+
 def test_resume_skips_done_classes_and_tried_urls(tmp_path, fw, cfg_for, add_images):
     add_images(fw, "cat", 4)
     add_images(fw, "dog", 6, seed0=40)

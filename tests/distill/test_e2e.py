@@ -128,7 +128,7 @@ def test_cli_distill_and_teacher_info(digits_world, run, capsys):
                "--distill.device", "cpu", "--distill.batch_size", "64", "--out-id", "cli"])
     assert rc == 0
     assert (run / "distill" / "kd-cli" / "student.pt").is_file()
-    assert "kd3 distill: kd student cnn_tiny" in capsys.readouterr().out
+    assert "kd3 distill: kd cnn_tiny → top-1 " in capsys.readouterr().out
     assert main(["teacher", "info", str(digits_world["teacher"])]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["classes"] == ["digit0", "digit1", "digit2", "digit3"] and info["input_size"] == 16
@@ -169,3 +169,65 @@ def test_torchrun_two_processes_cpu(digits_world, run, tmp_path):
     n_pool = len((run / "distill" / "dfnd-ddp" / "pool_keys.txt").read_text().split())
     assert m["epochs"][0]["selected"] == round(0.5 * n_pool)  # the gathered selection covers the whole pool
     assert (run / "distill" / "dfnd-ddp" / "student.pt").is_file()
+
+
+def test_summary_line_and_progress_without_a_terminal(digits_world, run, capsys, caplog):
+    """`kd3 distill` ends with one formatted line; without a TTY the batches are reported every
+    distill.log_every, and every epoch line carries the run's ETA (issue 13, item 12)."""
+    import logging
+
+    from distill.stage import summary_line
+    from pipeline.app.cli import main
+
+    metrics = {"method": "kd3", "student": "cnn_mini", "final": {
+        "top1": 0.87, "eval": "eval_dir", "teacher_top1": 0.9685, "agreement": 0.881, "params": 192_345,
+        "throughput_img_s": 511.6}}
+    assert summary_line(metrics) == ("kd3 distill: kd3 cnn_mini → top-1 87.0% (eval_dir), teacher 96.9%, "
+                                     "agreement 88.1%, 192k params, 512 img/s")
+    with caplog.at_level(logging.INFO, logger="kd3"):
+        rc = main(["distill", "--manifest", str(run / "manifest.json"), "--teacher", str(digits_world["teacher"]),
+                   "--student", "cnn_tiny", "--method", "kd", "--epochs", "2", "--distill.workers", "0",
+                   "--distill.device", "cpu", "--distill.batch_size", "16", "--distill.log_every", "3",
+                   "--eval-dir", str(digits_world["eval_dir"]), "--out-id", "progress"])
+    assert rc == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("kd3 distill: kd cnn_tiny → top-1 ") and "(eval_dir), teacher " in out[-1]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("train e0: 3/") and "batches" in m and "ETA" in m for m in msgs), msgs
+    assert [m for m in msgs if m.startswith("epoch 1/2:")][0].rstrip().split("ETA ")[-1].endswith("s")
+
+
+def test_cosine_lr_schedule(digits_world, run):
+    import math
+
+    cfg = _cfg(digits_world, run, "kd", epochs=4, lr_schedule="cosine")
+    m = distill(cfg, out_id="cos")
+    lrs = [e["lr"] for e in m["epochs"]]
+    assert lrs == pytest.approx([0.05 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)])
+    step = distill(_cfg(digits_world, run, "kd", epochs=4), out_id="step")
+    assert [e["lr"] for e in step["epochs"]] == pytest.approx([0.05, 0.05, 0.005, 0.0005])  # milestones 2, 3, 4
+
+
+def test_teacher_train_augment_decides_about_flips(tmp_path, capsys):
+    """`kd3 teacher train --augment`: with flips (the default) a teacher cannot tell "bright on the left" from
+    "bright on the right"; with `crop` (no flip) it learns them (issue 13, item 12)."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.app.cli import main
+
+    rng = np.random.default_rng(0)
+    for cls, side in (("left", 0), ("right", 1)):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(24):
+            a = rng.integers(0, 40, (16, 16, 3)).astype(np.uint8)
+            a[:, side * 8:(side + 1) * 8] += 200
+            Image.fromarray(a).save(tmp_path / "data" / cls / f"{i}.png")
+    acc = {}
+    for aug in ("flip", "crop"):
+        assert main(["teacher", "train", "--data", str(tmp_path / "data"), "--arch", "cnn_tiny", "--out",
+                     str(tmp_path / f"{aug}.pt"), "--epochs", "12", "--img-size", "16", "--batch-size", "8",
+                     "--device", "cpu", "--augment", aug, "--val-dir", str(tmp_path / "data")]) == 0
+        line = capsys.readouterr().out
+        acc[aug] = float(line.split("train acc ")[1].split(",")[0])
+    assert acc["crop"] > 0.9 and acc["flip"] < 0.75, acc

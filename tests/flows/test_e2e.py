@@ -68,6 +68,11 @@ def test_end_to_end_produces_manifest_and_student(first_run):
     assert len(students) == 1
     assert read_checkpoint_meta(students[0])["classes"] == ["zero", "one", "two"]
     assert result["crawl"]["classes"] == {"zero": "crawled", "one": "crawled", "two": "crawled"}
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as c:  # one task run per class, named by it (issue 13, item 12)
+        names = {t.name for t in c.read_task_runs(limit=200) if t.name.startswith("crawl-class-")}
+    assert {"crawl-class-zero", "crawl-class-one", "crawl-class-two"} <= names
     assert result["curate"]["cached"] is False and result["distill"]["cached"] is False
     assert "final" in result["distill"]
     # results and cache records live under the run directory
@@ -81,6 +86,23 @@ def test_end_to_end_produces_manifest_and_student(first_run):
             found = [a for a in art if a.key == f"kd3-{stage}-e2e"]
             assert found, stage
             assert str(run_dir.resolve()) in found[0].data
+
+
+def test_every_run_file_honours_the_umask(first_run):
+    """Manifest, shards, index, config.yaml, student.pt, crawl images, decisions...: every file the run
+    wrote has the mode the umask gives (0644 under 0022), not mkstemp's 0600."""
+    from pipeline.core.io import current_umask
+
+    cfg, _ = first_run
+    run_dir = Path(cfg.run_dir)
+    want = 0o666 & ~current_umask()
+    kd3_files = [p for p in run_dir.rglob("*") if p.is_file() and ".prefect" not in p.relative_to(run_dir).parts]
+    names = {p.name for p in kd3_files}
+    assert {"manifest.json", "config.yaml", "student.pt", "index.faiss", "decisions.jsonl"} <= names
+    assert any(p.suffix == ".tar" for p in kd3_files) and any("images" in p.parts for p in kd3_files)
+    wrong = {str(p.relative_to(run_dir)): oct(p.stat().st_mode & 0o777) for p in kd3_files
+             if p.stat().st_mode & 0o777 != want}
+    assert not wrong, f"expected {oct(want)}: {wrong}"
 
 
 def test_second_run_hits_cache_for_crawl_and_curate(first_run):

@@ -158,3 +158,50 @@ def test_moved_key_as_a_flag_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("kd3: error:") and "distill.kd3.selection" in err and "\n" not in err
     assert not (tmp_path / "x").exists()
+
+
+# ---- command-line parsing (issue 13, item 8)
+
+def _parse_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as ei:
+        cli.build_parser().parse_args(argv)
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kd3: error: "), err
+    return lines[0]
+
+
+def test_flag_prefixes_are_not_abbreviations(capsys):
+    """argparse would read --crawl.per_clas as --crawl.per_class; kd3 refuses it and names the flag."""
+    line = _parse_error(capsys, ["crawl", "--classes", "cat", "--crawl.per_clas", "7"])
+    assert "--crawl.per_clas" in line and "did you mean --crawl.per_class?" in line
+    line = _parse_error(capsys, ["distill", "--epoch", "3"])
+    assert "did you mean --epochs?" in line
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["crawl", "--crawl.per_klass", "7"], "--crawl.per_class"),
+    (["curate", "--curate.near_dup_treshold", "0.9"], "--curate.near_dup_threshold"),
+    (["distill", "--distill.kd3.taux", "0.9"], "--distill.kd3.tau"),
+    (["teacher", "train", "--data", "d", "--out", "o", "--epoch", "3"], "--epochs"),
+    (["crawll"], "crawl"),
+])
+def test_unknown_flag_or_command_names_the_closest_in_one_line(capsys, argv, hint):
+    assert f"did you mean {hint}?" in _parse_error(capsys, argv)
+
+
+def test_help_shows_readable_metavars(capsys):
+    parser = cli.build_parser()
+    for cmd in (["crawl"], ["curate"], ["distill"], ["run"], ["serve"], ["inspect"], ["teacher", "train"], ["demo"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*cmd, "--help"])
+        out = capsys.readouterr().out
+        assert "OV__" not in out and " VALUE" not in out, (cmd, out)
+        assert "-v, --verbose" in out, cmd
+    parser.parse_args(["distill", "--epochs", "3"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["distill", "--help"])
+    out = capsys.readouterr().out
+    for shown in ("--epochs N", "--student ARCH", "--distill.lr X", "--distill.augment {rrc_flip,crop,flip,none}"):
+        assert shown in out, shown

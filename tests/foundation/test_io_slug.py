@@ -20,6 +20,28 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp file left
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)],
+                         ids=["umask-022", "umask-077", "umask-002"])
+def test_atomic_writes_honour_the_umask(tmp_path, umask, mode):
+    """Atomic writes go through a temp file (mkstemp: 0600); the file left must have the mode any
+    new file gets under the umask, so another user, a web server or a trainer can read it."""
+    from pipeline.core.io import atomic_write_bytes, current_umask, write_jsonl_atomic
+
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        written = [atomic_write_json(tmp_path / "m.json", {"v": 1}), atomic_write_bytes(tmp_path / "b", b"x"),
+                   atomic_write_bytes(tmp_path / "c", b"y", overwrite=False),
+                   write_jsonl_atomic(tmp_path / "r.jsonl", [{"a": 1}])]
+        with atomic_path(tmp_path / "t.tar") as tmp:
+            with open(tmp, "wb") as fh:  # writers that open the temp path themselves (tar, torch, faiss)
+                fh.write(b"tar")
+            written.append(tmp_path / "t.tar")
+    finally:
+        os.umask(old)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(mode) for p in written}
+
+
 def test_atomic_no_overwrite_keeps_first(tmp_path):
     target = tmp_path / "blob"
     with atomic_path(target, overwrite=False) as tmp:

@@ -190,3 +190,17 @@ def test_teacher_classes_must_match_the_manifest(tmp_path, teacher):
     line = assert_one_line_error(r, "teacher.pt", "seven")
     assert "one" in line
     _no_output(run)
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"name: pets\nclasses: [cat, dog]\n", "holds text"),
+    (b'{"arch": "resnet18"}', "holds text"),
+    (b"", "is empty"),
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "starts with bytes 89 50 4e 47"),
+])
+def test_non_checkpoint_teacher_is_named_for_what_it_is(tmp_path, content, needle):
+    """A text, YAML or image file given as the teacher is not "a file holding pickled Python objects"."""
+    bad = tmp_path / "teacher.pt"
+    bad.write_bytes(content)
+    line = assert_one_line_error(kd3("teacher", "info", bad), str(bad), "not a PyTorch checkpoint", needle)
+    assert "pickled" not in line

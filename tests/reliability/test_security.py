@@ -65,7 +65,7 @@ def test_no_secret_in_run_dir_or_logs(tmp_path):
                 "--crawl.sources", "flickr,bing", "--crawl.engine_urls.flickr", fw.base_url,
                 "--crawl.engine_urls.bing", fw.base_url, "--crawl.allow_private_hosts", "--crawl.per_class", "3",
                 "--crawl.rate_limit_per_domain", "1000", "--crawl.retries", "0",
-                "--crawl.flickr_api_key", FLICKR_KEY, "--crawl.proxy", proxy, "--log-level", "DEBUG",
+                "--crawl.flickr_api_key", FLICKR_KEY, "--crawl.proxy", proxy, "--log-level", "DEBUG", "-vv",
                 env={"NO_PROXY": "", "no_proxy": ""})
         proxied = [p for _, _, p, _ in fw.requests if p.startswith("http://")]
         keyed = [p for _, _, p, _ in fw.requests if FLICKR_KEY in p]

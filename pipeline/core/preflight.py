@@ -1,0 +1,103 @@
+"""Checks that need no work: run before a stage creates any folder, so a refused command writes nothing.
+
+``preflight(cfg, stages)`` is what ``kd3 crawl|curate|distill|run`` call right after the config loads
+(``kd3 run`` for all three stages, before Prefect starts); the stage functions call the part that is
+theirs too (:func:`check_sources`, :func:`check_distill_inputs`), so flows and tests get the same checks.
+What only the work can find (a shard whose sha256 is wrong, a pool with no image) is found by the stage,
+which then removes what it had begun.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional
+
+from .checkpoint import check_classes, read_checkpoint_meta
+from .config import RunConfig
+from .errors import ConfigError, DataError
+from .folder import class_folder, iter_class_files
+
+STAGES = ("crawl", "curate", "distill")
+
+
+def check_sources(cfg: RunConfig) -> None:
+    """Fail fast, naming the setting, when a listed crawl source cannot work."""
+    c = cfg.crawl
+    if "flickr" in c.sources and not c.flickr_key():
+        raise ConfigError("source 'flickr' needs an API key: set crawl.flickr_api_key or env FLICKR_API_KEY")
+    if "urls" in c.sources:
+        if c.url_list is None:
+            raise ConfigError("source 'urls' needs crawl.url_list (a .txt/.csv/.parquet file)")
+        if not Path(c.url_list).is_file():
+            raise ConfigError(f"crawl.url_list {c.url_list} does not exist")
+    if "folder" in c.sources:
+        if c.folder is None:
+            raise ConfigError("source 'folder' needs crawl.folder (a folder <root>/<class>/*)")
+        check_folder(cfg)
+
+
+def check_folder(cfg: RunConfig, classes: Optional[list[str]] = None) -> None:
+    """``crawl.folder`` is a folder and, when it is the only source, holds files for some class."""
+    folder = Path(cfg.crawl.folder)
+    if not folder.is_dir():
+        raise ConfigError(f"crawl.folder {folder} is not a folder")
+    if cfg.crawl.sources != ["folder"]:
+        return
+    names = classes if classes is not None else cfg.resolved_classes()
+    folders = [d for d in (class_folder(folder, c) for c in names) if d is not None]
+    if not any(next(iter_class_files(d), None) for d in folders):
+        subs = sorted(d.name for d in folder.iterdir() if d.is_dir())[:5]
+        raise DataError(f"crawl.folder {folder} holds no files for any class (expected <root>/<class>/*; "
+                        f"sub-folders {subs or 'none'}, classes {names[:5]}{' ...' if len(names) > 5 else ''})")
+
+
+def check_teacher(cfg: RunConfig, why: str) -> dict:
+    """The teacher is set and readable as a checkpoint; returns its metadata."""
+    if cfg.teacher is None:
+        raise ConfigError(f"{why} needs a teacher: set `teacher` (or --teacher / --set teacher=PATH)")
+    if not Path(cfg.teacher).is_file():
+        raise DataError(f"teacher checkpoint {cfg.teacher} does not exist")
+    return read_checkpoint_meta(cfg.teacher)
+
+
+def check_distill_inputs(cfg: RunConfig, manifest: Optional[Path] = None) -> None:
+    """Teacher, eval_dir and (once curated) the manifest: classes equal the teacher's, every shard there."""
+    meta = check_teacher(cfg, "distill")
+    ev = cfg.distill.eval_dir
+    if ev is not None and not Path(ev).is_dir():
+        raise ConfigError(f"distill.eval_dir {ev} is not a folder")
+    if manifest is None or not Path(manifest).is_file():
+        return
+    from .records import read_manifest  # records pulls numpy; only needed once a manifest exists
+
+    man = read_manifest(manifest)
+    check_classes(meta["classes"], man["classes"], f"teacher {Path(cfg.teacher).name}",
+                  f"manifest {Path(manifest).name}")
+    for s in man["shardlist"]:
+        url = str(s["url"])
+        if "://" in url and not url.startswith("file://"):
+            continue  # remote shards: the trainer refuses them with its own message
+        p = Path(url[7:] if url.startswith("file://") else url)
+        p = p if p.is_absolute() else Path(manifest).parent / p
+        if not p.is_file():
+            raise DataError(f"shard {s['url']} listed in {manifest} is missing ({p})")
+
+
+def preflight(cfg: RunConfig, stages: Iterable[str], manifest: Optional[Path] = None) -> None:
+    """Everything about ``stages`` that can be checked before any folder is created."""
+    stages = set(stages)
+    unknown = stages - set(STAGES)
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {sorted(unknown)}: expected {', '.join(STAGES)}")
+    if "crawl" in stages:
+        cfg.resolved_classes()
+        check_sources(cfg)
+    if "curate" in stages:
+        cur = cfg.curate
+        if cur.embed_backend == "teacher":
+            check_teacher(cfg, "curate.embed_backend teacher")
+        if cur.clip_weights is not None and not Path(cur.clip_weights).is_file():
+            raise ConfigError(f"curate.clip_weights {cur.clip_weights} does not exist")
+        if cur.decontaminate is not None and not Path(cur.decontaminate).is_dir():
+            raise ConfigError(f"curate.decontaminate {cur.decontaminate} is not a folder")
+    if "distill" in stages:
+        check_distill_inputs(cfg, manifest)
