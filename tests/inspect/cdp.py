@@ -139,6 +139,15 @@ class Chromium:
                 external: Array.from(document.querySelectorAll('[src],[href]')).map(
                     x => x.getAttribute('src') || x.getAttribute('href')).filter(u => /^(https?:)?\\/\\//.test(u)),
                 height: document.documentElement.scrollHeight,
+                // drawing that spills out of its chart (e.g. a line above a capped y axis, over the cards)
+                spill: Array.from(document.querySelectorAll('svg')).flatMap((svg, i) => {
+                    const b = svg.getBoundingClientRect();
+                    return Array.from(svg.querySelectorAll('path,polyline,line,circle,rect,text,use')).filter(el => {
+                        const r = el.getBoundingClientRect();
+                        return r.width + r.height > 0 && (r.left < b.left - 2 || r.right > b.right + 2 ||
+                                                          r.top < b.top - 2 || r.bottom > b.bottom + 2);
+                    }).map(el => `svg ${i} (${svg.getAttribute('aria-label')}): <${el.tagName}>`);
+                }),
             }))()"""})["result"]["value"]
             if screenshot is not None:
                 params = {"format": "png"}
