@@ -165,3 +165,27 @@ def test_summary_flags_steps_and_classes_that_lose_an_unusual_share():
     assert by["c"]["flag"] and not by["a"]["flag"] and not by["b"]["flag"]
     assert by["c"]["share"] == 0.8 and by["c"]["dropped"] == {"phash_dup": 16}
     assert Counter(c["kept"] for c in sh["classes"]) == Counter([38, 37, 4])
+
+
+def test_a_cache_from_before_thumbnails_is_completed_without_re_embedding(world, monkeypatch):
+    """facts.jsonl written before the pixel check has no thumbnails: the rerun decodes those images again
+    for them (the pHash check needs them) but never re-embeds."""
+    import json
+
+    from pipeline.curate import curate
+    from pipeline.curate.embed import ClipEmbedder
+
+    run = world["run"]
+    m1 = curate(make_cfg(run))
+    facts = run / "curate" / "cache" / "facts.jsonl"
+    rows = [json.loads(x) for x in facts.read_text().splitlines()]
+    facts.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "thumb"}) + "\n" for r in rows))
+
+    def no_embed(self, batch):
+        raise AssertionError("re-embedded an image whose embedding is cached")
+
+    monkeypatch.setattr(ClipEmbedder, "embed", no_embed)
+    m2 = curate(make_cfg(run))
+    assert m2["stats"]["embed"]["computed"] == sum(bool(r.get("ok")) for r in rows) > 0
+    assert m2["stats"]["phash_dedup"] == m1["stats"]["phash_dedup"]
+    assert all(json.loads(x).get("thumb") for x in facts.read_text().splitlines()[len(rows):])
