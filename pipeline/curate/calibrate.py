@@ -77,7 +77,7 @@ def plant_copies(items: list[tuple[str, Path]], embedder, emb_cache, c) -> int:
     return len(ids)
 
 
-def _unrelated_neighbours(X: np.ndarray, thumbs: np.ndarray, max_pixel_diff: float) -> np.ndarray:
+def _unrelated_neighbours(X: np.ndarray, thumbs: np.ndarray, max_pixel_diff: float, chunk: int = 16384) -> np.ndarray:
     """For a fixed sample of rows, the cosine of the most similar other row that is not a pixel copy."""
     n = len(X)
     q = np.sort(np.random.default_rng(0).permutation(n)[:NEIGHBOUR_N])
@@ -86,8 +86,8 @@ def _unrelated_neighbours(X: np.ndarray, thumbs: np.ndarray, max_pixel_diff: flo
     best_i = np.zeros((len(q), k), np.int64)
     Xq = X[q]
     rows = np.arange(len(q))
-    for start in range(0, n, 16384):  # top-k of the sample against every row, chunk by chunk (no N x N)
-        S = Xq @ X[start:start + 16384].T
+    for start in range(0, n, chunk):  # top-k of the sample against every row, chunk by chunk (no N x N)
+        S = Xq @ X[start:start + chunk].T
         inside = (q >= start) & (q < start + S.shape[1])
         S[rows[inside], q[inside] - start] = -np.inf  # not itself
         cand_s = np.concatenate([best_s, S], 1)

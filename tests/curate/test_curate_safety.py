@@ -189,3 +189,24 @@ def test_a_cache_from_before_thumbnails_is_completed_without_re_embedding(world,
     assert m2["stats"]["embed"]["computed"] == sum(bool(r.get("ok")) for r in rows) > 0
     assert m2["stats"]["phash_dedup"] == m1["stats"]["phash_dedup"]
     assert all(json.loads(x).get("thumb") for x in facts.read_text().splitlines()[len(rows):])
+
+
+def test_unrelated_neighbour_search_matches_brute_force(monkeypatch):
+    """The calibration's chunked top-k search equals a brute-force one (chunks smaller than the pool)."""
+    import numpy as np
+
+    from pipeline.curate import calibrate
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(700, 8)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    thumbs = rng.integers(0, 256, size=(700, 256)).astype(np.float32)
+    thumbs[1::7] = thumbs[0::7][: len(thumbs[1::7])]  # pixel copies: never "unrelated"
+    monkeypatch.setattr(calibrate, "NEIGHBOUR_N", 300)
+    got = calibrate._unrelated_neighbours(X, thumbs, 4.0, chunk=128)
+    q = np.sort(np.random.default_rng(0).permutation(700)[:300])
+    S = X[q] @ X.T
+    S[np.arange(len(q)), q] = -np.inf
+    diff = np.abs(thumbs[q][:, None, :] - thumbs[None, :, :]).mean(2)
+    S[diff <= 4.0] = -np.inf
+    assert np.allclose(got, S.max(1), atol=1e-6)
