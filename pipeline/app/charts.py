@@ -62,7 +62,7 @@ def funnel(steps: Sequence[tuple[str, int]]) -> str:
         return '<p class="empty">no stage has run yet</p>'
     labels, values = [s for s, _ in steps], [n for _, n in steps]
     top = max(values) or 1
-    with _figure(8.0, 0.42 * len(steps) + 0.5) as (fig, ax):
+    with _figure(9.0, 0.36 * len(steps) + 0.5) as (fig, ax):
         y = list(range(len(steps)))[::-1]
         ax.barh(y, values, color="#2563eb", alpha=0.85, height=0.7)
         ax.set_yticks(y, labels)
@@ -78,7 +78,7 @@ def funnel(steps: Sequence[tuple[str, int]]) -> str:
 
 
 def lines(series: Sequence[tuple[str, str, Sequence[tuple[float, float]]]], *, ylabel: str,
-          percent: bool = False, title: Optional[str] = None, w: float = 6.2, h: float = 3.0) -> str:
+          percent: bool = False, title: Optional[str] = None, w: float = 5.5, h: float = 2.9) -> str:
     """Line chart of ``(name, colour, [(x, y)])`` over epochs; the y axis fits the data (or 0-100 %)."""
     series = [s for s in series if s[2]]
     if not series:
@@ -136,7 +136,7 @@ def runs_compared(names: Sequence[str], metrics: dict[str, Sequence[Optional[flo
     colors = ["#2563eb", "#9ca3af", "#16a34a", "#ea580c"]
     k = len(metrics)
     hbar = 0.8 / k
-    with _figure(7.6, 0.5 + len(names) * (0.25 * k + 0.3)) as (fig, ax):
+    with _figure(7.6, 0.45 + len(names) * (0.19 * k + 0.25)) as (fig, ax):
         y = np.arange(len(names))[::-1]
         for j, ((label, vals), color) in enumerate(zip(metrics.items(), colors)):
             pos = y + 0.4 - hbar * (j + 0.5)

@@ -415,7 +415,7 @@ details.dropped summary{cursor:pointer;font-weight:600;font-size:13.5px;color:#3
 .histtitle{font-weight:600;margin-bottom:4px}
 .histtitle small{display:block;font-weight:400}
 .charts{display:flex;flex-wrap:wrap;gap:12px 28px;align-items:flex-start}
-.charts>div{flex:0 1 auto;max-width:640px}
+.charts>div{flex:0 1 auto;max-width:560px}
 table.compare td:nth-child(-n+3),table.compare th:nth-child(-n+3){text-align:left}
 .legend{display:flex;flex-wrap:wrap;gap:12px;margin:4px 0 0 4px;font-size:12.5px}
 .key i{display:inline-block;width:12px;height:4px;border-radius:2px;margin-right:5px;vertical-align:middle}

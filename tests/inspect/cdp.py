@@ -77,8 +77,10 @@ class Chromium:
             raise CDPError("no page target in chromium")
         return pages[0]["webSocketDebuggerUrl"]
 
-    def load(self, url: str, *, screenshot: Optional[str | Path] = None, full_page: bool = True) -> dict:
-        """Navigate to ``url``; return console errors, exceptions, failed requests and image checks."""
+    def load(self, url: str, *, screenshot: Optional[str | Path] = None, full_page: bool = True,
+             element: Optional[str] = None, height: int = 16000) -> dict:
+        """Navigate to ``url``; return console errors, exceptions, failed requests and image checks.
+        With ``element`` (a CSS selector) the screenshot starts at that element's top."""
         from websockets.sync.client import connect
 
         ws = connect(self._page_ws(), max_size=256 * 1024 * 1024, open_timeout=self.timeout)
@@ -152,9 +154,14 @@ class Chromium:
             if screenshot is not None:
                 params = {"format": "png"}
                 if full_page:
-                    h = min(int(info["height"]), 16000)
+                    top = 0
+                    if element is not None:
+                        top = int(send("Runtime.evaluate", {"returnByValue": True, "expression":
+                                       f"document.querySelector({json.dumps(element)}).getBoundingClientRect().top"
+                                       " + window.scrollY"})["result"]["value"])
+                    h = min(int(info["height"]) - top, height)
                     params.update(captureBeyondViewport=True,
-                                  clip={"x": 0, "y": 0, "width": self.width, "height": h, "scale": 1})
+                                  clip={"x": 0, "y": top, "width": self.width, "height": h, "scale": 1})
                 data = send("Page.captureScreenshot", params)["data"]
                 Path(screenshot).write_bytes(base64.b64decode(data))
             # drain what arrived meanwhile
