@@ -185,8 +185,10 @@ def seed_all(seed: int) -> None:
 # ---------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(predict: Callable, teacher: nn.Module, batches, rt: Runtime, labelled: bool) -> dict:
-    """Top-1 of the student (and the teacher) against labels, and student-teacher agreement."""
+    """Top-1 of the student (and the teacher) against labels, student-teacher agreement, and with labels
+    the student's confusion matrix (``confusion[true][predicted]`` counts)."""
     n = correct_s = correct_t = agree = 0
+    conf = None
     for x, y in batches:
         x = rt.to_input(x)
         with rt.autocast():
@@ -198,11 +200,13 @@ def evaluate(predict: Callable, teacher: nn.Module, batches, rt: Runtime, labell
         if labelled:
             correct_s += int((ps == y).sum())
             correct_t += int((pt == y).sum())
+            k = zs.shape[1]
+            conf = (0 if conf is None else conf) + torch.bincount(y.long() * k + ps, minlength=k * k).view(k, k)
     if n == 0:
         return {}
     out = {"n": n, "agreement": agree / n}
     if labelled:
-        out.update(top1=correct_s / n, teacher_top1=correct_t / n)
+        out.update(top1=correct_s / n, teacher_top1=correct_t / n, confusion=conf.tolist())
     return out
 
 

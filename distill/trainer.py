@@ -80,6 +80,7 @@ class Trainer:
                         "classes": self.classes, "world_size": rt.world, "epochs": [], "final": None}
         self.bs_local = max(1, dc.batch_size // rt.world)
         self.teacher_top1: Optional[float] = None
+        self.confusion: Optional[list] = None  # the student's on eval_dir, last evaluation: [true][predicted]
         self.total_imgs = self.total_train_s = 0.0
         self.model = self.method  # DDP-wrapped by ``prepare``
 
@@ -217,7 +218,7 @@ class Trainer:
         if self.eval_ds is not None:
             r = evaluate(self.method.predict, self.teacher, loader(self.eval_ds, bs, workers, rt), rt, True)
             out.update(eval_top1=r.get("top1"), eval_agreement=r.get("agreement"))
-            self.teacher_top1 = r.get("teacher_top1")
+            self.teacher_top1, self.confusion = r.get("teacher_top1"), r.get("confusion")
         if self.data.holdout is not None:
             r = evaluate(self.method.predict, self.teacher, loader(self.data.holdout, bs, workers, rt), rt, False)
             out["val_agreement"] = r.get("agreement")
@@ -313,6 +314,7 @@ class Trainer:
             "throughput_img_s": (self.total_imgs / self.total_train_s) if self.total_train_s > 0 else None,
             "selected_fraction": (last.get("selected", 0) / pool_n) if pool_n else None,
             "student_path": "student.pt", "torchscript_path": ts,
+            "confusion": self.confusion if self.eval_kind == "eval_dir" else None,
         }
         write_metrics(self.metrics_path, self.metrics)
         log.info("distill done: top1 %s (%s), teacher top1 %s, agreement %s, params %d", _fmt(top1),

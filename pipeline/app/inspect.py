@@ -28,8 +28,8 @@ from rich.table import Table
 from pipeline.core.config import load_config
 from pipeline.core.errors import DataError, Kd3Error
 from pipeline.core.records import DROP_REASONS, VALIDATE_REASONS, CrawlRecord, Decision, DropReason, \
-    SelectionRow, read_decisions, read_embeddings, read_index, read_manifest, read_metrics, read_records, \
-    read_selection
+    SelectionRow, read_decisions, read_embeddings, read_index, read_manifest, read_metrics, read_pool_keys, \
+    read_records, read_selection
 from pipeline.core.runs import RunDir, run_dir_of
 from pipeline.curate.embed import make_embedder
 
@@ -255,21 +255,59 @@ def _count_shards(run: Run, per: dict, has_decisions: bool) -> None:
             per[c]["kept"] = int((run.manifest.get("class_counts") or {}).get(c, 0))
 
 
-def _distill_rows(run: Run, per: dict) -> list[dict]:
+def teacher_text(teacher: Any, top1: Optional[float]) -> Optional[str]:
+    """The teacher of a distill run in one phrase: ``cnn_small · 10 classes · top-1 96.9%``."""
+    if teacher is None:
+        return None
+    if not isinstance(teacher, dict):
+        parts = [Path(str(teacher)).name]
+    else:
+        parts = [str(teacher.get("arch") or Path(str(teacher.get("path") or "teacher")).name)]
+        if teacher.get("classes"):
+            parts.append(f"{len(teacher['classes'])} classes")
+    if top1 is not None:
+        parts.append(f"top-1 {_pct(top1)}")
+    return " · ".join(parts)
+
+
+def selection_counts(run: Run, dr: DistillRun, row: Optional[SelectionRow], selected: dict) -> dict:
+    """One epoch's selected images per class, with what each count is out of.
+
+    kd3 counts a selected image under the class its teacher/student mix predicts, so the count is out of
+    the pool images with that predicted label (``pred_counts`` in its selection log); methods that log no
+    predictions count by query label, out of the pool images of that query class (``pool_keys.txt``, or
+    the kept images when the run has no key list)."""
+    classes = run.classes
+    pred = (row.extra.get("pred_counts") if row is not None else None) or None
+    if pred is not None and len(pred) == len(classes):
+        of = {c: int(pred[i]) for i, c in enumerate(classes)}
+        by = "teacher label"
+    else:
+        keys_path = dr.path / "pool_keys.txt"
+        keys = read_pool_keys(keys_path) if keys_path.is_file() else list(run.pool_keys)
+        cnt = Counter(run.pool_keys.get(k) for k in keys)
+        of = {c: cnt.get(c, 0) for c in classes}
+        by = "query label"
+    return {"by": by, "selected": {c: selected.get(c) for c in classes}, "of": of,
+            "rate": {c: _rate(selected.get(c), of[c]) if c in selected else None for c in classes}}
+
+
+def _distill_rows(run: Run) -> list[dict]:
     out = []
     for dr in run.distill_runs:
         f = dr.final
         last = dr.epochs[-1] if dr.epochs else {}
-        last_sel = last.get("selected_per_class") or {}
-        rates = {c: _rate(last_sel.get(c), per[c]["kept"]) if c in last_sel else None for c in run.classes}
+        last_row = next((r for r in reversed(dr.selection) if r.epoch == last.get("epoch")), None)
+        sel = selection_counts(run, dr, last_row, last.get("selected_per_class") or {})
         out.append({
             "name": dr.name, "method": dr.metrics.get("method"), "student": dr.metrics.get("student"),
-            "teacher": dr.metrics.get("teacher"), "epochs": len(dr.epochs),
+            "teacher": teacher_text(dr.metrics.get("teacher"), f.get("teacher_top1")), "epochs": len(dr.epochs),
             "top1": f.get("top1", last.get("eval_top1")), "teacher_top1": f.get("teacher_top1"),
             "agreement": f.get("agreement", last.get("val_agreement")), "params": f.get("params"),
             "throughput_img_s": f.get("throughput_img_s"), "selected_fraction": f.get("selected_fraction"),
-            "eval": f.get("eval"), "selection_rate": rates, "has_selection_log": dr.selects,
-            "finished": bool(dr.metrics.get("final")),
+            "eval": f.get("eval"), "selection_by": sel["by"], "selected_last": sel["selected"],
+            "selected_of": sel["of"], "selection_rate": sel["rate"], "has_selection_log": dr.selects,
+            "finished": bool(dr.metrics.get("final")), "confusion": f.get("confusion"),
         })
     return out
 
@@ -299,7 +337,7 @@ def summarize(run_dir: str | Path) -> dict:
     return {
         "run": run.rd.name, "root": str(run.rd.root), "classes": classes, "per_class": per, "totals": totals,
         "funnel": _funnel(totals, has_records, has_decisions), "stats": m.get("stats") or {},
-        "distill": _distill_rows(run, per), "missing": run.missing(),
+        "distill": _distill_rows(run), "missing": run.missing(),
         "manifest": {k: m.get(k) for k in ("name", "nsamples", "class_counts", "embedding", "thresholds",
                                            "config_hash", "created", "versions")} if m else None,
         "present": {"records": has_records, "decisions": has_decisions, "manifest": run.manifest is not None,
@@ -388,16 +426,26 @@ def render_summary(s: dict, console=None) -> None:
             d.add_row(r["name"], fmt(r["method"]), fmt(r["student"]), str(r["epochs"]), _pct(r["top1"]),
                       _pct(r["teacher_top1"]), _pct(r["agreement"]), _pct(r["selected_fraction"]))
         con.print(d)
-        sel = Table(title="selection rate per class (last epoch selected / kept)", title_justify="left",
-                    header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
-        sel.add_column("run")
-        for c in s["classes"]:
-            sel.add_column(c, justify="right")
-        for r in s["distill"]:
-            sel.add_row(r["name"], *[_pct(r["selection_rate"].get(c)) for c in s["classes"]])
-        con.print(sel)
+        con.print(selection_table(s))
     for line in s["missing"]:
         con.print(f"[yellow]missing:[/yellow] {line}")
+
+
+def selection_table(s: dict) -> Table:
+    """Last-epoch selection per class (rows) and distill run (columns): ``selected/of (share)``, where
+    ``of`` is the number of pool images with the label the count is by (teacher label for kd3)."""
+    sel = Table(title="selected in the last epoch, per class: selected/of the pool images with that label",
+                title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    sel.add_column("class")
+    for r in s["distill"]:
+        sel.add_column(f"{r['name']}\n[dim]by {r['selection_by']}[/dim]", justify="right")
+    for c in s["classes"]:
+        cells = []
+        for r in s["distill"]:
+            n, of = r["selected_last"].get(c), r["selected_of"].get(c)
+            cells.append("–" if n is None else f"{n}/{of} ({_pct(r['selection_rate'].get(c))})")
+        sel.add_row(c, *cells)
+    return sel
 
 
 # ---------------------------------------------------------------- neighbours

@@ -1,18 +1,20 @@
 """The static HTML report ``runs/<name>/report/index.html``.
 
-One self-contained page that opens from disk: inline CSS, charts as inline SVG, thumbnails as JPEG
-files under ``report/thumbs/`` (linked to the original image), no script and no network resource.
-Sections: stage funnel, per-class counts, a contact sheet per class (kept, then dropped grouped by
-reason), near-duplicate groups side by side, CLIP class-score histograms, and for each distill run the
-per-epoch selected counts per class and the images KD³ never selected. Partial runs get the sections
-they have data for and a list of what is missing.
+One self-contained page that opens from disk: inline CSS, charts drawn with matplotlib and embedded as
+inline SVG (:mod:`.charts`), thumbnails as JPEG files under ``report/thumbs/`` (linked to the original
+image), no script and no network resource. Sections: stage funnel, per-class counts, a contact sheet
+per class (kept, then dropped grouped by reason), duplicate groups side by side, class-score histograms
+(CLIP scores, or the teacher's confidence when the run was embedded with the teacher), and for the
+distill runs: every run side by side, then per run the selected images per class and epoch (counted by
+the label the method counts them by), accuracy per epoch, the student's confusion matrix on the eval set
+and the images KD³ never selected. Partial runs get the sections they have data for and a list of what
+is missing.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import html
 import logging
-import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Optional, Sequence, Union
 from pipeline.core.io import atomic_write_text
 from pipeline.core.records import CrawlRecord, Decision, DropReason
 
+from . import charts
 from .inspect import Run, fmt_bytes, summarize
 from .sheets import save_jpeg, thumbnail
 
@@ -89,129 +92,6 @@ def _grid(tiles: Sequence[str], more: int = 0, empty: str = "nothing here") -> s
         return f'<p class="empty">{e(empty)}</p>'
     tail = f'<p class="more">… and {more} more not shown</p>' if more > 0 else ""
     return f'<div class="grid">{"".join(tiles)}</div>{tail}'
-
-
-# ---------------------------------------------------------------- SVG charts
-
-def _svg_funnel(steps: list[tuple[str, int]], width: int = 760) -> str:
-    if not steps:
-        return '<p class="empty">no stage has run yet</p>'
-    top = max(n for _, n in steps) or 1
-    row_h, label_w, gap = 34, 130, 8
-    h = len(steps) * (row_h + gap) + 4
-    bar_w = width - label_w - 150
-    parts = [f'<svg class="chart" viewBox="0 0 {width} {h}" width="{width}" height="{h}" role="img" '
-             f'aria-label="stage funnel" xmlns="http://www.w3.org/2000/svg">']
-    prev = None
-    for i, (label, n) in enumerate(steps):
-        y = i * (row_h + gap) + 2
-        w = max(2.0, bar_w * n / top)
-        shade = 0.35 + 0.65 * (i + 1) / len(steps)
-        parts.append(f'<text x="{label_w - 10}" y="{y + row_h / 2 + 5}" text-anchor="end" class="lbl">{e(label)}</text>')
-        parts.append(f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{row_h}" rx="5" '
-                     f'fill="#2563eb" fill-opacity="{shade:.2f}"><title>{e(label)}: {n}</title></rect>')
-        parts.append(f'<text x="{label_w + w + 8:.1f}" y="{y + row_h / 2 + 5}" class="num">{n}</text>')
-        if prev is not None and prev > n:
-            parts.append(f'<text x="{label_w + w + 8 + 9 * len(str(n)) + 10:.1f}" y="{y + row_h / 2 + 5}" '
-                         f'class="drop">−{prev - n}</text>')
-        prev = n
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def _nice_max(v: float) -> float:
-    if v <= 0:
-        return 1.0
-    exp = 10 ** math.floor(math.log10(v))
-    for m in (1, 2, 2.5, 5, 10):
-        if v <= m * exp:
-            return m * exp
-    return 10 * exp
-
-
-def _svg_lines(series: list[tuple[str, str, list[tuple[float, float]]]], *, width: int = 560, height: int = 240,
-               y_label: str = "", percent: bool = False, y_max: Optional[float] = None) -> str:
-    """Line chart: series = [(name, color, [(x, y), ...])]."""
-    pts = [p for _, _, s in series for p in s]
-    if not pts:
-        return '<p class="empty">no data</p>'
-    ml, mr, mt, mb = 48, 12, 14, 34
-    pw, ph = width - ml - mr, height - mt - mb
-    xs = [x for x, _ in pts]
-    x0, x1 = min(xs), max(xs)
-    if x1 == x0:
-        x1 = x0 + 1
-    ym = y_max if y_max is not None else _nice_max(max(y for _, y in pts))
-    ym = ym or 1
-
-    def X(x):
-        return ml + pw * (x - x0) / (x1 - x0)
-
-    def Y(y):
-        return mt + ph * (1 - y / ym)
-
-    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-           f'aria-label="{e(y_label)}" xmlns="http://www.w3.org/2000/svg">']
-    for i in range(5):
-        yv = ym * i / 4
-        yy = Y(yv)
-        lab = f"{100 * yv:.0f}%" if percent else (f"{yv:.0f}" if ym >= 4 else f"{yv:.2f}")
-        out.append(f'<line x1="{ml}" x2="{width - mr}" y1="{yy:.1f}" y2="{yy:.1f}" class="grid"/>'
-                   f'<text x="{ml - 6}" y="{yy + 4:.1f}" text-anchor="end" class="tick">{lab}</text>')
-    ticks = sorted(set(xs))
-    step = max(1, len(ticks) // 10)
-    for xv in ticks[::step]:
-        out.append(f'<text x="{X(xv):.1f}" y="{height - mb + 16}" text-anchor="middle" class="tick">{xv:g}</text>')
-    out.append(f'<text x="{ml + pw / 2}" y="{height - 4}" text-anchor="middle" class="tick">epoch</text>')
-    for name, color, s in series:
-        s = sorted(s)
-        d = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in s)
-        out.append(f'<polyline points="{d}" fill="none" stroke="{color}" stroke-width="2.2" '
-                   f'stroke-linejoin="round"/>')
-        for x, y in s:
-            val = f"{100 * y:.1f}%" if percent else f"{y:g}"
-            out.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3.2" fill="{color}">'
-                       f'<title>{e(name)} · epoch {x:g}: {val}</title></circle>')
-    out.append("</svg>")
-    legend = "".join(f'<span class="key"><i style="background:{c}"></i>{e(n)}</span>' for n, c, _ in series)
-    return f'<div class="linechart">{"".join(out)}<div class="legend">{legend}</div></div>'
-
-
-def _svg_hist(kept: list[float], dropped: list[float], lo: float, hi: float, bins: int = 20,
-              width: int = 300, height: int = 130) -> str:
-    if hi <= lo:
-        hi = lo + 1
-
-    def counts(vals):
-        c = [0] * bins
-        for v in vals:
-            i = int((v - lo) / (hi - lo) * bins)
-            c[min(bins - 1, max(0, i))] += 1
-        return c
-
-    ck, cd = counts(kept), counts(dropped)
-    top = max([1, *(a + b for a, b in zip(ck, cd))])
-    ml, mb, mt = 6, 20, 6
-    pw, ph = width - 2 * ml, height - mb - mt
-    bw = pw / bins
-    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-           f'aria-label="score histogram" xmlns="http://www.w3.org/2000/svg">']
-    for i in range(bins):
-        x = ml + i * bw
-        hk = ph * ck[i] / top
-        hd = ph * cd[i] / top
-        rng = f"{lo + (hi - lo) * i / bins:.2f}–{lo + (hi - lo) * (i + 1) / bins:.2f}"
-        if ck[i]:
-            out.append(f'<rect x="{x + 0.5:.1f}" y="{mt + ph - hk:.1f}" width="{bw - 1:.1f}" height="{hk:.1f}" '
-                       f'fill="#16a34a"><title>{rng}: {ck[i]} kept</title></rect>')
-        if cd[i]:
-            out.append(f'<rect x="{x + 0.5:.1f}" y="{mt + ph - hk - hd:.1f}" width="{bw - 1:.1f}" '
-                       f'height="{hd:.1f}" fill="#dc2626" fill-opacity="0.75"><title>{rng}: {cd[i]} dropped</title></rect>')
-    out.append(f'<line x1="{ml}" x2="{width - ml}" y1="{mt + ph}" y2="{mt + ph}" class="axis"/>')
-    out.append(f'<text x="{ml}" y="{height - 5}" class="tick">{lo:.2f}</text>'
-               f'<text x="{width - ml}" y="{height - 5}" text-anchor="end" class="tick">{hi:.2f}</text>')
-    out.append("</svg>")
-    return "".join(out)
 
 
 # ---------------------------------------------------------------- sections
@@ -330,7 +210,7 @@ def _section_dups(run: Run, th: Thumbs, max_groups: int) -> str:
         cells = []
         if orig is not None:
             state = "kept" if orig.kept else (orig.reason.value if orig.reason else None)
-            cells.append(_tile(th, orig, f'{orig.cls} · {state}', orig_id[:16], badge="original",
+            cells.append(_tile(th, orig, f'{orig.cls} · {state}', orig_id[:16], badge="kept",
                                badge_color="#16a34a"))
         for d in dups:
             cells.append(_tile(th, d, f'{d.cls} · {d.detail or ""}', d.id[:16], badge=d.reason.label,
@@ -341,96 +221,129 @@ def _section_dups(run: Run, th: Thumbs, max_groups: int) -> str:
     return f'<div class="dups">{"".join(rows)}</div>' + tail
 
 
-def _section_clip(run: Run, s: dict) -> str:
+def _own_class_score(d: Decision, classes: list[str]) -> Optional[float]:
+    """The image's score for its own (query) class: its CLIP score, else the teacher's confidence."""
+    if d.clip_scores:
+        li = d.label if isinstance(d.label, int) and 0 <= d.label < len(d.clip_scores) else (
+            classes.index(d.cls) if d.cls in classes and classes.index(d.cls) < len(d.clip_scores) else None)
+        return None if li is None else float(d.clip_scores[li])
+    return float(d.teacher_conf) if isinstance(d.teacher_conf, (int, float)) else None
+
+
+def _section_scores(run: Run, s: dict) -> tuple[str, str]:
+    """(heading, body): per class, kept vs dropped histograms of CLIP class scores, or of the teacher's
+    confidence in the query class when the run was embedded without CLIP."""
+    clip = any(d.clip_scores for d in run.decisions)
     vals: dict[str, tuple[list[float], list[float]]] = {c: ([], []) for c in s["classes"]}
     off = defaultdict(int)
-    allv = []
     for d in run.decisions:
-        sc, c = d.clip_scores, d.cls
-        if not sc or c not in vals:
+        v = _own_class_score(d, s["classes"]) if (bool(d.clip_scores) == clip) else None
+        if v is None or d.cls not in vals:
             continue
-        li = d.label
-        if not isinstance(li, int) or not 0 <= li < len(sc):
-            li = s["classes"].index(c) if c in s["classes"] and s["classes"].index(c) < len(sc) else None
-        if li is None:
-            continue
-        v = float(sc[li])
-        allv.append(v)
-        vals[c][0 if d.kept else 1].append(v)
-        if d.clip_top and d.clip_top != c:
-            off[c] += 1
+        vals[d.cls][0 if d.kept else 1].append(v)
+        if d.clip_top and d.clip_top != d.cls:
+            off[d.cls] += 1
+    heading = "CLIP class scores" if clip else "Teacher confidence"
+    allv = [v for k, dr in vals.values() for v in (*k, *dr)]
     if not allv:
-        return '<p class="empty">no CLIP scores in the decisions (embedding backend without text tower?)</p>'
+        return heading, '<p class="empty">no CLIP scores and no teacher confidences in the decisions</p>'
     lo, hi = (0.0, 1.0) if min(allv) >= 0 and max(allv) <= 1 else (min(allv), max(allv))
-    cards = []
-    for i, c in enumerate(s["classes"]):
-        k, d = vals[c]
-        if not k and not d:
-            continue
-        cards.append(f'<div class="histcard"><div class="histtitle"><i class="dot" style="background:{_color(i)}"></i>'
-                     f'{e(c)}<small>{len(k)} kept · {len(d)} dropped · CLIP top elsewhere: {off[c]}</small></div>'
-                     f'{_svg_hist(k, d, lo, hi)}</div>')
-    legend = ('<div class="legend"><span class="key"><i style="background:#16a34a"></i>kept</span>'
-              '<span class="key"><i style="background:#dc2626"></i>dropped</span></div>')
-    return f'<p class="note">score of each image for its own class</p>{legend}<div class="hists">{"".join(cards)}</div>'
+    panels = [(f"{c}\n{len(k)} kept · {len(dr)} dropped" + (f" · top elsewhere {off[c]}" if clip else ""),
+               _color(i), k, dr) for i, (c, (k, dr)) in enumerate(vals.items()) if k or dr]
+    what = ("each image's CLIP score for its own class" if clip else
+            "the teacher's confidence that each image shows its query class (no CLIP scores: embedded with the "
+            "teacher)")
+    return heading, (f'<p class="note">{e(what)}; kept (green) and dropped (red)</p><div class="panel">'
+                     f'{charts.histograms(panels, xlabel="CLIP score" if clip else "teacher confidence", lo=lo, hi=hi)}'
+                     f'</div>')
+
+
+def _section_compare(s: dict) -> str:
+    """Every distill run of the run side by side: a table and a bar chart of the headline numbers."""
+    runs = s["distill"]
+    cols = ("run", "method", "student", "epochs", "student top-1", "teacher top-1", "agreement", "selected",
+            "params", "evaluated on")
+    rows = []
+    for d in runs:
+        cells = [d["name"], d["method"], d["student"], d["epochs"], _pct(d["top1"]), _pct(d["teacher_top1"]),
+                 _pct(d["agreement"]), _pct(d["selected_fraction"]), f'{d["params"]:,}' if d.get("params") else "–",
+                 d.get("eval") or "–"]
+        rows.append("<tr>" + "".join(f"<td>{e(_n(x) if not isinstance(x, str) else x)}</td>" for x in cells)
+                    + "</tr>")
+    table = (f'<div class="tablewrap"><table class="counts compare"><thead><tr>'
+             f'{"".join(f"<th>{e(c)}</th>" for c in cols)}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>')
+    chart = charts.runs_compared([d["name"] for d in runs], {
+        "student top-1": [d["top1"] for d in runs], "teacher top-1": [d["teacher_top1"] for d in runs],
+        "agreement": [d["agreement"] for d in runs], "selected (last epoch)": [d["selected_fraction"] for d in runs]})
+    return (f'<h3>every distill run of this run, side by side</h3>{table}<div class="panel">{chart}</div>')
+
+
+def _selection_chart(dr, ds: dict, classes: list[str]) -> str:
+    """Selected images per class and epoch, as counts by the label the method counts them by."""
+    sel_src = [(ep.get("epoch", j), ep.get("selected_per_class") or {}) for j, ep in enumerate(dr.epochs)]
+    if not any(v for _, v in sel_src) and dr.selection:
+        sel_src = [(row.epoch, row.selected_per_class) for row in dr.selection]
+    series = [(c, _color(i), [(float(ep), float(v[c])) for ep, v in sel_src if c in v]) for i, c in enumerate(classes)]
+    last = ", ".join(f'{c} {ds["selected_last"][c]}/{ds["selected_of"][c]}' for c in classes
+                     if ds["selected_last"].get(c) is not None)
+    note = (f'<p class="note">counted by {e(ds["selection_by"])}; last epoch, selected/of the pool images with that '
+            f'label: {e(last)}</p>' if last else "")
+    return (f'<div><h4>selected per epoch, by {e(ds["selection_by"])}</h4>'
+            f'{charts.lines(series, ylabel="selected images")}{note}</div>')
+
+
+def _never_selected(run: Run, dr, th: Thumbs, max_unselected: int) -> str:
+    pool = run.pool_keys
+    chosen = dr.selected_keys(pool)
+    never = [k for k in pool if k not in chosen]
+    tiles = []
+    for k in never[:max_unselected]:
+        d = run.by_key.get(k)
+        if d is not None:
+            conf = d.teacher_conf
+            tiles.append(_tile(th, d, d.cls or "", k + (f" · {conf:.2f}" if isinstance(conf, (int, float)) else "")))
+    return (f'<h4>never selected <span class="count">{len(never)}</span> <small>of {len(pool)} kept images, over '
+            f'{len(dr.selection)} epochs</small></h4>'
+            + _grid(tiles, len(never) - max_unselected, "every kept image was selected at least once"))
+
+
+def _distill_run(run: Run, dr, ds: dict, classes: list[str], th: Thumbs, max_unselected: int) -> str:
+    tiles = [("student top-1", _pct(ds["top1"])), ("teacher top-1", _pct(ds["teacher_top1"])),
+             ("agreement", _pct(ds["agreement"])), ("selected (last epoch)", _pct(ds["selected_fraction"])),
+             ("epochs", str(ds["epochs"])), ("params", f'{ds["params"]:,}' if ds.get("params") else "–")]
+    cards = "".join(f'<div class="card small"><div class="big">{e(v)}</div><div class="cap">{e(k)}</div></div>'
+                    for k, v in tiles)
+    eval_note = f' · evaluated on {e(str(ds["eval"]))}' if ds.get("eval") else ""
+    status = "" if ds["finished"] else ' <span class="pill" style="background:#ca8a04">running / unfinished</span>'
+    acc = [("student top-1 (eval)", "#2563eb", [(float(ep.get("epoch", j)), float(ep["eval_top1"]))
+                                                for j, ep in enumerate(dr.epochs)
+                                                if isinstance(ep.get("eval_top1"), (int, float))]),
+           ("agreement with teacher (val)", "#16a34a", [(float(ep.get("epoch", j)), float(ep["val_agreement"]))
+                                                        for j, ep in enumerate(dr.epochs)
+                                                        if isinstance(ep.get("val_agreement"), (int, float))])]
+    parts = [f'<section class="drun" id="distill-{e(dr.name)}"><h3>{e(dr.name)}{status}</h3>'
+             f'<p class="note">{e(str(ds["method"]))} · student {e(str(ds["student"]))} · '
+             f'teacher {e(str(ds["teacher"] or "–"))}{eval_note}</p><div class="cards">{cards}</div>',
+             '<div class="charts">', _selection_chart(dr, ds, classes),
+             f'<div><h4>accuracy per epoch</h4>{charts.lines(acc, ylabel="accuracy", percent=True)}</div>']
+    conf = ds.get("confusion")
+    if conf and len(conf) == len(classes):
+        title = f"{dr.name}: the student on {ds.get('eval') or 'the eval set'}"
+        parts.append(f'<div><h4>confusion matrix</h4>{charts.confusion(conf, classes, title)}</div>')
+    parts.append("</div>")
+    if dr.selects:
+        parts.append(_never_selected(run, dr, th, max_unselected))
+    else:
+        parts.append(f'<p class="note">{e(str(ds["method"]))} selects nothing: every image is used every epoch.</p>')
+    parts.append("</section>")
+    return "".join(parts)
 
 
 def _section_distill(run: Run, s: dict, th: Thumbs, max_unselected: int) -> str:
     if not run.distill_runs:
         return '<p class="empty">no distill runs yet (distill/*/metrics.json)</p>'
-    pool = run.pool_keys
-    out = []
-    for dr, ds in zip(run.distill_runs, s["distill"]):
-        tiles = [("student top-1", _pct(ds["top1"])), ("teacher top-1", _pct(ds["teacher_top1"])),
-                 ("agreement", _pct(ds["agreement"])), ("selected (last epoch)", _pct(ds["selected_fraction"])),
-                 ("epochs", str(ds["epochs"])), ("params", f'{ds["params"]:,}' if ds.get("params") else "–")]
-        cards = "".join(f'<div class="card small"><div class="big">{e(v)}</div><div class="cap">{e(k)}</div></div>'
-                        for k, v in tiles)
-        eval_note = f' · evaluated on {e(str(ds["eval"]))}' if ds.get("eval") else ""
-        status = "" if ds["finished"] else ' <span class="pill" style="background:#ca8a04">running / unfinished</span>'
-        parts = [f'<section class="drun" id="distill-{e(dr.name)}"><h3>{e(dr.name)}{status}</h3>'
-                 f'<p class="note">{e(str(ds["method"]))} · student {e(str(ds["student"]))} · '
-                 f'teacher {e(str(ds["teacher"]))}{eval_note}</p><div class="cards">{cards}</div>']
-        sel_src = [(ep.get("epoch", j), ep.get("selected_per_class") or {}) for j, ep in enumerate(dr.epochs)]
-        if not any(v for _, v in sel_src) and dr.selection:
-            sel_src = [(row.epoch, row.selected_per_class) for row in dr.selection]
-        series = []
-        for i, c in enumerate(s["classes"]):
-            pts = [(float(ep), float(v[c])) for ep, v in sel_src if c in v]
-            if pts:
-                series.append((f'{c} (of {s["per_class"][c]["kept"]})' if s["per_class"][c]["kept"] is not None else c,
-                               _color(i), pts))
-        acc = [("student top-1 (eval)", "#2563eb",
-                [(float(ep.get("epoch", j)), float(ep["eval_top1"])) for j, ep in enumerate(dr.epochs)
-                 if isinstance(ep.get("eval_top1"), (int, float))]),
-               ("agreement with teacher (val)", "#16a34a",
-                [(float(ep.get("epoch", j)), float(ep["val_agreement"])) for j, ep in enumerate(dr.epochs)
-                 if isinstance(ep.get("val_agreement"), (int, float))])]
-        acc = [a for a in acc if a[2]]
-        top = max((s["per_class"][c]["kept"] or 0) for c in s["classes"]) if s["classes"] else 0
-        parts.append('<div class="charts">')
-        parts.append(f'<div><h4>selected per class, per epoch</h4>'
-                     f'{_svg_lines(series, y_label="selected images", y_max=_nice_max(top) if top else None)}</div>')
-        parts.append(f'<div><h4>accuracy per epoch</h4>{_svg_lines(acc, y_label="accuracy", percent=True, y_max=1.0)}</div>')
-        parts.append("</div>")
-        if dr.selects:
-            chosen = dr.selected_keys(pool)
-            never = [k for k in pool if k not in chosen]
-            parts.append(f'<h4>never selected <span class="count">{len(never)}</span> '
-                         f'<small>of {len(pool)} kept images, over {len(dr.selection)} epochs</small></h4>')
-            tiles_ = []
-            for k in never[:max_unselected]:
-                d = run.by_key.get(k)
-                if d is None:
-                    continue
-                conf = d.teacher_conf
-                tiles_.append(_tile(th, d, d.cls or "", k + (f" · {conf:.2f}" if isinstance(conf, (int, float)) else "")))
-            parts.append(_grid(tiles_, len(never) - max_unselected, "every kept image was selected at least once"))
-        else:
-            parts.append(f'<p class="note">{e(str(ds["method"]))} selects nothing: '
-                         'every image is used every epoch.</p>')
-        parts.append("</section>")
-        out.append("".join(parts))
+    out = [_section_compare(s)] if len(run.distill_runs) > 1 else []
+    out += [_distill_run(run, dr, ds, s["classes"], th, max_unselected) for dr, ds in zip(run.distill_runs, s["distill"])]
     return "".join(out)
 
 
@@ -501,7 +414,9 @@ details.dropped summary{cursor:pointer;font-weight:600;font-size:13.5px;color:#3
 .histcard{background:var(--card);border:1px solid var(--line);border-radius:12px;padding:10px 12px}
 .histtitle{font-weight:600;margin-bottom:4px}
 .histtitle small{display:block;font-weight:400}
-.charts{display:flex;flex-wrap:wrap;gap:24px}
+.charts{display:flex;flex-wrap:wrap;gap:12px 28px;align-items:flex-start}
+.charts>div{flex:0 1 auto;max-width:560px}
+table.compare td:nth-child(-n+3),table.compare th:nth-child(-n+3){text-align:left}
 .legend{display:flex;flex-wrap:wrap;gap:12px;margin:4px 0 0 4px;font-size:12.5px}
 .key i{display:inline-block;width:12px;height:4px;border-radius:2px;margin-right:5px;vertical-align:middle}
 svg.chart{max-width:100%;height:auto;overflow:visible}
@@ -536,7 +451,7 @@ def render_html(run: Run, out_dir: Path, *, max_kept: int = 48, max_dropped: int
                    + "".join(f"<li>{e(x)}</li>" for x in s["missing"]) + "</ul></div>")
     nav = [("overview", "Overview"), ("funnel", "Funnel"), ("counts", "Per class"), ("classes", "Contact sheets")]
     body = [f'<section id="overview">{_section_overview(s)}</section>',
-            f'<h2 id="funnel">Stage funnel</h2><div class="panel">{_svg_funnel(s["funnel"])}</div>',
+            f'<h2 id="funnel">Stage funnel</h2><div class="panel">{charts.funnel(s["funnel"])}</div>',
             f'<h2 id="counts">Per-class counts</h2>{_section_counts(s)}']
     has_dec = bool(run.decisions)
     body.append('<h2 id="classes">Contact sheets</h2>'
@@ -544,10 +459,12 @@ def render_html(run: Run, out_dir: Path, *, max_kept: int = 48, max_dropped: int
                    '(click a thumbnail for the original file, hover for URL and detail)</p>' if has_dec else "")
                 + _section_classes(run, s, th, max_kept, max_dropped))
     if has_dec:
-        nav += [("dups", "Duplicates"), ("clip", "CLIP scores")]
-        body.append(f'<h2 id="dups">Near-duplicate groups</h2><p class="note">the kept original (green) '
-                    f'beside what was dropped as its duplicate</p>{_section_dups(run, th, max_groups)}')
-        body.append(f'<h2 id="clip">CLIP class scores</h2>{_section_clip(run, s)}')
+        heading, scores = _section_scores(run, s)
+        nav += [("dups", "Duplicates"), ("clip", "CLIP scores" if heading.startswith("CLIP") else "Confidence")]
+        body.append(f'<h2 id="dups">Duplicate groups</h2><p class="note">the kept image (green) beside each '
+                    f'image dropped as its copy (pHash + pixels, or embedding cosine)</p>'
+                    f'{_section_dups(run, th, max_groups)}')
+        body.append(f'<h2 id="clip">{e(heading)}</h2>{scores}')
     nav.append(("distill", "Distillation"))
     body.append(f'<h2 id="distill">Distillation</h2>{_section_distill(run, s, th, max_unselected)}')
     navhtml = "".join(f'<a href="#{a}">{e(b)}</a>' for a, b in nav)

@@ -12,7 +12,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -130,6 +130,9 @@ class CurateConfig(_Section):
     max_aspect: float = Field(4.0, ge=1.0, description="drop images with long/short side ratio above this")
     max_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb cap (width*height)")
     phash_threshold: int = Field(4, ge=0, le=64, description="pHash Hamming distance for perceptual duplicates")
+    phash_max_pixel_diff: float = Field(
+        4.0, ge=0, le=255, description="a pHash match is a duplicate only when the 16x16 greyscale thumbnails "
+                                      "differ by at most this (mean absolute difference, 0-255)")
     embed_backend: Literal["clip", "teacher"] = Field("clip", description="embeddings from open_clip or the teacher")
     clip_model: str = Field("ViT-B-32", description="open_clip model name")
     clip_pretrained: Optional[str] = Field("laion2b_s34b_b79k", description="open_clip pretrained tag")
@@ -137,7 +140,12 @@ class CurateConfig(_Section):
     batch_size: int = Field(256, gt=0, description="embedding batch size")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     workers: int = Field(4, ge=0, description="decode/hash worker threads")
-    near_dup_threshold: float = Field(0.95, gt=0, le=1.0, description="cosine similarity for near-duplicates")
+    near_dup: bool = Field(True, description="remove near-duplicates by embedding cosine (after pHash)")
+    near_dup_threshold: Union[Literal["auto"], float] = Field(
+        "auto", description="cosine similarity for near-duplicates; auto: calibrated on the pool (planted "
+                            "re-encodes must be caught, unrelated neighbours stay below)")
+    max_dup_share: float = Field(0.3, gt=0, le=1.0, description="stop with an error when a dedup step would drop "
+                                                                "more than this share of its input")
     prompt_templates: list[str] = Field(default_factory=lambda: ["a photo of a {c}."], description="CLIP prompts")
     negative_prompts: list[str] = Field(default_factory=list, description="extra zero-shot labels, e.g. 'text'")
     relevance_filter: bool = Field(False, description="drop images CLIP assigns to another class")
@@ -149,6 +157,20 @@ class CurateConfig(_Section):
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality for re-encoded images")
     shard_max_samples: int = Field(10_000, gt=0, description="samples per shard")
     shard_max_bytes: int = Field(1_000_000_000, gt=0, description="bytes per shard")
+
+
+    @field_validator("near_dup_threshold", mode="before")
+    @classmethod
+    def _near_dup_threshold(cls, v):
+        if v == "auto":
+            return v
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            x = None
+        if isinstance(v, bool) or x is None or not 0 < x <= 1:
+            raise ValueError(f"{v!r}: expected auto or a cosine in (0, 1]")
+        return x
 
 
 class Kd3Config(_Section):

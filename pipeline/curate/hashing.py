@@ -1,4 +1,5 @@
-"""Perceptual (pHash) duplicate detection, used by the ``phash_dedup`` step and decontamination.
+"""Perceptual (pHash) duplicate detection, used by the ``phash_dedup`` step and decontamination, and
+the pixel-level check that confirms a pHash match before anything is dropped.
 
 Perceptual groups are found with *multi-index hashing*: the 64-bit pHash is split into
 ``t + 1`` disjoint chunks; by the pigeonhole principle two hashes within Hamming distance ``t``
@@ -7,17 +8,50 @@ exact (no missed pairs) and sub-quadratic for spread-out hashes, unlike all-pair
 """
 from __future__ import annotations
 
+import base64
 from collections import defaultdict
-from typing import Sequence
+from typing import Optional, Sequence
 
 import imagehash
 import numpy as np
 from PIL import Image
 
 
+THUMB_SIDE = 16
+
+
 def phash_hex(img: Image.Image) -> str:
     """64-bit DCT perceptual hash as 16 hex chars."""
     return str(imagehash.phash(img, hash_size=8))
+
+
+def facts_of(img: Image.Image) -> dict[str, str]:
+    """The perceptual facts of a decoded image: its pHash and its 16×16 greyscale thumbnail (base64 of
+    256 bytes), which confirms a pHash match. One greyscale conversion serves both."""
+    grey = img.convert("L")
+    thumb = np.asarray(grey.resize((THUMB_SIDE, THUMB_SIDE), Image.BILINEAR), np.uint8)
+    return {"phash": phash_hex(grey), "thumb": base64.b64encode(thumb.tobytes()).decode("ascii")}
+
+
+def thumbs_array(encoded: Sequence[Optional[str]]) -> np.ndarray:
+    """[N, 256] float32 of base64 thumbnails; a missing one is a row of NaN (it never confirms)."""
+    out = np.full((len(encoded), THUMB_SIDE * THUMB_SIDE), np.nan, np.float32)
+    for i, t in enumerate(encoded):
+        if t:
+            out[i] = np.frombuffer(base64.b64decode(t), np.uint8)
+    return out
+
+
+def pixel_diff(thumbs: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mean absolute difference (0-255) of the thumbnails of pairs (a[k], b[k]); NaN when one is missing.
+
+    Re-encoded, resized and recompressed copies differ by < 2 on 16×16 thumbnails (handwritten
+    digits at 32 px, the hardest case measured, and photos at JPEG quality 20 or a quarter of
+    their size); distinct low-detail images whose pHashes collide differ by > 6.
+    """
+    if len(a) == 0:
+        return np.zeros(0, np.float32)
+    return np.abs(thumbs[np.asarray(a)] - thumbs[np.asarray(b)]).mean(1)
 
 
 def hamming(a: int, b: int) -> int:

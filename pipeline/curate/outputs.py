@@ -105,25 +105,81 @@ def write_all(cfg, rd: RunDir, rows: list[Decision], src: Sources, ctx: Context,
     return manifest
 
 
-def print_summary(m: dict) -> None:
-    """Per-step counts as a rich table (stderr) and one log line per step."""
+STEP_FLAG_SHARE = 0.2     # a step dropping more than this share of its input is flagged
+CLASS_FLAG_SHARE = 0.2    # a class losing more than this, and more than twice the pool's share, is flagged
+
+
+def drop_shares(m: dict, rows: list[Decision]) -> dict:
+    """What share each step dropped of its input and each class of its images, with flags on the unusual:
+    a step above ``STEP_FLAG_SHARE``; a class above ``CLASS_FLAG_SHARE`` and twice the pool's own share
+    (the class a threshold hits hardest is the one to look at), or with nothing kept."""
+    steps = []
     for step in STEP_ORDER:
         s = m["stats"].get(step)
         if s:
-            log.info("curate %-14s in %6d  out %6d  %s", step, s["in"], s["out"],
-                     ", ".join(f"{k}={v}" for k, v in s["dropped"].items() if v) or "-")
+            n = sum(s["dropped"].values())
+            share = n / s["in"] if s["in"] else 0.0
+            steps.append({"step": step, "in": s["in"], "out": s["out"], "dropped": s["dropped"], "share": share,
+                          "flag": share > STEP_FLAG_SHARE})
+    per: dict[str, Counter] = {c: Counter() for c in m["classes"]}
+    for r in rows:
+        per.setdefault(r.cls, Counter())["rows"] += 1
+        if not r.kept:
+            per[r.cls][r.reason.value] += 1
+    total = sum(c["rows"] for c in per.values())
+    pool_share = sum(sum(v for k, v in c.items() if k != "rows") for c in per.values()) / total if total else 0.0
+    classes = []
+    for c, cnt in per.items():
+        n = cnt.pop("rows", 0)
+        lost = sum(cnt.values())
+        share = lost / n if n else 0.0
+        classes.append({"class": c, "in": n, "kept": n - lost, "dropped": dict(cnt.most_common()), "share": share,
+                        "flag": n == lost or (share > CLASS_FLAG_SHARE and share > 2 * pool_share)})
+    return {"steps": steps, "classes": classes, "pool_share": pool_share}
+
+
+def _why(dropped: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in dropped.items() if v)
+
+
+def print_summary(m: dict, rows: list[Decision]) -> None:
+    """Per-step and per-class drop shares as rich tables (stderr), one log line per step, and a warning
+    for each flagged step or class."""
+    sh = drop_shares(m, rows)
+    for s in sh["steps"]:
+        log.info("curate %-14s in %6d  out %6d  %s", s["step"], s["in"], s["out"], _why(s["dropped"]) or "-")
+        if s["flag"]:
+            log.warning("curate: %s dropped %.0f%% of its input (%s): check its threshold", s["step"],
+                        100 * s["share"], _why(s["dropped"]))
+    for c in sh["classes"]:
+        if c["flag"]:
+            log.warning("curate: class %r lost %d of %d images (%.0f%%; the pool lost %.0f%%): %s", c["class"],
+                        c["in"] - c["kept"], c["in"], 100 * c["share"], 100 * sh["pool_share"], _why(c["dropped"]))
     try:
-        t = Table(title=f"kd3 curate: {m['name']} — {m['nsamples']} samples in {len(m['shardlist'])} shards")
-        for col in ("step", "in", "out", "dropped (why)"):
-            t.add_column(col, justify="right" if col in ("in", "out") else "left")
-        for step in STEP_ORDER:
-            s = m["stats"].get(step)
-            if s:
-                t.add_row(step, str(s["in"]), str(s["out"]),
-                          ", ".join(f"{k} {v}" for k, v in s["dropped"].items() if v) or "")
-        e = m["stats"].get("embed", {})
-        t.add_row("embed", str(e.get("in", "")), str(e.get("out", "")),
-                  f"computed {e.get('computed', 0)}, cached {e.get('cached', 0)}")
-        Console(stderr=True).print(t)
-    except Exception:  # pragma: no cover - the table is a nicety
+        _print_tables(m, sh)
+    except Exception:  # pragma: no cover - the tables are a nicety
         pass
+
+
+def _share(x: dict) -> str:
+    txt = f"{100 * x['share']:.0f}%"
+    return f"[bold red]{txt} ![/bold red]" if x["flag"] else txt
+
+
+def _print_tables(m: dict, sh: dict) -> None:
+    con = Console(stderr=True)
+    t = Table(title=f"kd3 curate: {m['name']} — {m['nsamples']} samples in {len(m['shardlist'])} shards")
+    for col in ("step", "in", "out", "dropped", "why"):
+        t.add_column(col, justify="left" if col in ("step", "why") else "right")
+    for s in sh["steps"]:
+        t.add_row(s["step"], str(s["in"]), str(s["out"]), _share(s), _why(s["dropped"]))
+    e = m["stats"].get("embed", {})
+    t.add_row("embed", str(e.get("in", "")), str(e.get("out", "")), "",
+              f"computed {e.get('computed', 0)}, cached {e.get('cached', 0)}")
+    con.print(t)
+    c = Table(title=f"per class — the pool lost {100 * sh['pool_share']:.0f}% (! = unusual for this pool)")
+    for col in ("class", "images", "kept", "dropped", "why"):
+        c.add_column(col, justify="left" if col in ("class", "why") else "right")
+    for x in sh["classes"]:
+        c.add_row(x["class"], str(x["in"]), str(x["kept"]), _share(x), _why(x["dropped"]))
+    con.print(c)

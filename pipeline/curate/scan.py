@@ -1,4 +1,4 @@
-"""The expensive pass of curate, run once per image sha256: read, decode (facts), pHash, embed.
+"""The expensive pass of curate, run once per image sha256: read, decode (facts), pHash + thumbnail, embed.
 
 Decoding and hashing run in a thread pool ahead of the model (bounded prefetch window), so they
 overlap inference. Results are cached under ``curate/cache/``: ``facts.jsonl`` (this module) and the
@@ -12,7 +12,7 @@ from typing import Optional
 
 from pipeline.core.io import JsonlAppender, read_jsonl
 
-from .hashing import phash_hex
+from .hashing import facts_of
 from .shards import bounded_map
 from .validate import inspect_image
 
@@ -44,7 +44,7 @@ def _needs_work(sha: str, facts: FactsCache, emb_cache, max_pixels: int) -> bool
     if f.get("bomb"):
         return 0 < f.get("pixels", 0) <= max_pixels  # cap raised above it: decode now
     if f.get("ok"):
-        return sha not in emb_cache
+        return sha not in emb_cache or not f.get("thumb")  # a cache from before thumbnails: decode again
     return False
 
 
@@ -59,7 +59,7 @@ def _worker(embedder, max_pixels: int):
         row = {"sha": sha, **f.to_row(), "phash": None}
         if rgb is None:
             return sha, row, None
-        row["phash"] = phash_hex(rgb)
+        row.update(facts_of(rgb))
         return sha, row, embedder.preprocess(rgb)
 
     return work
@@ -75,6 +75,8 @@ class _Batcher:
         self.model_s = 0.0
 
     def add(self, sha: str, x) -> None:
+        if sha in self.emb_cache:  # decoded again only for a missing fact
+            return
         self.ids.append(sha)
         self.xs.append(x)
         if len(self.xs) >= self.bs:

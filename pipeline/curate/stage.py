@@ -20,6 +20,7 @@ from pipeline.core.errors import DataError
 from pipeline.core.runs import RunDir
 
 from . import sources
+from .calibrate import plant_copies
 from .decontam import eval_files
 from .embed import EmbeddingCache, make_embedder
 from .outputs import print_summary, write_all
@@ -46,6 +47,7 @@ def curate(cfg: RunConfig) -> dict[str, Any]:
     src = sources.load(cfg, rd, classes)
     embedder = make_embedder(c, classes, cfg.teacher)
     check_filter_allowed(embedder, c.relevance_filter)  # refuse before any work
+    near_dedup.check(embedder, c)
     rd.curate.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg)
     ev = list(dict(eval_files(c.decontaminate)).items()) if c.decontaminate is not None else []
@@ -57,6 +59,9 @@ def curate(cfg: RunConfig) -> dict[str, Any]:
     embed_stats: dict[str, Any] = {}
     web = {s for s, _ in uniq}
     scan(uniq + [x for x in ev if x[0] not in web], c, embedder, ctx.facts, ctx.emb, embed_stats)
+    if near_dedup.wants_planted_copies(c):
+        embed_stats["planted_copies"] = plant_copies([x for x in uniq if ctx.facts.rows.get(x[0], {}).get("ok")],
+                                                     embedder, ctx.emb, c)
 
     rows = build_rows(src.cands, ctx.facts)
     stats: dict[str, Any] = {"records": {"in": src.records, "out": src.ok,
@@ -69,5 +74,5 @@ def curate(cfg: RunConfig) -> dict[str, Any]:
             stats[step.NAME] = {"in": out + sum(counts.dropped.values()), "out": out,
                                 "dropped": dict(counts.dropped), **counts.info}
     manifest = write_all(cfg, rd, rows, src, ctx, embedder, stats, embed_stats, t_start)
-    print_summary(manifest)
+    print_summary(manifest, rows)
     return manifest

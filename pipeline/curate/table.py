@@ -4,18 +4,21 @@ the driver counts what each step did (:class:`Counts`) and writes the table as `
 """
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.core.errors import DataError
 from pipeline.core.records import Decision, DropReason
 
-from .neardup import pick_representatives
 from .relevance import label_embeddings, label_names, zero_shot
 from .sources import Candidate
+
+
+MASS_DROP_MIN = 10  # fewer drops than this never stop a run (a tiny pool may be half copies)
 
 
 @dataclass
@@ -77,17 +80,48 @@ def score(rows: list[Decision], ctx: Context, embedder) -> None:
     ctx.trusted = embedder.trained and bool(ctx.scores)
 
 
-def representative_drops(rows: list[Decision], ids: list[int], labels, reason, what: str) -> Counter:
-    """Within each group of ``labels`` keep the highest-resolution row; drop the rest as ``reason``
-    duplicates of it (``cross_class_dup`` when it belongs to another class)."""
-    prio = np.array([rows[i].w * rows[i].h for i in ids], dtype=np.float64)
-    rep = pick_representatives(np.asarray(labels), prio)
+def duplicate_drops(rows: list[Decision], ids: list[int], a: np.ndarray, b: np.ndarray, reason: DropReason,
+                    describe: Callable[[int], str]) -> Counter:
+    """Drop duplicates given as pairs (``ids[a[k]]``, ``ids[b[k]]``); ``describe(k)`` says why pair k matched.
+
+    Groups are stars, not connected components: a dropped row is always a direct duplicate of the kept row
+    its ``dup_of`` names, so a chain A~B~C of which A and C are unlike keeps both A and C. Representatives,
+    in turn: the member with the most duplicates (the one the others are copies of: an original sits
+    between its re-encodes), then the earliest crawled. Size is no criterion: an upscaled re-encode has
+    more pixels than its original but no more detail, and must not win over it.
+    """
+    n = len(ids)
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    deg = np.bincount(a, minlength=n) + np.bincount(b, minlength=n)
+    nbrs: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for k, (x, y) in enumerate(zip(a.tolist(), b.tolist())):
+        nbrs[x].append((y, k))
+        nbrs[y].append((x, k))
+    taken = np.zeros(n, bool)
     dropped: Counter = Counter()
-    for k, i in enumerate(ids):
-        j = ids[int(rep[k])]
-        if j == i:
+    for rep in sorted(np.flatnonzero(deg).tolist(), key=lambda x: (-int(deg[x]), x)):
+        if taken[rep]:
             continue
-        why = DropReason.CROSS_CLASS_DUP if rows[j].cls != rows[i].cls else reason
-        rows[i].drop(why, f"{what} of {rows[j].id[:16]} ({rows[j].cls}, {rows[j].w}x{rows[j].h})", rows[j].id)
-        dropped[why.value] += 1
+        taken[rep] = True
+        j = ids[rep]
+        for m, k in sorted(nbrs[rep]):
+            if taken[m]:
+                continue
+            taken[m] = True
+            i = ids[m]
+            why = DropReason.CROSS_CLASS_DUP if rows[j].cls != rows[i].cls else reason
+            rows[i].drop(why, f"{describe(k)} of {rows[j].id[:16]} ({rows[j].cls}, {rows[j].w}x{rows[j].h})",
+                         rows[j].id)
+            dropped[why.value] += 1
     return dropped
+
+
+def refuse_mass_drop(step: str, dropped: Counter, n_in: int, max_share: float, fix: str) -> None:
+    """Stop curate (before anything is written) when a dedup step would drop more than ``max_share`` of
+    its input: a threshold that merges unlike images looks exactly like this, and silently losing a
+    third of the data is worse than a clear stop. ``fix`` names the setting to change."""
+    n = sum(dropped.values())
+    if n_in and n >= MASS_DROP_MIN and n / n_in > max_share:
+        raise DataError(f"curate: {step} would drop {n} of {n_in} images ({n / n_in:.0%}, more than "
+                        f"curate.max_dup_share {max_share:.0%}); {fix}, or set --curate.max_dup_share 1 if "
+                        f"the pool really is mostly duplicates. Nothing was written")

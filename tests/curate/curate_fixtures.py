@@ -145,3 +145,27 @@ def make_cfg(run: Path, classes=("cat", "coffee", "space"), **curate):
     return load_config(None, ov)
 
 
+def stand_in_teacher(monkeypatch, classes):
+    """distill.teacher.load_teacher stand-in: a fixed colour-layout feature extractor."""
+    import torch
+
+    class T(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.classifier = torch.nn.Linear(48, len(classes))
+            torch.manual_seed(0)
+
+        def forward_features(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(x, 4)  # B,3,4,4
+
+        def pool(self, f):
+            f = f.flatten(1)
+            return f - f.mean(1, keepdim=True)
+
+        def forward(self, x):
+            return self.classifier(self.pool(self.forward_features(x)))
+
+    def load_teacher(path, device):
+        return T().to(device), {"input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "classes": list(classes)}
+
+    monkeypatch.setattr("distill.embedder.load_teacher", load_teacher)

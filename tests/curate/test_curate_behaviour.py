@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from curate_fixtures import CrawlWriter, jpeg, make_cfg, png
+from curate_fixtures import CrawlWriter, jpeg, make_cfg, png, stand_in_teacher
 from pipeline.core.errors import ConfigError, DataError
 from pipeline.core.io import read_jsonl
 
@@ -55,7 +55,7 @@ def test_killed_subprocess_then_rerun(world, tmp_path):
 import sys, os
 sys.argv = ['kd3', 'curate', '--run', {str(run)!r}, '--classes', 'cat,coffee,space',
             '--curate.clip_model', 'kd3-tiny-clip', '--set', 'curate.clip_pretrained=null',
-            '--curate.batch_size', '4', '--curate.workers', '1', '--curate.device', 'cpu']
+            '--curate.batch_size', '4', '--curate.workers', '1', '--curate.device', 'cpu', '--no-curate.near_dup']
 import pipeline.curate.embed as e
 real = e.EmbeddingCache.add_part
 n = [0]
@@ -162,35 +162,11 @@ def test_relevance_filter_with_weights_file_applies_the_rule(world, tmp_path):
     assert m["stats"]["relevance"]["dropped"].get("off_class", 0) == checked
 
 
-def _stand_in_teacher(monkeypatch, classes):
-    """distill.teacher.load_teacher stand-in: a fixed colour-layout feature extractor."""
-    class T(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.classifier = torch.nn.Linear(48, len(classes))
-            torch.manual_seed(0)
-
-        def forward_features(self, x):
-            return torch.nn.functional.adaptive_avg_pool2d(x, 4)  # B,3,4,4
-
-        def pool(self, f):
-            f = f.flatten(1)
-            return f - f.mean(1, keepdim=True)
-
-        def forward(self, x):
-            return self.classifier(self.pool(self.forward_features(x)))
-
-    def load_teacher(path, device):
-        return T().to(device), {"input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "classes": list(classes)}
-
-    monkeypatch.setattr("distill.embedder.load_teacher", load_teacher)
-
-
 def test_teacher_backend_and_embedding_near_duplicates(tmp_path, images, monkeypatch):
     from pipeline.curate import curate
 
     classes = ["cat", "coffee"]
-    _stand_in_teacher(monkeypatch, classes)
+    stand_in_teacher(monkeypatch, classes)
     run = tmp_path / "runs" / "t"
     cw = CrawlWriter(run)
     base = images["chelsea"]

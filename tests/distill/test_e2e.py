@@ -2,6 +2,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,6 +46,9 @@ def test_method_end_to_end(digits_world, run, method):
     assert 0.0 <= f["top1"] <= 1.0 and 0.0 <= f["agreement"] <= 1.0
     assert f["teacher_top1"] > 0.8  # the digits teacher is good on its own test set
     assert f["params"] > 0 and f["throughput_img_s"] > 0
+    conf = np.array(f["confusion"])  # the student on eval_dir, [true][predicted], for the report
+    k = len(read_json(run / "manifest.json")["classes"])
+    assert conf.shape == (k, k) and conf.sum() > 0 and np.trace(conf) / conf.sum() == pytest.approx(f["top1"])
     rows = read_jsonl(out / "selection.jsonl")
     assert [r["epoch"] for r in rows] == list(range(epochs))
     for e in m["epochs"]:

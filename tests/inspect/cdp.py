@@ -77,8 +77,10 @@ class Chromium:
             raise CDPError("no page target in chromium")
         return pages[0]["webSocketDebuggerUrl"]
 
-    def load(self, url: str, *, screenshot: Optional[str | Path] = None, full_page: bool = True) -> dict:
-        """Navigate to ``url``; return console errors, exceptions, failed requests and image checks."""
+    def load(self, url: str, *, screenshot: Optional[str | Path] = None, full_page: bool = True,
+             element: Optional[str] = None, height: int = 16000) -> dict:
+        """Navigate to ``url``; return console errors, exceptions, failed requests and image checks.
+        With ``element`` (a CSS selector) the screenshot starts at that element's top."""
         from websockets.sync.client import connect
 
         ws = connect(self._page_ws(), max_size=256 * 1024 * 1024, open_timeout=self.timeout)
@@ -139,13 +141,27 @@ class Chromium:
                 external: Array.from(document.querySelectorAll('[src],[href]')).map(
                     x => x.getAttribute('src') || x.getAttribute('href')).filter(u => /^(https?:)?\\/\\//.test(u)),
                 height: document.documentElement.scrollHeight,
+                // drawing that spills out of its chart (e.g. a line above a capped y axis, over the cards)
+                spill: Array.from(document.querySelectorAll('svg')).flatMap((svg, i) => {
+                    const b = svg.getBoundingClientRect();
+                    return Array.from(svg.querySelectorAll('path,polyline,line,circle,rect,text,use')).filter(el => {
+                        const r = el.getBoundingClientRect();
+                        return r.width + r.height > 0 && (r.left < b.left - 2 || r.right > b.right + 2 ||
+                                                          r.top < b.top - 2 || r.bottom > b.bottom + 2);
+                    }).map(el => `svg ${i} (${svg.getAttribute('aria-label')}): <${el.tagName}>`);
+                }),
             }))()"""})["result"]["value"]
             if screenshot is not None:
                 params = {"format": "png"}
                 if full_page:
-                    h = min(int(info["height"]), 16000)
+                    top = 0
+                    if element is not None:
+                        top = int(send("Runtime.evaluate", {"returnByValue": True, "expression":
+                                       f"document.querySelector({json.dumps(element)}).getBoundingClientRect().top"
+                                       " + window.scrollY"})["result"]["value"])
+                    h = min(int(info["height"]) - top, height)
                     params.update(captureBeyondViewport=True,
-                                  clip={"x": 0, "y": 0, "width": self.width, "height": h, "scale": 1})
+                                  clip={"x": 0, "y": top, "width": self.width, "height": h, "scale": 1})
                 data = send("Page.captureScreenshot", params)["data"]
                 Path(screenshot).write_bytes(base64.b64decode(data))
             # drain what arrived meanwhile

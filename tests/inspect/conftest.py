@@ -270,26 +270,32 @@ def make_run(root: Path, name: str = "fixture", *, stages=("crawl", "curate", "d
 
     # --- distill: a kd3 run with a selection log, a kd run without ---
     keys = {c: [d["key"] for d in kept if d["class"] == c] for c in CLASSES}
+    # as kd3 logs it: a selected image counts under the class the teacher/student mix predicts (here the
+    # first half of the pool is predicted "cat"), out of the pool images predicted as that class
+    pool_all = [d["key"] for d in kept]
+    pred = {k: ("cat" if i < len(pool_all) // 2 else d["class"]) for i, (k, d) in enumerate(zip(pool_all, kept))}
+    pred_counts = [sum(pred[k] == c for k in pool_all) for c in CLASSES]
     epochs, sel_rows = [], []
     for e in range(4):
         frac = [0.25, 0.5, 0.75, 0.875][e]
         chosen = {c: keys[c][: max(1, int(len(keys[c]) * frac)) - (1 if c == "flower" and e else 0)]
                   for c in CLASSES}
-        per_class = {c: len(v) for c, v in chosen.items()}
+        per_class = {c: sum(pred[k] == c for v in chosen.values() for k in v) for c in CLASSES}
         sel_rows.append({"epoch": e, "alpha": round(e / 3, 3),
                          "thresholds": {c: round(0.95 - 0.1 * e, 3) for c in CLASSES},
-                         "selected_per_class": per_class,
+                         "selected_per_class": per_class, "pred_counts": pred_counts,
                          "selected_keys": [k for c in CLASSES for k in chosen[c]]})
         epochs.append({"epoch": e, "losses": {"kd": 2.0 / (e + 1), "feat": 0.5 / (e + 1), "con": 0.1},
                        "lr": 0.05, "selected": sum(per_class.values()), "selected_per_class": per_class,
                        "eval_top1": 0.4 + 0.1 * e, "val_agreement": 0.5 + 0.1 * e, "time_s": 1.5})
     kd3 = rd.distill / "kd3-fixture"
     atomic_write_json(kd3 / "metrics.json", {
-        "method": "kd3", "student": "cnn_small", "teacher": "teacher.pt", "config": {"epochs": 4},
-        "epochs": epochs,
+        "method": "kd3", "student": "cnn_small", "config": {"epochs": 4}, "epochs": epochs,
+        "teacher": {"path": "/somewhere/teacher.pt", "format": "kd3-checkpoint-v1", "arch": "cnn_small",
+                    "arch_kwargs": {}, "classes": CLASSES, "input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
         "final": {"top1": 0.7, "teacher_top1": 0.85, "agreement": 0.8, "params": 12345,
                   "throughput_img_s": 900.0, "selected_fraction": epochs[-1]["selected"] / len(kept),
-                  "eval": "eval_dir"}})
+                  "eval": "eval_dir", "confusion": [[7, 2, 1], [1, 6, 3], [0, 1, 9]]}})
     write_jsonl_atomic(kd3 / "selection.jsonl", sel_rows)
     kd = rd.distill / "kd-fixture"
     atomic_write_json(kd / "metrics.json", {

@@ -15,7 +15,7 @@ from pipeline.core.io import read_json, read_jsonl
 from pipeline.app.report import write_report
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
-SVG_SELF_CLOSING = {"line", "rect", "circle", "polyline", "path"}
+SVG_SELF_CLOSING = {"line", "rect", "circle", "polyline", "path", "use", "g", "image", "stop"}  # matplotlib
 
 
 def _load_cdp():
@@ -100,7 +100,7 @@ def test_report_is_complete_and_self_contained(full_run):
         assert src.startswith("thumbs/") and Image.open(path.parent / src).size[0] > 0
     m = read_json(full_run.manifest)
     decisions = read_jsonl(full_run.decisions)
-    for sec in ("Stage funnel", "Per-class counts", "Contact sheets", "Near-duplicate groups", "CLIP class scores",
+    for sec in ("Stage funnel", "Per-class counts", "Contact sheets", "Duplicate groups", "CLIP class scores",
                 "Distillation"):
         assert sec in text
     for c in m["classes"]:
@@ -125,9 +125,47 @@ def test_report_is_complete_and_self_contained(full_run):
     assert f'never selected <span class="count">{len(never)}</span>' in page
     for k in never:
         assert k in page
-    # charts: funnel, one histogram per class, two line charts per distill run
-    assert page.count("<svg") == 1 + len(m["classes"]) + 2 * 2
+    # charts (matplotlib, inline SVG): funnel, class-score histograms, the runs compared, per run the selection
+    # and accuracy per epoch, + the confusion matrix where the run has one (kd3)
+    assert page.count("<svg") == 1 + 1 + 1 + 2 * 2 + 1
+    assert page.count('class="chart mpl"') == page.count("<svg")
     assert "kd3 selects nothing" not in page and "kd selects nothing" in page
+
+
+def test_distill_section_names_the_teacher_compares_runs_and_counts_by_the_right_label(full_run):
+    """Issue 13 item 5: kd3 counts selected images by teacher label, so the chart says so and the shares
+    are out of the pool images with that label; the teacher is `arch · N classes · top-1`, not a dict."""
+    page = write_report(full_run.root).read_text(encoding="utf-8")
+    text = " ".join(_check(page).text)
+    kd3 = page[page.index('id="distill-kd3-fixture"'):]
+    assert "selected per epoch, by teacher label" in kd3 and "cat 11/12" in kd3
+    kd = page[page.index('id="distill-kd-fixture"'):page.index('id="distill-kd3-fixture"')]
+    assert "selected per epoch, by query label" in kd and "cat 8/8" in kd
+    assert "teacher cnn_small · 3 classes · top-1 85.0%" in text and "input_size" not in page and "'arch'" not in page
+    assert "every distill run of this run, side by side" in text
+    table = page[page.index('class="counts compare"'):]
+    table = table[:table.index("</table>")]
+    for cell in ("kd3-fixture", "kd-fixture", "70.0%", "55.0%", "85.0%", "80.0%", "60.0%", "83.3%", "100.0%"):
+        assert f"<td>{cell}</td>" in table, cell
+    assert "confusion matrix" in kd3 and "confusion matrix" not in kd  # kd-fixture has no eval_dir matrix
+
+
+def test_teacher_confidence_histograms_without_clip_scores(full_run, tmp_path):
+    import shutil
+
+    from pipeline.core.io import write_jsonl_atomic
+
+    root = tmp_path / "noclip"
+    shutil.copytree(full_run.root, root)
+    rows = read_jsonl(root / "curate" / "decisions.jsonl")
+    for k, r in enumerate(rows):
+        r.update(clip_scores=None, clip_top=None, teacher_conf=None if r["reason"] in ("invalid", "bomb") else
+                 round(0.3 + 0.6 * ((k * 37) % 100) / 100, 3))
+    write_jsonl_atomic(root / "curate" / "decisions.jsonl", rows)
+    page = write_report(root).read_text(encoding="utf-8")
+    text = " ".join(_check(page).text)
+    assert "Teacher confidence" in text and "CLIP class scores" not in text
+    assert 'aria-label="teacher confidence"' in page and "no CLIP scores in the decisions" not in text
 
 
 def test_partial_run_report(crawl_only_run):
@@ -136,7 +174,7 @@ def test_partial_run_report(crawl_only_run):
     p = _check(page)
     text = " ".join(p.text)
     assert "Partial run" in text and "not curated yet" in text
-    assert "Near-duplicate groups" not in text
+    assert "Duplicate groups" not in text
     n_ok = sum(r["status"] == "ok" for r in read_jsonl(crawl_only_run.records))
     assert page.count('<figure class="tile"') == n_ok
 
@@ -172,6 +210,7 @@ def test_report_in_headless_chromium(full_run, chromium, tmp_path):
     assert res["title"] == "kd3 report · fixture"
     assert res["svgs"] == page.count("<svg")
     assert res["sections"][:3] == ["Stage funnel", "Per-class counts", "Contact sheets"]
+    assert res["spill"] == []  # every line, bar and label inside its own chart
     # the screenshot is not blank: the header band is blue, thumbnails are colourful
     im = Image.open(tmp_path / "report.png").convert("RGB")
     r, g, b = im.getpixel((20, 20))
@@ -183,3 +222,12 @@ def test_partial_report_in_headless_chromium(crawl_only_run, chromium, tmp_path)
     path = write_report(crawl_only_run.root)
     res = _assert_loads_clean(chromium, path, tmp_path / "partial.png")
     assert len(res["images"]) == sum(r["status"] == "ok" for r in read_jsonl(crawl_only_run.records))
+
+
+def test_cli_starts_without_matplotlib():
+    """matplotlib is imported where a chart is drawn, so `kd3 --help` and terminal inspect stay fast."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.app.cli, pipeline.app.report; assert 'matplotlib' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

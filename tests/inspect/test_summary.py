@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import tarfile
 from collections import Counter
 
@@ -64,11 +65,18 @@ def test_distill_runs_accuracy_and_selection_rates(full_run):
     assert kd3["top1"] == metrics["final"]["top1"] and kd3["teacher_top1"] == metrics["final"]["teacher_top1"]
     assert kd3["agreement"] == metrics["final"]["agreement"] and kd3["epochs"] == len(metrics["epochs"])
     last = metrics["epochs"][-1]["selected_per_class"]
+    pred = read_jsonl(full_run.distill / "kd3-fixture" / "selection.jsonl")[-1]["pred_counts"]
     m = read_json(full_run.manifest)
-    for c in m["classes"]:
-        assert kd3["selection_rate"][c] == pytest.approx(last[c] / m["class_counts"][c])
-    assert kd3["has_selection_log"] and not runs["kd-fixture"]["has_selection_log"]
-    assert runs["kd-fixture"]["selection_rate"]["cat"] == 1.0
+    # kd3 counts a selected image under its teacher label: the share is out of the pool images with that
+    # label, never out of the query class's kept images (which put "cat" at 137.5%)
+    assert kd3["selection_by"] == "teacher label" and last["cat"] > m["class_counts"]["cat"]
+    for i, c in enumerate(m["classes"]):
+        assert kd3["selected_last"][c] == last[c] and kd3["selected_of"][c] == pred[i]
+        assert kd3["selection_rate"][c] == pytest.approx(last[c] / pred[i]) and kd3["selection_rate"][c] <= 1
+    kd = runs["kd-fixture"]
+    assert kd3["has_selection_log"] and not kd["has_selection_log"]
+    assert kd["selection_by"] == "query label" and kd["selection_rate"]["cat"] == 1.0
+    assert kd3["teacher"] == "cnn_small · 3 classes · top-1 85.0%" and kd["teacher"] == "teacher.pt · top-1 85.0%"
 
 
 def _table_rows(text: str, names: list[str]) -> dict[str, list[str]]:
@@ -95,7 +103,10 @@ def test_printed_tables_match_summary(full_run):
     drows = _table_rows(text, [d["name"] for d in s["distill"]])
     kd3 = next(d for d in s["distill"] if d["name"] == "kd3-fixture")
     assert drows["kd3-fixture"][3:6] == [f"{100 * kd3[k]:.1f}%" for k in ("top1", "teacher_top1", "agreement")]
-    assert "selection rate per class" in text and "87.5%" in text
+    assert "selected in the last epoch, per class" in text and "by teacher label" in text
+    shares = [float(x) for x in re.findall(r"\((\d+(?:\.\d)?)%\)", text)]
+    assert shares and max(shares) <= 100.0
+    assert f'{kd3["selected_last"]["cat"]}/{kd3["selected_of"]["cat"]}' in text
 
 
 def test_cli_summary_and_json(full_run, capsys):

@@ -174,7 +174,7 @@ def test_bomb_downloaded_then_dropped_by_curate_with_reason(tmp_path, fw, crawl_
 
         cur = load_config(None, {"name": cfg.name, "runs_root": str(cfg.runs_root), "classes": ["cat"],
                                  "curate.clip_model": "kd3-tiny-clip", "curate.clip_pretrained": None,
-                                 "curate.device": "cpu", "curate.workers": 0, "curate.min_side": 8,
+                                 "curate.device": "cpu", "curate.workers": 0, "curate.min_side": 8, "curate.near_dup": False,
                                  "curate.batch_size": 8})
         m = curate(cur)
         dec = {d["id"]: d for d in read_jsonl(cfg.run_dir / "curate" / "decisions.jsonl")}
