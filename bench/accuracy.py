@@ -31,7 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kd3demo.demo import DIGIT_KINDS, DemoSettings, kind_by_key, run_demo, selection_quality  # noqa: E402
+from kd3demo.demo import (DIGIT_AUGMENT, DIGIT_KINDS, DemoSettings, kind_by_key, run_demo,  # noqa: E402
+                          selection_quality)
 from kd3demo.world import SHIFTS, load_world  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.core.io import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
@@ -45,10 +46,10 @@ ROWS: dict[str, dict] = {
     "kd": {"method": "kd"},
     "kd3": {"method": "kd3"},
     "kd3 release": {"method": "kd3", "kd3.selection": True, "kd3.id_score": "none", "kd3.kd_weight": 0.0,
-                    "epoch_steps": "selected"},
+                    "kd3.equal_steps": False},
     "kd3 no selection": {"method": "kd3", "kd3.selection": False, "kd3.id_score": "none"},
     "kd3 + bn id score": {"method": "kd3", "kd3.id_score": "bn"},
-    "kd3 + equal steps": {"method": "kd3", "epoch_steps": "pool"},
+    "kd3 + equal steps": {"method": "kd3", "kd3.equal_steps": True},
     "kd3 + kd term": {"method": "kd3", "kd3.kd_weight": 1.0},
     "kd3 no mixdist/contrastive": {"method": "kd3", "kd3.mixdist": False},
     "kd3 no weighting": {"method": "kd3", "kd3.weighting": False},
@@ -96,7 +97,7 @@ def train_on_original(world, out: Path, arch: str, epochs: int, seed: int, batch
 
     summary = train_teacher(world.train_dir, arch, out / "student-original-labels.pt", epochs=epochs,
                             img_size=world.spec.img_size, batch_size=batch_size, lr=lr,
-                            val_dir=world.test_dir, device="cpu", seed=seed)
+                            val_dir=world.test_dir, device="cpu", seed=seed, augment=DIGIT_AUGMENT)
     return float(summary["val_acc"])
 
 

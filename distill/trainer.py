@@ -164,13 +164,13 @@ class Trainer:
                 per_class[self.classes[c_idx]] += 1
         return EpochSelection(sel, idx, per_class, time.perf_counter() - t0)
 
-    def train_epoch(self, epoch: int, sel: torch.Tensor) -> dict:
+    def train_epoch(self, epoch: int, sel: torch.Tensor, cycle: bool = False) -> dict:
         """Train on the shuffled selection (same permutation on every rank, strided shards)."""
         rt, dc = self.rt, self.dc
         t1 = time.perf_counter()
         g = torch.Generator().manual_seed(dc.seed * 100003 + epoch)
         order = sel[torch.randperm(len(sel), generator=g)].tolist()
-        if dc.epoch_steps == "pool" and order and len(order) < len(self.pool):
+        if cycle and order and len(order) < len(self.pool):
             # as many steps as an epoch over the whole pool: cycle the shuffled selection
             order = (order * math.ceil(len(self.pool) / len(order)))[: len(self.pool)]
         if rt.ddp and order:
@@ -246,9 +246,9 @@ class Trainer:
         for e in range(start, dc.epochs):
             t0 = time.perf_counter()
             es = self.select_epoch(e)
-            tr = self.train_epoch(e, es.indices)
+            tr = self.train_epoch(e, es.indices, es.selection.cycle)
             t2 = time.perf_counter()
-            row = {"epoch": e, "losses": tr["losses"], "lr": tr["lr"], "selected": int(len(es.indices)),
+            row = {"epoch": e, "losses": tr["losses"], "lr": tr["lr"], "selected": int(len(es.indices)), "trained": tr["n_img"] * rt.world,
                    "selected_per_class": es.per_class, "eval_top1": None, "val_agreement": None}
             row.update(self.evaluate())
             row.update(time_s=time.perf_counter() - t0, time_select_s=es.seconds, time_train_s=tr["time"],

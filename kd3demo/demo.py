@@ -42,6 +42,8 @@ from .webtree import export_web_tree
 log = logging.getLogger("kd3.demo")
 
 RUN_NAME = "digits"
+# digits are not mirror-symmetric: pad + random crop, no flip, for the teacher and every student alike
+DIGIT_AUGMENT = "crop"
 
 
 @dataclass
@@ -109,7 +111,8 @@ def train_demo_teacher(world, out: Path, arch: str, epochs: int, seed: int, batc
     from distill.teacher_train import train_teacher  # heavy (torch): only once the demo runs
 
     summary = train_teacher(world.train_dir, arch, path, epochs=epochs, img_size=world.spec.img_size,
-                            batch_size=batch_size, lr=lr, val_dir=world.test_dir, device="cpu", seed=seed)
+                            batch_size=batch_size, lr=lr, val_dir=world.test_dir, device="cpu", seed=seed,
+                            augment=DIGIT_AUGMENT)
     log.info("teacher %s: %s params, held-out top-1 %.4f, %.0fs", arch, summary.get("params"),
              summary.get("val_acc", float("nan")), summary.get("time_s", 0))
     atomic_write_json(path.with_suffix(".json"), summary)
@@ -157,7 +160,7 @@ def demo_config(s: DemoSettings, world, teacher: Path, bing_url: str, crawl_per_
             "epochs": s.epochs,
             "batch_size": s.batch_size,
             "eval_dir": str(world.test_dir),
-            "augment": "crop",  # digits are not mirror-symmetric: pad+crop, no flip (same for every method)
+            "augment": DIGIT_AUGMENT,
             "device": "cpu",
             "workers": 0,
             "seed": s.seed,

@@ -27,12 +27,14 @@ class Selection:
 
     ``indices``: pool indices to train on this epoch (None = all of the pool); ``predictions``: a class per
     pool image that the per-class selected counts use (None = the query labels); ``log``: the method's
-    own numbers for ``selection.jsonl`` (``alpha`` and ``thresholds`` have columns of their own).
+    own numbers for ``selection.jsonl`` (``alpha`` and ``thresholds`` have columns of their own); ``cycle``:
+    the epoch keeps the step count of a pass over the whole pool (the shuffled selection repeated).
     """
 
     indices: Optional[torch.Tensor] = None
     predictions: Optional[torch.Tensor] = None
     log: dict = field(default_factory=dict)
+    cycle: bool = False  # train as many steps as a pass over the whole pool, cycling the selection
 
 
 class Method(nn.Module):

@@ -121,7 +121,7 @@ class KD3(Method):
             keep[idx_c[k]] = True
             log["thresholds"] = thr.tolist()
         log["pred_counts"] = torch.bincount(pred, minlength=self.num_classes).tolist()
-        return Selection(torch.nonzero(keep).flatten(), pred, log)
+        return Selection(torch.nonzero(keep).flatten(), pred, log, cycle=bool(cfg.equal_steps))
 
     # ------------------------------------------------------------ §3–§5 losses
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

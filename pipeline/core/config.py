@@ -199,6 +199,8 @@ class Kd3Config(_Section):
                            "to the pool's log scores; quantile = the id_keep share per predicted class")
     id_keep: float = Field(0.5, gt=0, le=1, description="id_rule quantile: share kept per predicted class")
     kd_weight: float = Field(0.0, ge=0, description="weight of a logit KD term on the selected images (0 = off)")
+    equal_steps: bool = Field(False, description="train each epoch for as many steps as a pass over the whole pool "
+                                                 "(the selection cycled), so selecting costs no SGD steps")
     fused_views: bool = Field(False, description="one student forward on cat(x, x~) instead of two (faster on a "
                                                  "GPU; BatchNorm then normalises both views together)")
 
@@ -255,9 +257,6 @@ class DistillConfig(_Section):
     seed: int = Field(0, description="random seed")
     keys_file: Optional[Path] = Field(None, description="train only on the pool images whose keys this file "
                                                          "lists, one per line (e.g. a hand-vetted subset)")
-    epoch_steps: Literal["selected", "pool"] = Field(
-        "selected", description="steps per epoch of a selecting method: one pass over the selection (release) "
-                                "or as many steps as a pass over the whole pool (the selection cycled)")
     kd3: Kd3Config = Field(default_factory=Kd3Config)
     kd: KdConfig = Field(default_factory=KdConfig)
     dfnd: DfndConfig = Field(default_factory=DfndConfig)

@@ -235,3 +235,19 @@ def test_teacher_train_augment_decides_about_flips(tmp_path, capsys):
         line = capsys.readouterr().out
         acc[aug] = float(line.split("train acc ")[1].split(",")[0])
     assert acc["crop"] > 0.9 and acc["flip"] < 0.75, acc
+
+
+def test_kd3_equal_steps_trains_a_pool_pass_per_epoch(digits_world, run):
+    """kd3.equal_steps cycles the selection to the pool's size: selecting costs no SGD steps."""
+    cfg = _cfg(digits_world, run, "kd3", epochs=4, val_fraction=0.0, eval_dir=None,
+               kd3={"equal_steps": True, "tau": 0.5})
+    m = distill(cfg, out_id="eq")
+    pool = len((run / "distill" / "kd3-eq" / "pool_keys.txt").read_text().split())
+    rows = [e for e in m["epochs"] if 2 <= e["selected"] < pool]
+    assert rows, "no epoch selected a strict subset"
+    for e in rows:
+        assert pool - 1 <= e["trained"] <= pool  # a last batch of one image is dropped (train-mode BN)
+    cfg = _cfg(digits_world, run, "kd3", epochs=4, val_fraction=0.0, eval_dir=None, kd3={"tau": 0.5})
+    m = distill(cfg, out_id="sel")
+    for e in m["epochs"]:
+        assert e["trained"] <= e["selected"]

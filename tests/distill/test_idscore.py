@@ -1,6 +1,5 @@
 """The in-distribution score from the teacher's BatchNorm statistics, on hand-made nets and tensors."""
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch.nn as nn
 from distill.methods import create_method
 from distill.methods.idscore import BNStatScorer, bn_scores, gmm_low_component, in_distribution_mask
 from distill.models import Backbone
+from pipeline.core.config import Kd3Config
 
 torch.set_num_threads(1)
 
@@ -100,10 +100,7 @@ def test_kd3_selection_drops_confident_out_of_distribution_images():
     ones whose BN statistics are far from the running stats."""
     teacher = OneBN()
     student = OneBN().train()
-    cfg = SimpleNamespace(sharing=True, classifier_align_loss=False, mixdist=False, weighting=True, lambda_con=0.001,
-                          selection=True, tau=0.95, ramp_frac=2 / 3, cut_frac=1 / 2, con_temperature=0.3,
-                          cross_contrastive=False, mix_level="input", kd_temperature=4.0, kd_weight=0.0,
-                          id_score="none", id_rule="gmm", id_keep=0.5, fused_views=False)
+    cfg = Kd3Config(mixdist=False)
     ind = [_image([1.0, -2.0], [2.0, 0.5], seed=i) for i in range(12)]
     ood = [_image([14.0, -2.0], [0.3, 3.0], seed=100 + i) for i in range(6)]  # channel 0 high: class 0, certain
     images = torch.cat(ind + ood)

@@ -1,7 +1,6 @@
 """Where kd3's KD³ must match the authors' release (KDDD/) step for step: initialisation, spatial
 matching, and the alpha schedule. Each test is on hand-made tensors/modules and fails on the old code."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from distill.methods import create_method
 from distill.methods.losses import alpha_schedule, ramp_epochs
 from distill.models import Backbone, Projector, create_model
+from pipeline.core.config import Kd3Config
 
 torch.set_num_threads(1)
 
@@ -85,12 +85,8 @@ class _FixedNet(Backbone):
 
 
 def _kd3_cfg(**kw):
-    base = dict(sharing=True, classifier_align_loss=False, mixdist=False, weighting=False, lambda_con=0.001,
-                selection=True, tau=0.95, ramp_frac=2 / 3, cut_frac=1 / 2, con_temperature=0.3,
-                cross_contrastive=False, mix_level="input", kd_temperature=4.0, kd_weight=0.0, id_score="none",
-                id_rule="gmm", id_keep=0.5, fused_views=False)
-    base.update(kw)
-    return SimpleNamespace(**base)
+    """The kd3 config section with the release's switches; MixDistribution/weighting off unless asked."""
+    return Kd3Config(**{"mixdist": False, "weighting": False, **kw})
 
 
 def test_larger_student_map_is_pooled_before_the_projector():
