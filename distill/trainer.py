@@ -226,7 +226,8 @@ class Trainer:
         return out
 
     def save(self, epoch: int, row: dict, es: EpochSelection, rngs: list) -> None:
-        """Rank 0: the epoch's selection row, the checkpoint, metrics.json (each atomic)."""
+        """Rank 0: the epoch's selection row, metrics.json, then the checkpoint (each atomic). The checkpoint
+        goes last: a crash before it resumes at this epoch, and the resume drops the rows it wrote."""
         slog = es.selection.log
         thr = slog.get("thresholds")
         append_selection(self.sel_path, SelectionRow.of(
@@ -236,9 +237,9 @@ class Trainer:
         obj = {"epoch": epoch, "method": self.method.state_dict(), "optimizer": self.opt.state_dict(),
                "scheduler": self.sched.state_dict(), "extra_state": json.dumps(self.method.extra_state()),
                "rng": rngs}
+        write_metrics(self.metrics_path, self.metrics)
         with atomic_path(self.ck_path) as tmp:
             torch.save(obj, tmp)
-        write_metrics(self.metrics_path, self.metrics)
 
     # ---------------------------------------------------------------- the run
     def fit(self, start: int, on_epoch_end: Optional[Callable[[int], None]] = None) -> dict:

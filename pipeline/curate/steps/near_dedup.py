@@ -1,5 +1,6 @@
-"""near_dedup: semantic near-duplicates (embedding cosine >= the cut; pairs from :func:`..neardup.similar_pairs`), within and
-across classes; each dropped image names the kept image it is a copy of (:func:`..table.duplicate_drops`).
+"""near_dedup: semantic near-duplicates (embedding cosine >= the cut; pairs from
+:func:`..neardup.similar_pairs`), within and across classes; each dropped image names the kept image it
+is a copy of (:func:`..table.duplicate_drops`).
 
 The cut is ``curate.near_dup_threshold``, or with ``auto`` (the default) measured on the pool
 (:mod:`..calibrate`): cosines of one embedding model say nothing about another's. ``auto`` is refused
