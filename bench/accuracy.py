@@ -14,16 +14,17 @@ selection methods, and the bench says so), and per epoch the selection quality o
 (precision = share of the selected that are real digits, recall = share of the pool's digits selected,
 junk kept = share of the pool's junk selected).
 
-    .venv/bin/python bench/accuracy.py                       # levels far,near; seeds 0-4 (~90 min, 2 cores)
+    .venv/bin/python bench/accuracy.py --jobs 2              # levels far,near; seeds 0-4 (~90 min, 2 cores)
     .venv/bin/python bench/accuracy.py --quick               # seeds 0,1, the key rows (~25 min)
     .venv/bin/python bench/accuracy.py --levels far --seeds 0 --rows kd,kd3 --epochs 5   # a smoke look
 """
 from __future__ import annotations
 
 import argparse
-import json
+import concurrent.futures
 import logging
 import math
+import multiprocessing
 import statistics
 import sys
 import time
@@ -42,14 +43,16 @@ BASE = "kd"
 ORACLE = "oracle: kd on real digits"
 ORIGINAL = "student on original labels"
 # label -> distill overrides; each kd3 switch is measured alone on top of the release's method
+RELEASE = {"kd3.selection_rule": "confidence", "kd3.equal_steps": False, "kd3.kd_weight": 0.0}
 ROWS: dict[str, dict] = {
     "kd": {"method": "kd"},
-    "kd3": {"method": "kd3"},
-    "kd3 release": {"method": "kd3", "kd3.selection": True, "kd3.id_score": "none", "kd3.kd_weight": 0.0,
-                    "kd3.equal_steps": False},
-    "kd3 no selection": {"method": "kd3", "kd3.selection": False, "kd3.id_score": "none"},
-    "kd3 + bn id score": {"method": "kd3", "kd3.id_score": "bn"},
-    "kd3 + equal steps": {"method": "kd3", "kd3.equal_steps": True},
+    "kd3": {"method": "kd3"},                         # kd3's defaults: selection_rule bn + equal_steps
+    "kd3 release": {"method": "kd3", **RELEASE},
+    # kd3's own parts, one at a time on top of the release, and the default without each of them
+    "kd3 release + equal steps": {"method": "kd3", **RELEASE, "kd3.equal_steps": True},
+    "kd3 release + bn id filter": {"method": "kd3", **RELEASE, "kd3.selection_rule": "bn+confidence"},
+    "kd3 bn rule, no equal steps": {"method": "kd3", "kd3.selection_rule": "bn", "kd3.equal_steps": False},
+    "kd3 no selection": {"method": "kd3", "kd3.selection": False},
     "kd3 + kd term": {"method": "kd3", "kd3.kd_weight": 1.0},
     "kd3 no mixdist/contrastive": {"method": "kd3", "kd3.mixdist": False},
     "kd3 no weighting": {"method": "kd3", "kd3.weighting": False},
@@ -57,8 +60,8 @@ ROWS: dict[str, dict] = {
     ORACLE: {"method": "kd"},
     ORIGINAL: {},
 }
-DEFAULT_ROWS = ["kd", "kd3", "kd3 release", "kd3 no selection", "kd3 + bn id score", "kd3 + equal steps",
-                "kd3 + kd term", "dfnd", ORACLE, ORIGINAL]
+DEFAULT_ROWS = ["kd", "kd3", "kd3 release", "kd3 release + equal steps", "kd3 release + bn id filter",
+                "kd3 bn rule, no equal steps", "kd3 no selection", "dfnd", ORACLE, ORIGINAL]
 QUICK_ROWS = ["kd", "kd3", "kd3 release", ORACLE]
 
 
@@ -135,6 +138,15 @@ def run_seed(level: str, seed: int, rows: list[str], a) -> dict:
             "epochs": summary["epochs"], "teacher_arch": summary["teacher_arch"]}
 
 
+def _run_pair(level: str, seed: int, rows: list[str], a) -> dict:
+    """One (level, seed) in a worker process: one torch thread, quiet logs."""
+    import torch
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_seed(level, seed, rows, a)
+
+
 def report_level(level: str, per_seed: dict[int, dict], rows: list[str]) -> list[str]:
     seeds = sorted(per_seed)
     first = per_seed[seeds[0]]
@@ -187,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, help="student epochs (default: the size's)")
     ap.add_argument("--student", help="student architecture (default: the size's)")
     ap.add_argument("--out", type=Path, default=Path("bench-out/accuracy"))
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="(level, seed) pairs run at once, one CPU thread each (2 on a 2-core machine)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.quick and a.seeds == ap.get_default("seeds"):
@@ -204,9 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
     t0 = time.time()
     results: dict[str, dict[int, dict]] = {}
-    for level in levels:
-        for seed in seeds:
-            r = run_seed(level, seed, rows, a)
+    pairs = [(level, seed) for level in levels for seed in seeds]
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: torch, Prefect and threads start clean
+    with concurrent.futures.ProcessPoolExecutor(max_workers=a.jobs, mp_context=ctx) as ex:
+        futs = {ex.submit(_run_pair, level, seed, rows, a): (level, seed) for level, seed in pairs}
+        for fut in concurrent.futures.as_completed(futs):
+            level, seed = futs[fut]
+            r = fut.result()
             results.setdefault(level, {})[seed] = r
             print(f"[{time.time() - t0:.0f}s] {level} seed {seed}: " +
                   ", ".join(f"{k} {100 * v['top1']:.2f}" for k, v in r["rows"].items()), flush=True)

@@ -1,4 +1,4 @@
-"""DFND baseline (Chen et al., CVPR 2021) as KD3_SPEC §7 describes it.
+"""DFND baseline (Chen et al., CVPR 2021) as docs/METHOD.md describes it.
 
 Once, before the first epoch: keep the fraction ``keep`` (``distill.dfnd.keep``) of the pool with the lowest
 cross-entropy of the teacher to its own argmax (= highest teacher confidence). Train with KD at

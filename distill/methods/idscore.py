@@ -37,7 +37,7 @@ class BNStatScorer:
         self.layers = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats
                        and m.running_mean is not None]
         if not self.layers:
-            raise ConfigError("id_score bn: the teacher has no BatchNorm2d layers with running statistics "
+            raise ConfigError("selection_rule bn: the teacher has no BatchNorm2d layers with running statistics "
                               "(a TorchScript teacher hides them; use a checkpoint-contract teacher)")
         self._handles: list = []
         self._acc: torch.Tensor | None = None
@@ -67,16 +67,26 @@ class BNStatScorer:
         return out
 
 
-def bn_scores(teacher: nn.Module, infer) -> torch.Tensor:
-    """The score of every pool image: one no-grad teacher pass through ``infer`` (pool order)."""
+def bn_scores(teacher: nn.Module, infer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The score and the teacher's logits of every pool image: one no-grad teacher pass through ``infer``
+    (pool order, the eval transform)."""
     scorer = BNStatScorer(teacher)
 
     def fn(x):
         with scorer:
-            teacher(x)
-        return scorer.take().unsqueeze(1)
+            z = teacher(x).float()
+        return torch.cat([scorer.take().unsqueeze(1), z], dim=1)
 
-    return infer(fn, augment=False)[:, 0]
+    out = infer(fn, augment=False)
+    return out[:, 0], out[:, 1:]
+
+
+def has_bn_statistics(teacher: nn.Module) -> bool:
+    try:
+        BNStatScorer(teacher)
+    except ConfigError:
+        return False
+    return True
 
 
 def gmm_low_component(values: np.ndarray, iters: int = 200) -> tuple[np.ndarray, dict]:

@@ -1,4 +1,4 @@
-"""Hinton KD on all web images (KD3_SPEC §7)."""
+"""Hinton KD on all web images (docs/METHOD.md, the baselines)."""
 from __future__ import annotations
 
 import torch

@@ -1,12 +1,18 @@
-"""KD³ (Tang et al., ICCV 2023) as KD3_SPEC.md §2–§6 describe it; release behaviour by default.
+"""KD³ (Tang et al., ICCV 2023) as docs/METHOD.md describes it: the release's formulas and initialisation,
+with kd3's own selection by default.
 
-Switches (its config section ``distill.kd3``): ``selection``, ``weighting``, ``sharing``, ``mixdist`` (ablations);
-``cross_contrastive``, ``mix_level: feature``, ``classifier_align_loss`` (paper-prose options, off).
-With ``sharing`` off and no ``classifier_align_loss`` the student keeps its own classifier, trained
-by a KD term (``kd``) so the ablated student still predicts; the release has no such term because it
-always shares.
+Defaults (``distill.kd3``): ``selection_rule: bn`` (train on the images the teacher's BatchNorm statistics
+call in-distribution, :mod:`.idscore`) and ``equal_steps: true`` (an epoch keeps a whole-pool pass's step
+count) are kd3's own, chosen on the ranked benchmark (README); ``selection_rule: confidence`` with
+``equal_steps: false`` is the release's method. Ablations: ``selection``, ``weighting``, ``sharing``,
+``mixdist``; paper-prose options (off): ``cross_contrastive``, ``mix_level: feature``,
+``classifier_align_loss``; others (off): ``kd_weight`` (a logit KD term), ``fused_views``. With ``sharing``
+off and no ``classifier_align_loss`` the student keeps its own classifier, trained by a KD term (``kd``)
+so the ablated student still predicts; the release has no such term because it always shares.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn as nn
@@ -15,9 +21,11 @@ import torch.nn.functional as F
 from ..models import Kd3Student, Projector, pool_to
 from ._registry import register_method
 from .base import Method, Selection
-from .idscore import bn_scores, in_distribution_mask
+from .idscore import bn_scores, has_bn_statistics, in_distribution_mask
 from .losses import (alpha_schedule, disagreement_weights, kd_loss, match_spatial, mix_distribution, mixed_probs,
                      nt_xent, ramp_epochs, select_confident, weighted_feature_mse)
+
+log = logging.getLogger("kd3.distill")
 
 HEAD_DIM = 128
 
@@ -49,7 +57,14 @@ class KD3(Method):
         self.kd_term = self.own_head or float(cfg.kd_weight) > 0
         if float(cfg.kd_weight) > 0:
             self.loss_weights["kd"] = float(cfg.kd_weight)
-        self.id_scores: torch.Tensor | None = None  # per pool image, computed once (the teacher is frozen)
+        self.rule = cfg.selection_rule
+        if "bn" in self.rule and not has_bn_statistics(self.teacher):
+            log.warning("kd3: the teacher has no BatchNorm statistics (e.g. a TorchScript or LayerNorm model): "
+                        "selection_rule %s falls back to the release's confidence rule", self.rule)
+            self.rule = "confidence"
+        # per pool image, from one teacher pass (the teacher is frozen): the bn score and the teacher's logits
+        self.id_scores: torch.Tensor | None = None
+        self.id_logits: torch.Tensor | None = None
         self.t_hw: tuple[int, int] | None = None  # the teacher map's H x W (seen at the first forward)
         self.s_hw: tuple[int, int] | None = None  # the student map's
 
@@ -88,10 +103,34 @@ class KD3(Method):
 
     # ------------------------------------------------------------ §2 selection
     def select(self, epoch, epochs, infer):
+        """§2 with ``selection_rule``: the release's confidence rule, the in-distribution images by the
+        teacher's BN statistics (one teacher pass, then fixed), or the release's rule over those."""
         cfg = self.cfg
-        use_id = cfg.id_score != "none"
-        if not cfg.selection and not use_id:
+        if not cfg.selection:
             return Selection(None, None, {"alpha": None})
+        log: dict = {"alpha": None}
+        if "bn" in self.rule:
+            if self.id_scores is None:  # again after a resume: the pass must not move the RNG streams
+                with torch.random.fork_rng(devices=[]):
+                    self.id_scores, self.id_logits = bn_scores(self.teacher, infer)
+            pred = self.id_logits.argmax(dim=1)
+            keep, log["id"] = in_distribution_mask(self.id_scores, cfg.id_rule, cfg.id_keep, pred, self.num_classes)
+        if "confidence" in self.rule:
+            q, log["alpha"] = self._mixed_probs(epoch, epochs, infer)
+            pred = q.argmax(dim=1)
+            cand = keep if "bn" in self.rule else torch.ones(len(q), dtype=torch.bool)
+            # the release's rule over the candidates: class-adaptive thresholds from their predicted counts
+            idx_c = torch.nonzero(cand).flatten()
+            k, _, thr = select_confident(q[idx_c], cfg.tau)
+            keep = torch.zeros_like(cand)
+            keep[idx_c[k]] = True
+            log["thresholds"] = thr.tolist()
+        log["pred_counts"] = torch.bincount(pred, minlength=self.num_classes).tolist()
+        return Selection(torch.nonzero(keep).flatten(), pred, log, cycle=bool(cfg.equal_steps))
+
+    def _mixed_probs(self, epoch: int, epochs: int, infer) -> tuple[torch.Tensor, float]:
+        """q = softmax(alpha_e z_T + (1 - alpha_e) z_S) over the pool (training augmentation), and alpha_e."""
+        cfg = self.cfg
         e_ramp, e_cut = ramp_epochs(epochs, cfg.ramp_frac, cfg.cut_frac)
         alpha = alpha_schedule(epoch, e_ramp, e_cut)
 
@@ -104,24 +143,7 @@ class KD3(Method):
             return alpha * self.teacher(x).float() + (1.0 - alpha) * self.student_logits(x).float()
 
         logits = infer(mixed_logits)
-        q = mixed_probs(logits, logits, 1.0)  # logits are already mixed: q = softmax(mix)
-        pred = q.argmax(dim=1)
-        log: dict = {"alpha": alpha}
-        cand = torch.ones(len(q), dtype=torch.bool)
-        if use_id:  # kd3's own part: only images the teacher's BN statistics call in-distribution
-            if self.id_scores is None:
-                self.id_scores = bn_scores(self.teacher, infer)
-            cand, log["id"] = in_distribution_mask(self.id_scores, cfg.id_rule, cfg.id_keep, pred, self.num_classes)
-        keep = cand
-        if cfg.selection:
-            # the release's rule over the candidates: class-adaptive thresholds from their predicted counts
-            idx_c = torch.nonzero(cand).flatten()
-            k, _, thr = select_confident(q[idx_c], cfg.tau)
-            keep = torch.zeros_like(cand)
-            keep[idx_c[k]] = True
-            log["thresholds"] = thr.tolist()
-        log["pred_counts"] = torch.bincount(pred, minlength=self.num_classes).tolist()
-        return Selection(torch.nonzero(keep).flatten(), pred, log, cycle=bool(cfg.equal_steps))
+        return mixed_probs(logits, logits, 1.0), alpha  # logits are already mixed: q = softmax(mix)
 
     # ------------------------------------------------------------ §3–§5 losses
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

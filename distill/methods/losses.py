@@ -1,4 +1,4 @@
-"""The formulas of KD3_SPEC.md, as small functions the unit tests check on hand-made tensors."""
+"""The formulas of docs/METHOD.md, as small functions the unit tests check on hand-made tensors."""
 from __future__ import annotations
 
 import math

@@ -190,16 +190,18 @@ class Kd3Config(_Section):
     classifier_align_loss: bool = Field(False, description="paper-prose option: align classifiers by a loss")
     kd_temperature: float = Field(4.0, gt=0, description="temperature of kd3's KD terms (the no-sharing "
                                                          "ablation's, and kd_weight's)")
-    # kd3's own parts, each a switch (off: the release's method)
-    id_score: Literal["none", "bn"] = Field(
-        "none", description="selection also requires an in-distribution score: bn = distance of each image's "
-                            "per-channel activation statistics from the teacher's BatchNorm running statistics")
+    # kd3's own parts (docs/METHOD.md "kd3's own parts"; the release's method: selection_rule confidence,
+    # equal_steps false)
+    selection_rule: Literal["bn", "confidence", "bn+confidence"] = Field(
+        "bn", description="what a selection keeps: bn = the images the teacher's BatchNorm statistics call "
+                          "in-distribution (kd3's default); confidence = the release's class-adaptive confidence "
+                          "thresholds on the mixed prediction; bn+confidence = the release's rule over the bn images")
     id_rule: Literal["gmm", "quantile"] = Field(
-        "gmm", description="which images count as in-distribution: gmm = the low component of a 2-Gaussian fit "
+        "gmm", description="bn rules: which images count as in-distribution: gmm = the low component of a 2-Gaussian fit "
                            "to the pool's log scores; quantile = the id_keep share per predicted class")
     id_keep: float = Field(0.5, gt=0, le=1, description="id_rule quantile: share kept per predicted class")
     kd_weight: float = Field(0.0, ge=0, description="weight of a logit KD term on the selected images (0 = off)")
-    equal_steps: bool = Field(False, description="train each epoch for as many steps as a pass over the whole pool "
+    equal_steps: bool = Field(True, description="train each epoch for as many steps as a pass over the whole pool "
                                                  "(the selection cycled), so selecting costs no SGD steps")
     fused_views: bool = Field(False, description="one student forward on cat(x, x~) instead of two (faster on a "
                                                  "GPU; BatchNorm then normalises both views together)")

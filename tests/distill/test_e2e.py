@@ -35,7 +35,8 @@ def test_method_end_to_end(digits_world, run, method):
     # kd3 runs 4 epochs: with the release's schedule E_cut = E/2, so at 2 epochs the teacher would weigh in
     # no epoch's selection (alpha_e = 0 from the first 1-based epoch on)
     epochs = 4 if method == "kd3" else 2
-    cfg = _cfg(digits_world, run, method, epochs=epochs)
+    cfg = _cfg(digits_world, run, method, epochs=epochs,
+               **({"kd3": {"selection_rule": "confidence"}} if method == "kd3" else {}))  # the release's rule
     m = distill(cfg, out_id="t")
     out = run / "distill" / f"{method}-t"
     for f in ("student.pt", "student.torchscript.pt", "checkpoint.pt", "metrics.json", "selection.jsonl", "train.log"):
@@ -240,14 +241,31 @@ def test_teacher_train_augment_decides_about_flips(tmp_path, capsys):
 def test_kd3_equal_steps_trains_a_pool_pass_per_epoch(digits_world, run):
     """kd3.equal_steps cycles the selection to the pool's size: selecting costs no SGD steps."""
     cfg = _cfg(digits_world, run, "kd3", epochs=4, val_fraction=0.0, eval_dir=None,
-               kd3={"equal_steps": True, "tau": 0.5})
+               kd3={"selection_rule": "confidence", "equal_steps": True, "tau": 0.5})
     m = distill(cfg, out_id="eq")
     pool = len((run / "distill" / "kd3-eq" / "pool_keys.txt").read_text().split())
     rows = [e for e in m["epochs"] if 2 <= e["selected"] < pool]
     assert rows, "no epoch selected a strict subset"
     for e in rows:
         assert pool - 1 <= e["trained"] <= pool  # a last batch of one image is dropped (train-mode BN)
-    cfg = _cfg(digits_world, run, "kd3", epochs=4, val_fraction=0.0, eval_dir=None, kd3={"tau": 0.5})
+    cfg = _cfg(digits_world, run, "kd3", epochs=4, val_fraction=0.0, eval_dir=None,
+               kd3={"selection_rule": "confidence", "equal_steps": False, "tau": 0.5})
     m = distill(cfg, out_id="sel")
     for e in m["epochs"]:
         assert e["trained"] <= e["selected"]
+
+
+def test_kd3_default_selects_by_bn_statistics_once(digits_world, run):
+    """kd3's default rule: one teacher pass scores the pool (eval transform); the selection is the low
+    component of the score mixture, the same every epoch, and every epoch trains a pool pass."""
+    cfg = _cfg(digits_world, run, "kd3", epochs=3, val_fraction=0.0, eval_dir=None)
+    assert cfg.distill.kd3.selection_rule == "bn" and cfg.distill.kd3.equal_steps
+    m = distill(cfg, out_id="bn")
+    out = run / "distill" / "kd3-bn"
+    rows = read_jsonl(out / "selection.jsonl")
+    pool = len((out / "pool_keys.txt").read_text().split())
+    assert all(r["id"]["rule"] == "gmm" and r["alpha"] is None and r.get("thresholds") is None for r in rows)
+    assert rows[0]["selected_keys"] == rows[1]["selected_keys"] == rows[2]["selected_keys"]
+    assert 0 < len(rows[0]["selected_keys"]) < pool
+    assert all(pool - 1 <= e["trained"] <= pool for e in m["epochs"])
+    assert all(e["time_select_s"] < m["epochs"][0]["time_select_s"] for e in m["epochs"][1:])  # no pass after epoch 0

@@ -69,8 +69,10 @@ def test_bn_scores_run_over_the_pool_without_augmentation():
         with torch.no_grad():
             return torch.cat([fn(images[i:i + 2]) for i in range(0, 4, 2)])
 
-    s = bn_scores(t, infer)
-    assert seen["augment"] is False and s.shape == (4,)
+    s, z = bn_scores(t, infer)
+    assert seen["augment"] is False and s.shape == (4,) and z.shape == (4, 2)
+    with torch.no_grad():
+        assert torch.allclose(z, t(images))
     assert s[:3].max() < 1e-3 < s[3]
 
 
@@ -100,7 +102,7 @@ def test_kd3_selection_drops_confident_out_of_distribution_images():
     ones whose BN statistics are far from the running stats."""
     teacher = OneBN()
     student = OneBN().train()
-    cfg = Kd3Config(mixdist=False)
+    cfg = Kd3Config(mixdist=False, selection_rule="confidence")
     ind = [_image([1.0, -2.0], [2.0, 0.5], seed=i) for i in range(12)]
     ood = [_image([14.0, -2.0], [0.3, 3.0], seed=100 + i) for i in range(6)]  # channel 0 high: class 0, certain
     images = torch.cat(ind + ood)
@@ -112,8 +114,25 @@ def test_kd3_selection_drops_confident_out_of_distribution_images():
     m = create_method("kd3", student, teacher, cfg, 2, student_arch="x").eval()
     sel = m.select(0, 10, infer)
     assert set(range(12, 18)) <= set(sel.indices.tolist())          # the release's rule keeps the confident junk
-    cfg.id_score = "bn"
-    m = create_method("kd3", student, teacher, cfg, 2, student_arch="x").eval()
-    sel = m.select(0, 10, infer)
-    assert not set(sel.indices.tolist()) & set(range(12, 18))
-    assert sel.log["id"]["kept"] == 12
+    for rule in ("bn", "bn+confidence"):
+        cfg.selection_rule = rule
+        m = create_method("kd3", student, teacher, cfg, 2, student_arch="x").eval()
+        sel = m.select(0, 10, infer)
+        assert not set(sel.indices.tolist()) & set(range(12, 18))
+        assert sel.log["id"]["kept"] == 12
+    assert set(sel.indices.tolist()) <= set(range(12))
+
+
+def test_bn_rule_falls_back_to_the_release_rule_without_batchnorm(caplog):
+    class NoBN(Backbone):  # a LayerNorm-style net: no BatchNorm running statistics to compare with
+        def __init__(self):
+            super().__init__()
+            self.feature_dim = 2
+            self.classifier = nn.Linear(2, 2)
+
+        def forward_features(self, x):
+            return torch.relu(x[:, :2])
+
+    teacher = NoBN().eval()
+    m = create_method("kd3", OneBN().train(), teacher, Kd3Config(mixdist=False), 2, student_arch="x")
+    assert m.rule == "confidence" and "falls back to the release's confidence rule" in caplog.text
