@@ -2,6 +2,7 @@
 
 ``kd3 run --config run.yaml``            end-to-end flow in Prefect's embedded local mode (no server)
 ``kd3 run --run runs/x --stage distill`` rerun only that stage on an existing run (cache ignored)
+``kd3 run --config run.yaml --loop 3``   the pipeline, then 3 rounds of the crawl-selection loop (``kd3-loop``)
 ``kd3 serve --config run.yaml --cron "0 3 * * *"``
                                           deployments ``kd3-pipeline/<name>`` (scheduled), ``kd3-crawl/<name>``,
                                           ``kd3-curate/<name>``, ``kd3-distill/<name>`` served by this process;
@@ -22,6 +23,7 @@ from pipeline.core.config import RunConfig, absolute_config
 from pipeline.core.errors import ConfigError
 
 from flows.e2e import kd3_pipeline
+from flows.loop import kd3_loop
 from flows.stages import STAGE_FLOWS
 
 log = logging.getLogger("kd3.flows")
@@ -34,6 +36,16 @@ def deployment_parameters(cfg: RunConfig) -> dict[str, Any]:
 def run_cli(cfg: RunConfig, args) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     stage = getattr(args, "stage", None)
+    rounds = getattr(args, "loop", None)
+    if rounds is not None:
+        if stage is not None:
+            raise ConfigError("--loop runs every stage: leave out --stage")
+        if rounds < 0:
+            raise ConfigError(f"--loop {rounds}: the number of rounds must be >= 0")
+        cfg.loop.rounds = rounds
+        kd3_loop(cfg)
+        log.info("kd3 loop finished: %s (rounds in %s)", cfg.run_dir, Path(cfg.run_dir) / "loop")
+        return 0
     if stage is None:
         kd3_pipeline(cfg)
         log.info("kd3 pipeline finished: %s", cfg.run_dir)
@@ -53,6 +65,8 @@ def build_deployments(cfg: RunConfig, cron: str | None = None) -> list:
     mod = EntrypointType.MODULE_PATH
     deps = [kd3_pipeline.to_deployment(name=cfg.name, parameters=params, cron=cron, tags=["kd3"],
                                        description=f"kd3 end-to-end run {cfg.name}", entrypoint_type=mod)]
+    deps.append(kd3_loop.to_deployment(name=cfg.name, parameters=params, tags=["kd3", "loop"],
+                                       description=f"kd3 crawl-selection loop of run {cfg.name}", entrypoint_type=mod))
     for stage, fl in STAGE_FLOWS.items():
         deps.append(fl.to_deployment(name=cfg.name, parameters=params, tags=["kd3", stage],
                                      description=f"kd3 {stage} stage of run {cfg.name}", entrypoint_type=mod))
