@@ -44,7 +44,8 @@ from crawlers.stage import crawl_planned  # noqa: E402
 from distill.stage import distill, output_dir  # noqa: E402
 from flows.loop import measure, round_config, run_loop  # noqa: E402
 from kd3demo import world as dw  # noqa: E402
-from kd3demo.demo import DemoSettings, _resolved, _truth_by_sha, demo_config, train_demo_teacher  # noqa: E402
+from kd3demo.demo import DemoSettings, _key_values, _resolved, _truth_by_sha, demo_config, \
+    train_demo_teacher  # noqa: E402
 from kd3demo.fakeweb import FakeWeb  # noqa: E402
 from pipeline.core.config import RunConfig  # noqa: E402
 from pipeline.core.io import atomic_write_json, read_jsonl  # noqa: E402
@@ -137,7 +138,8 @@ def loop_config(cfg: RunConfig, a, rounds: int) -> RunConfig:
 
 def run_seed(seed: int, a) -> dict:
     out = (Path(a.out) / f"seed{seed}").resolve()
-    s = _resolved(DemoSettings(out=out, size=a.size, seed=seed, epochs=a.epochs, methods=[a.method], report=False))
+    s = _resolved(DemoSettings(out=out, size=a.size, seed=seed, epochs=a.epochs, methods=[a.method], report=False,
+                               overrides=_key_values(a.set, "--set")))
     world = dw.generate_world(out / "world", dw.spec_for(a.size, seed=seed, query_world="loop"))
     teacher = train_demo_teacher(world, out, s.teacher_arch, s.teacher_epochs, seed, s.batch_size)
     truth_rows = read_jsonl(world.truth_path)
@@ -221,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distill", choices=["continue", "restart"], default="continue")
     ap.add_argument("--last-epochs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("bench-out/loop"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="run-config override for both arms, e.g. --set distill.kd3.id_score=bn")
     a = ap.parse_args(argv)
     quiet_logging()
     logging.getLogger("kd3.loop").setLevel(logging.INFO)

@@ -528,10 +528,11 @@ def make_web_pool(spec: WorldSpec) -> list[WebImage]:
 
 
 def _query_pool(spec: WorldSpec, ci: int, query: str, n_digits: int, n_junk: int, n_dup: int, n_broken: int,
-                *stream: str) -> list[WebImage]:
+                *stream: str, rare: tuple[str, ...] = ()) -> list[WebImage]:
     """What the web answers for one query about class ``ci``: ``n_digits`` digits of the class, junk,
     copies and broken files, shuffled. ``stream`` names the random streams (none: the class's plain query,
-    the streams every world has used since the start)."""
+    the streams every world has used since the start); the digits of ``rare`` classes never turn up as
+    another class's junk (the next class's digit is drawn instead, from the same random numbers)."""
     cls = DIGIT_NAMES[ci]
     items: list[WebImage] = []
 
@@ -563,6 +564,8 @@ def _query_pool(spec: WorldSpec, ci: int, query: str, n_digits: int, n_junk: int
             add(data, kind, None, p)
         else:  # a digit of another class listed under this query
             other = int((ci + rng.integers(1, 10)) % 10)
+            while DIGIT_NAMES[other] in rare or other == ci:
+                other = (other + 1) % 10
             data, p = render_text_image(rng, str(other), spec)
             add(data, kind, DIGIT_NAMES[other], p)
 
@@ -601,13 +604,14 @@ class QueryMix:
     broken: bool = False
 
 
-# ``loop``: two classes are rare on the web and their plain query is mostly junk; every class also has
-# other queries with other mixes: "handwritten {c}" answers scan-like digits, "{c} close-up" the usual web
-# mix, "{c} isolated on white" mostly junk. The crawl-selection loop (issue 15) has something to find.
+# ``loop``: two classes are rare on the web: their plain query is mostly junk (3 digits in 20 images at the
+# small size) and their digits never turn up under another class's query. Every class also has other
+# queries with other mixes: "handwritten {c}" answers scan-like digits, "{c} close-up" the usual web mix,
+# "{c} isolated on white" mostly junk. The crawl-selection loop (issue 15) has something to find.
 QUERY_WORLDS: dict[str, dict[str, Any]] = {
     "loop": {
         "starved": ("two", "six"),
-        "starved_plain": QueryMix(digits=0.1, junk=0.3, scan_fraction=0.3, broken=True),
+        "starved_plain": QueryMix(digits=0.05, junk=0.3, scan_fraction=0.3, broken=True),
         "queries": {"handwritten {c}": QueryMix(digits=1.0, junk=0.1, scan_fraction=1.0),
                     "{c} close-up": QueryMix(digits=0.5, junk=0.5, scan_fraction=0.3),
                     "{c} isolated on white": QueryMix(digits=0.2, junk=1.0, scan_fraction=0.0)},
@@ -615,26 +619,29 @@ QUERY_WORLDS: dict[str, dict[str, Any]] = {
 }
 
 
-def _mixed_query(spec: WorldSpec, ci: int, query: str, mix: QueryMix, *stream: str) -> list[WebImage]:
+def _mixed_query(spec: WorldSpec, ci: int, query: str, mix: QueryMix, *stream: str,
+                 rare: tuple[str, ...] = ()) -> list[WebImage]:
     n = spec.n_per_class
     n_digits = int(round(mix.digits * n))
     qspec = replace(spec, scan_fraction=mix.scan_fraction)
     return _query_pool(qspec, ci, query, n_digits, int(round(mix.junk * n)), int(round(spec.dup_fraction * n_digits)),
-                       spec.n_broken if mix.broken else 0, *stream)
+                       spec.n_broken if mix.broken else 0, *stream, rare=rare)
 
 
 def make_query_world_pool(spec: WorldSpec) -> list[WebImage]:
     """The pool of a query world: per class its plain query (as in the one-query world, or the starved mix
     from the same random streams) and then each extra query, each on random streams of its own."""
     qw = QUERY_WORLDS[str(spec.query_world)]
+    rare = tuple(qw["starved"])
     pool: list[WebImage] = []
     for ci, cls in enumerate(DIGIT_NAMES):
-        if cls in qw["starved"]:
-            pool.extend(_mixed_query(spec, ci, cls, qw["starved_plain"]))
+        if cls in rare:
+            pool.extend(_mixed_query(spec, ci, cls, qw["starved_plain"], rare=rare))
         else:
-            pool.extend(_query_pool(spec, ci, cls, spec.n_per_class, spec.n_junk, spec.n_dup, spec.n_broken))
+            pool.extend(_query_pool(spec, ci, cls, spec.n_per_class, spec.n_junk, spec.n_dup, spec.n_broken,
+                                    rare=rare))
         for template, mix in qw["queries"].items():
-            pool.extend(_mixed_query(spec, ci, template.replace("{c}", cls), mix, template))
+            pool.extend(_mixed_query(spec, ci, template.replace("{c}", cls), mix, template, rare=rare))
     return pool
 
 

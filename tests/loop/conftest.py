@@ -20,7 +20,7 @@ TEMPLATES = ["{c} close-up", "{c} isolated on white", "handwritten {c}"]
 def loop_pool():
     from kd3demo import world as dw
 
-    spec = dw.WorldSpec(seed=1, n_per_class=10, junk_fraction=0.5, dup_fraction=0.0, n_broken=0,
+    spec = dw.WorldSpec(seed=1, n_per_class=20, junk_fraction=0.5, dup_fraction=0.0, n_broken=0,
                         train_per_class=4, query_world="loop")
     return [p for p in dw.make_web_pool(spec) if set(p.query.split()) & set(CLASSES)]
 
@@ -56,7 +56,7 @@ def loop_cfg(tmp_path, loop_web, loop_teacher):
         ov = {
             "name": name, "runs_root": str(tmp_path / "runs"), "classes": CLASSES, "teacher": str(loop_teacher),
             "crawl.sources": ["bing"], "crawl.engine_urls.bing": loop_web.base_url, "crawl.allow_private_hosts": True,
-            "crawl.per_class": 30, "crawl.query_templates": ["{c}"], "crawl.threads": 2,
+            "crawl.per_class": 40, "crawl.query_templates": ["{c}"], "crawl.threads": 2,
             "crawl.rate_limit_per_domain": 1000.0, "crawl.retries": 0,
             "curate.embed_backend": "teacher", "curate.device": "cpu", "curate.workers": 0, "curate.min_side": 24,
             "curate.phash_threshold": 0, "curate.near_dup_threshold": 1.0,

@@ -22,21 +22,22 @@ def ok_by_query(cfg, cls: str) -> Counter:
 def test_planned_crawl_quotas_carry_over_and_resume(loop_cfg):
     cfg = loop_cfg()
     crawl(cfg, classes=["two"])
-    assert ok_by_query(cfg, "two") == {"two": 4}  # the plain query of a starved class: 1 digit, 3 junk
-    plan = [PlannedQuery("bing", "two", 3, base=4), PlannedQuery("bing", "two close-up", 2),
+    assert ok_by_query(cfg, "two") == {"two": 7}  # the plain query of a starved class: 1 digit, 6 junk
+    plan = [PlannedQuery("bing", "two", 3, base=7), PlannedQuery("bing", "two close-up", 2),
             PlannedQuery("bing", "handwritten two", 0)]
-    crawl_planned(cfg, "two", plan, target=9)
+    crawl_planned(cfg, "two", plan, target=12)
     # "two" is dry: its 3 pass to "two close-up"; every download is recorded with its query
-    assert ok_by_query(cfg, "two") == {"two": 4, "two close-up": 5}
+    assert ok_by_query(cfg, "two") == {"two": 7, "two close-up": 5}
     n = len(read_records(RunDir(cfg.run_dir).records))
-    crawl_planned(cfg, "two", plan, target=9)  # a rerun (after a crash) counts the records: nothing more
+    crawl_planned(cfg, "two", plan, target=12)  # a rerun (after a crash) counts the records: nothing more
     assert len(read_records(RunDir(cfg.run_dir).records)) == n
-    # "two close-up" has 10 results: 5 more, the other 3 go to the next query; the class stops at its target
-    crawl_planned(cfg, "two", [PlannedQuery("bing", "two close-up", 8, base=5),
-                               PlannedQuery("bing", "handwritten two", 0)], target=17)
-    assert ok_by_query(cfg, "two") == {"two": 4, "two close-up": 10, "handwritten two": 3}
-    crawl_planned(cfg, "two", [PlannedQuery("bing", "handwritten two", 50, base=3)], target=20)
-    assert sum(ok_by_query(cfg, "two").values()) == 20
+    # "two close-up" has 20 results: 15 more, the other 3 go to the next query
+    crawl_planned(cfg, "two", [PlannedQuery("bing", "two close-up", 18, base=5),
+                               PlannedQuery("bing", "handwritten two", 0)], target=30)
+    assert ok_by_query(cfg, "two") == {"two": 7, "two close-up": 20, "handwritten two": 3}
+    # the class stops at its target whatever the quotas say
+    crawl_planned(cfg, "two", [PlannedQuery("bing", "handwritten two", 50, base=3)], target=33)
+    assert sum(ok_by_query(cfg, "two").values()) == 33
 
 
 def test_incremental_curate_embeds_only_the_new_images(loop_cfg):
@@ -45,7 +46,7 @@ def test_incremental_curate_embeds_only_the_new_images(loop_cfg):
     m0 = curate(cfg)
     first = m0["stats"]["embed"]
     assert first["cached"] == 0 and first["computed"] > 0
-    crawl_planned(cfg, "two", [PlannedQuery("bing", "handwritten two", 6)], target=4 + 6)
+    crawl_planned(cfg, "two", [PlannedQuery("bing", "handwritten two", 6)], target=7 + 6)
     m = curate(cfg)
     assert m["stats"]["embed"] == {**m["stats"]["embed"], "computed": 6, "cached": first["computed"]}
     # the decisions are made again over the whole pool: the new images are kept beside the old ones
@@ -62,7 +63,7 @@ def test_warm_start_on_a_grown_pool(loop_cfg):
     crawl(cfg)
     curate(cfg)
     first = distill(cfg, out_id="a")
-    crawl_planned(cfg, "two", [PlannedQuery("bing", "handwritten two", 6)], target=10)
+    crawl_planned(cfg, "two", [PlannedQuery("bing", "handwritten two", 6)], target=13)
     curate(cfg)
     # a near-zero step: the grown pool's run must start where the first one ended
     still = loop_cfg(**{"distill.method": "dfnd", "distill.lr": 1e-12, "distill.weight_decay": 0.0,

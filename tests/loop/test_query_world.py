@@ -8,7 +8,7 @@ import pytest
 from kd3demo import world as dw
 from kd3demo.fakeweb import FakeWeb
 
-BASE = dict(seed=2, n_per_class=10, junk_fraction=0.5, dup_fraction=0.2, n_broken=2, train_per_class=4)
+BASE = dict(seed=2, n_per_class=20, junk_fraction=0.5, dup_fraction=0.2, n_broken=2, train_per_class=4)
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +20,21 @@ def test_plain_queries_come_from_the_one_query_worlds_streams(pools):
     plain, qw = pools
     starved = dw.QUERY_WORLDS["loop"]["starved"]
     for cls in dw.DIGIT_NAMES:
-        a = [(p.name, p.data) for p in plain if p.query == cls]
-        b = [(p.name, p.data) for p in qw if p.query == cls]
+        # a digit of a rare class listed as another class's junk is drawn as the next class's instead
+        # (and so are its copies): compare the rest byte for byte
+        moved = {p.name for p in plain if p.truth in starved}
+        a = [(p.name, None if p.name in moved else p.data) for p in plain if p.query == cls]
+        b = [(p.name, None if p.name in moved else p.data) for p in qw if p.query == cls]
         if cls in starved:  # fewer files, mostly junk, drawn from the same streams
-            digits_a = {p.data for p in plain if p.query == cls and p.kind == "digit"}
             kinds = Counter(p.kind for p in qw if p.query == cls)
-            assert kinds["digit"] == 1 and sum(kinds[k] for k in dw.JUNK_KINDS) == 3
+            assert kinds["digit"] == 1 and sum(kinds[k] for k in dw.JUNK_KINDS) == 6
+            digits_a = {p.data for p in plain if p.query == cls and p.kind == "digit"}
             assert {p.data for p in qw if p.query == cls and p.kind == "digit"} <= digits_a
         else:
             assert a == b  # byte for byte the one-query world's answer
+    # the rare classes' digits turn up nowhere but under their own queries
+    assert all(p.query.split()[-1] in starved or p.query.split()[0] in starved
+               for p in qw if p.truth in starved)
 
 
 def test_each_query_answers_its_mix_under_exact_queries(pools):
@@ -40,7 +46,7 @@ def test_each_query_answers_its_mix_under_exact_queries(pools):
             assert found == {urls[p.name] for p in qw if p.query == q} and found
         assert web.search("two photo") == [] and web.search("  Handwritten   TWO ") != []
     hand = [p for p in qw if p.query == "handwritten two" and p.kind == "digit"]
-    assert len(hand) == 10 and all(p.params["background"] == "scan" for p in hand)
+    assert len(hand) == 20 and all(p.params["background"] == "scan" for p in hand)
     assert all(p.params.get("background") != "scan" for p in qw if p.query == "two isolated on white"
                and p.kind == "digit")
 
