@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="small", choices=sorted(dw.SIZES))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--budget", type=int, default=60, help="downloads per loop round")
+    ap.add_argument("--budget", type=int, default=40, help="downloads per loop round")
     ap.add_argument("--method", default="kd3")
     ap.add_argument("--epochs", type=int, default=60, help="round 0 (and restart rounds)")
     ap.add_argument("--epochs-per-round", type=int, default=20, help="each continue round")
@@ -231,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     t0 = time.time()
     for seed in [int(x) for x in a.seeds.split(",") if x.strip()]:
-        results.append(run_seed(seed, a))
+        done = a.out / f"seed{seed}" / "result.json"  # a finished seed is reused (seeds may run in parallel)
+        if not done.is_file():
+            atomic_write_json(done, run_seed(seed, a))
+        results.append(json.loads(done.read_text()))
         atomic_write_json(a.out / f"loop-{a.size}.json", {"args": {k: str(v) for k, v in vars(a).items()},
                                                           "machine": machine(), "results": results})
     lines = [f"loop bench: {a.size} world, seeds {a.seeds}, {a.method}, {a.rounds} rounds x {a.budget} downloads, "
