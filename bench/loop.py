@@ -180,13 +180,16 @@ def run_seed(seed: int, a) -> dict:
 def report(results: list[dict]) -> list[str]:
     lines = []
     starved = results[0]["starved"]
-    head = f"{'seed':>4}  {'starved':<10} {'downloads':>9}  {'selected (starved)':>19}  {'top-1 starved':>14}  {'top-1 all':>10}"
+    head = (f"{'seed':>4}  {'arm':<7} {'rounds':>6} {'downloads':>9}  {'selected (starved)':>18}  "
+            + "".join(f"{'top-1 ' + c:>10}  " for c in starved) + f"{'top-1 all':>9}")
     lines += [head, "-" * len(head)]
     for r in results:
         for arm in ("noloop", "loop"):
             m = r[arm]
-            lines.append(f"{r['seed']:>4}  {arm:<10} {m['downloads']:>9}  {m['starved_selected']:>19.1f}  "
-                         f"{100 * (m['starved_top1'] or 0):>13.2f}%  {100 * (m['top1'] or 0):>9.2f}%")
+            n = len(r["rounds"]) - 1 if arm == "loop" else 0
+            lines.append(f"{r['seed']:>4}  {arm:<7} {n:>6} {m['downloads']:>9}  {m['starved_selected']:>18.1f}  "
+                         + "".join(f"{100 * m['top1_per_class'].get(c, 0):>9.2f}%  " for c in starved)
+                         + f"{100 * (m['top1'] or 0):>8.2f}%")
     lines.append("")
     for key, label, scale in (("starved_selected", "selected, starved classes", 1.0),
                               ("starved_top1", "top-1 on the starved classes", 100.0), ("top1", "top-1 overall", 100.0)):
@@ -205,6 +208,11 @@ def report(results: list[dict]) -> list[str]:
             added.append(f"r{rr['round']}: " + ", ".join(f"{c} scan {k[c]['digit_scan']} web {k[c]['digit_web']} "
                                                           f"junk {k[c]['junk']}" for c in starved))
         lines.append(f"seed {r['seed']} kept by kind after each round: " + " | ".join(added))
+        asked = [f"r{rr['round']}: " + ", ".join(f"{p['query']} {p['quota']}" for c in starved[:1]
+                                                  for p in rr["plan"].get(c, []) if p["quota"])
+                 for rr in r["rounds"] if rr["plan"]]
+        stop = r["rounds"][-1].get("stop") or "rounds done"
+        lines.append(f"seed {r['seed']} {starved[0]} asked " + " | ".join(asked) + f"; stop: {stop}")
         nk = {c: r["noloop"]["kinds"][c] for c in starved}
         lines.append(f"seed {r['seed']} no loop kept: " + ", ".join(
             f"{c} scan {nk[c]['digit_scan']} web {nk[c]['digit_web']} junk {nk[c]['junk']}" for c in starved))
