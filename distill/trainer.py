@@ -245,7 +245,7 @@ class Trainer:
         return {self.classes[g]: v[what] for g, v in (r.get("per_group") or {}).items() if 0 <= g < len(self.classes)}
 
     def save(self, epoch: int, row: dict, es: EpochSelection, rngs: list) -> None:
-        """Rank 0: the epoch's selection row, the checkpoint, metrics.json (each atomic)."""
+        """Rank 0: the epoch's selection row, metrics.json, the checkpoint (each atomic)."""
         slog = es.selection.log
         thr = slog.get("thresholds")
         append_selection(self.sel_path, SelectionRow.of(
@@ -255,9 +255,11 @@ class Trainer:
         obj = {"epoch": epoch, "method": self.method.state_dict(), "optimizer": self.opt.state_dict(),
                "scheduler": self.sched.state_dict(), "extra_state": json.dumps(self.method.extra_state()),
                "rng": rngs}
+        # metrics before the checkpoint: a kill between the two leaves a row that a resume (from the older
+        # checkpoint) drops, never a checkpoint whose epoch has no row
+        write_metrics(self.metrics_path, self.metrics)
         with atomic_path(self.ck_path) as tmp:
             torch.save(obj, tmp)
-        write_metrics(self.metrics_path, self.metrics)
 
     # ---------------------------------------------------------------- the run
     def fit(self, start: int, on_epoch_end: Optional[Callable[[int], None]] = None) -> dict:
