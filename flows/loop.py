@@ -201,20 +201,26 @@ def check_loop(cfg: RunConfig) -> None:
         raise ConfigError("the loop asks search engines for more: crawl.sources needs bing, baidu, google or flickr")
 
 
-def run_loop(cfg: RunConfig, stages: Stages = PLAIN,
-             first: Optional[Callable[[RunConfig], Path]] = None) -> list[LoopRound]:
-    """The whole loop without Prefect; resumes from ``loop/``. ``first`` runs round 0 (default: crawl,
-    curate and distill plainly) and returns its distill folder."""
+def run_loop(cfg: RunConfig, stages: Stages = PLAIN, first: Optional[Callable[[RunConfig], Path]] = None,
+             run_round: Optional[Callable[[RunConfig, LoopRound], LoopRound]] = None,
+             on_done: Optional[Callable[[RunConfig, LoopRound], object]] = None) -> list[LoopRound]:
+    """The whole loop; resumes from ``loop/``. ``first`` runs round 0 (default: crawl, curate and distill
+    plainly) and returns its distill folder; ``run_round`` takes a round to done (default: :func:`advance`
+    with ``stages``; the flow runs a subflow); ``on_done`` sees each round this call finished."""
     check_loop(cfg)
     save_resolved(cfg)
     rd = RunDir(cfg.run_dir)
     if not read_loop_rounds(rd.loop):
-        first_round(cfg, (first or _plain_pipeline)(cfg))
+        rnd = first_round(cfg, (first or _plain_pipeline)(cfg))
+        if on_done is not None:
+            on_done(cfg, rnd)
     while True:
         rnd = next_round(cfg, read_loop_rounds(rd.loop))
         if rnd is None:
             return read_loop_rounds(rd.loop)
-        advance(cfg, rnd, stages)
+        rnd = (run_round or (lambda c, r: advance(c, r, stages)))(cfg, rnd)
+        if on_done is not None:
+            on_done(cfg, rnd)
 
 
 def _plain_pipeline(cfg: RunConfig) -> Path:
@@ -257,13 +263,21 @@ def _flow_stages() -> Stages:
 
 @flow(name="kd3-loop-round", log_prints=True)
 def loop_round(config: RunConfig, round_no: int) -> dict:
-    """One round of the loop: crawl more for the starved classes, curate, distill, measure."""
+    """One round of the loop (started by the parent flow): crawl more for the starved classes, curate,
+    distill, measure."""
     cfg = config
-    rounds = read_loop_rounds(RunDir(cfg.run_dir).loop)
-    rnd = next((r for r in rounds if r.round == round_no), None) or next_round(cfg, rounds)
-    advance(cfg, rnd, _flow_stages())
+    rnd = next(r for r in read_loop_rounds(RunDir(cfg.run_dir).loop) if r.round == round_no)
+    return advance(cfg, rnd, _flow_stages()).to_row()
+
+
+def _publish_round(cfg: RunConfig, rnd: LoopRound) -> None:
     publish_markdown(f"loop-round-{rnd.round}", cfg, round_markdown(cfg, rnd), f"loop round {rnd.round} of {cfg.name}")
-    return rnd.to_row()
+
+
+def _flow_first(cfg: RunConfig) -> Path:
+    """Round 0 in the flow: the (cached) end-to-end pipeline, its distill folder."""
+    res = kd3_pipeline(cfg)
+    return Path(res["distill"].get("out_dir") or output_dir(cfg))
 
 
 @flow(name="kd3-loop", log_prints=True)
@@ -271,17 +285,6 @@ def kd3_loop(config: RunConfig, run_name: Optional[str] = None) -> list[dict]:
     """The end-to-end pipeline, then up to ``loop.rounds`` rounds of crawl -> curate -> distill driven by
     what distillation selected; resumes from ``loop/``."""
     cfg = with_run_name(config, run_name)
-    check_loop(cfg)
-    save_resolved(cfg)
-    rd = RunDir(cfg.run_dir)
-    if not read_loop_rounds(rd.loop):
-        res = kd3_pipeline(cfg)
-        first = first_round(cfg, Path(res["distill"].get("out_dir") or output_dir(cfg)))
-        publish_markdown("loop-round-0", cfg, round_markdown(cfg, first), f"loop round 0 of {cfg.name}")
-    while True:
-        rounds = read_loop_rounds(rd.loop)
-        rnd = next_round(cfg, rounds)
-        if rnd is None:
-            break
-        loop_round(cfg, rnd.round)
-    return [r.to_row() for r in read_loop_rounds(rd.loop)]
+    rounds = run_loop(cfg, first=_flow_first, on_done=_publish_round,
+                      run_round=lambda c, r: LoopRound.from_row(loop_round(c, r.round)))
+    return [r.to_row() for r in rounds]

@@ -18,7 +18,7 @@ def _loop_fixtures():
 
 
 _fx = _loop_fixtures()
-loop_pool, loop_web, loop_teacher, loop_cfg = _fx.loop_pool, _fx.loop_web, _fx.loop_teacher, _fx.loop_cfg
+loop_pool, loop_web, loop_cfg = _fx.loop_pool, _fx.loop_web, _fx.loop_cfg  # tiny_teacher: tests/flows/conftest.py
 
 
 def test_kd3_run_loop_runs_rounds_as_subflows_with_artifacts(prefect_env, loop_cfg, tmp_path):

@@ -1,11 +1,14 @@
 """Loop tests: a tiny query world of three classes (``two`` is rare on the web and mostly junk under its
-plain query) served by the fake web under exact queries, a random cnn_tiny teacher, and a config maker.
+plain query) served by the fake web under exact queries, the flows tests' random cnn_tiny teacher, and a
+config maker.
 
 With a random teacher kd3 selects nothing, so the loop tests that need starved classes use kd (it trains
 on every image: starvation from kept counts) or an explicit ``loop.min_selected``."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,26 +38,28 @@ def loop_web(loop_pool):
         yield web
 
 
-@pytest.fixture(scope="session")
-def loop_teacher(tmp_path_factory) -> Path:
-    import torch
+def _flows_conftest():
+    """tests/flows/conftest.py, whose random cnn_tiny teacher of the same three classes is reused here."""
+    name = "kd3_flows_conftest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "flows" / "conftest.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    assert sys.modules[name].CLASSES == CLASSES
+    return sys.modules[name]
 
-    from distill.models import create_model
-    from pipeline.core.checkpoint import save_checkpoint
 
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("loop-teacher") / "teacher.pt"
-    save_checkpoint(path, "cnn_tiny", CLASSES, 32, [0.5] * 3, [0.5] * 3, create_model("cnn_tiny", 3).state_dict())
-    return path
+tiny_teacher = _flows_conftest().tiny_teacher
 
 
 @pytest.fixture
-def loop_cfg(tmp_path, loop_web, loop_teacher):
+def loop_cfg(tmp_path, loop_web, tiny_teacher):
     from pipeline.core.config import load_config
 
     def make(name: str = "loop", **overrides):
         ov = {
-            "name": name, "runs_root": str(tmp_path / "runs"), "classes": CLASSES, "teacher": str(loop_teacher),
+            "name": name, "runs_root": str(tmp_path / "runs"), "classes": CLASSES, "teacher": str(tiny_teacher),
             "crawl.sources": ["bing"], "crawl.engine_urls.bing": loop_web.base_url, "crawl.allow_private_hosts": True,
             "crawl.per_class": 40, "crawl.query_templates": ["{c}"], "crawl.threads": 2,
             "crawl.rate_limit_per_domain": 1000.0, "crawl.retries": 0,
