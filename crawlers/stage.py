@@ -40,6 +40,7 @@ from pipeline.core.records import ClassSummary, CrawlRecord, CrawlSummary, Recor
 from pipeline.core.runs import RunDir
 from pipeline.core.slug import unique_slugs
 
+from .expand import PlannedQuery
 from .fetch import Fetcher, FetchResult, check_image_bytes, redact
 from .sources import ENGINES, EngineError, engine_results, expand_queries, load_url_list
 
@@ -70,6 +71,7 @@ class _State:
         self.by_url: dict[str, dict] = {}
         self.class_shas: dict[str, set[str]] = defaultdict(set)
         self.ok: Counter = Counter()
+        self.ok_by_query: Counter = Counter()  # (class, engine, query) -> downloads
         self.dup: Counter = Counter()
         self.failed: dict[str, Counter] = defaultdict(Counter)
         self.urls: dict[str, set[str]] = defaultdict(set)
@@ -93,6 +95,7 @@ class _State:
             self.class_shas[cls].add(r.sha256)
         if r.status == "ok":
             self.ok[cls] += 1
+            self.ok_by_query[(cls, r.engine, r.query)] += 1
 
 
 def _remove_stale_tmp(run: RunDir, age_s: float = 600.0) -> None:
@@ -132,19 +135,27 @@ class Crawler:
             self._url_lists = load_url_list(Path(self.c.url_list), classes, self.c.url_column, self.c.class_column)
         return self._url_lists
 
+    def query_candidates(self, source: str, q: str, name: str, notes: list[str]) -> Iterator[Candidate]:
+        """One engine query's results; an engine that fails says so in ``notes`` (EngineError re-raised
+        when the engine should be skipped for the class)."""
+        try:
+            for urls in engine_results(source, self.c, q, self.fetcher):
+                for u in urls:
+                    yield Candidate(u, q, source)
+        except EngineError as e:
+            notes.append(str(e))
+            log.warning("class %r: %s", name, e)
+            if e.give_up:
+                raise
+
     def candidates(self, name: str, notes: list[str], classes: list[str]) -> Iterator[Candidate]:
         for source in self.c.sources:
             if source in ENGINES:
                 for q in expand_queries(self.c, name):
                     try:
-                        for urls in engine_results(source, self.c, q, self.fetcher):
-                            for u in urls:
-                                yield Candidate(u, q, source)
-                    except EngineError as e:
-                        notes.append(str(e))
-                        log.warning("class %r: %s", name, e)
-                        if e.give_up:
-                            break
+                        yield from self.query_candidates(source, q, name, notes)
+                    except EngineError:
+                        break
                     if self.fetcher.past_deadline():
                         return
             elif source == "urls":
@@ -236,15 +247,60 @@ class Crawler:
             return self._class_summary(name, notes, counts, skipped=True)
         bar = tqdm(total=target, initial=have, desc=name[:24], unit="img", disable=None, leave=True,
                    file=sys.stderr)
+        try:
+            exhausted = self._fill(name, self.candidates(name, notes, classes), lambda: self.state.ok[name], target,
+                                   counts, bar)
+        finally:
+            bar.close()
+        cut = self.fetcher.past_deadline()
+        if cut and room(self.state.ok[name]) and not stop_requested():
+            self.deadline_hit = True
+            notes.append(f"deadline of {self.c.deadline_s:g}s reached")
+        return self._class_summary(name, notes, counts, every_tried=exhausted and not cut)
+
+    def crawl_plan(self, name: str, plan: list[PlannedQuery], target: int) -> ClassSummary:
+        """Download for one class from planned queries: each up to its ``base + quota`` downloads (plus
+        what the queries before it could not deliver), the class up to ``target``. Counted from the
+        records, so a rerun after a crash continues where it stopped."""
+        notes: list[str] = []
+        counts: Counter = Counter()
+        have = self.state.ok[name]
+        bar = tqdm(total=max(target, have), initial=have, desc=name[:24], unit="img", disable=None, leave=True,
+                   file=sys.stderr)
+        carry = 0
+        try:
+            for p in plan:
+                key = (name, p.source, p.query)
+                goal = p.base + p.quota + carry
+                if self.state.ok[name] < target and self.state.ok_by_query[key] < goal:
+                    left = target - self.state.ok[name]
+                    goal = min(goal, self.state.ok_by_query[key] + left)
+                    with contextlib.suppress(EngineError):
+                        self._fill(name, self.query_candidates(p.source, p.query, name, notes),
+                                   lambda k=key: self.state.ok_by_query[k], goal, counts, bar)
+                carry = max(0, goal - self.state.ok_by_query[key])
+                if self.fetcher.past_deadline():  # or Ctrl-C
+                    self.deadline_hit = not stop_requested()
+                    if self.deadline_hit:
+                        notes.append(f"deadline of {self.c.deadline_s:g}s reached")
+                    break
+        finally:
+            bar.close()
+        return self._class_summary(name, notes, counts)
+
+    def _fill(self, name: str, gen: Iterator[Candidate], have, target: int | None, counts: Counter, bar) -> bool:
+        """Download candidates from ``gen`` on the thread pool until ``have()`` (+ downloads in flight)
+        reaches ``target`` (None: no cap) or ``gen`` runs dry; every URL gets its record. True when every
+        candidate was tried (or the deadline / Ctrl-C ended it)."""
         seen: set[str] = set()
-        gen = self.candidates(name, notes, classes)
         exhausted = False
         inflight: dict = {}
         threads = self.c.threads
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kd3-dl") as ex:
             try:
                 while True:
-                    while not exhausted and len(inflight) < threads and room(self.state.ok[name] + len(inflight)):
+                    while not exhausted and len(inflight) < threads and (
+                            target is None or have() + len(inflight) < target):
                         if self.fetcher.past_deadline():  # or Ctrl-C: the downloads in flight end at once
                             self.deadline_hit = not stop_requested()
                             exhausted = True
@@ -280,12 +336,7 @@ class Crawler:
                             bar.update(1)
             finally:
                 gen.close()
-                bar.close()
-        cut = self.fetcher.past_deadline()
-        if cut and room(self.state.ok[name]) and not stop_requested():
-            self.deadline_hit = True
-            notes.append(f"deadline of {self.c.deadline_s:g}s reached")
-        return self._class_summary(name, notes, counts, every_tried=exhausted and not cut)
+        return exhausted
 
     def _class_summary(self, name: str, notes: list[str], counts: Counter, skipped: bool = False,
                        every_tried: bool = False) -> ClassSummary:
@@ -400,6 +451,23 @@ def crawl_class(cfg: RunConfig, name: str) -> dict:
     _write_summary(cfg, {name: s}, deadline_hit=crawler.deadline_hit, elapsed_s=None)
     log.info("class %r: %d/%s images (%d found, %d duplicates, %d failed)", name, s.downloaded,
              "all" if s.target is None else s.target, s.found, s.duplicates, sum(s.failed.values()))
+    return s.to_row()
+
+
+def crawl_planned(cfg: RunConfig, name: str, plan: list[PlannedQuery], target: int) -> dict:
+    """Crawl one class from planned queries up to ``target`` downloads (the crawl-selection loop; every
+    URL is recorded in ``crawl/records.jsonl`` as usual); returns the class summary, merged into
+    ``crawl/summary.json``. Resumable: what the records hold counts."""
+    check_sources(cfg)
+    crawler = Crawler(cfg)
+    try:
+        s = crawler.crawl_plan(name, plan, target)
+    finally:
+        crawler.close()
+    s.target, s.done = target, s.downloaded >= target
+    _write_summary(cfg, {name: s}, deadline_hit=crawler.deadline_hit, elapsed_s=None)
+    log.info("class %r: %d/%d images after the planned queries (%s)", name, s.downloaded, target,
+             ", ".join(f"{p.query!r} {p.quota}" for p in plan if p.quota))
     return s.to_row()
 
 

@@ -9,7 +9,7 @@ import os
 import random
 import sys
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -184,11 +184,14 @@ def seed_all(seed: int) -> None:
 
 # ---------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(predict: Callable, teacher: nn.Module, batches, rt: Runtime, labelled: bool) -> dict:
-    """Top-1 of the student (and the teacher) against labels, student-teacher agreement, and with labels
-    the student's confusion matrix (``confusion[true][predicted]`` counts)."""
+def evaluate(predict: Callable, teacher: nn.Module, batches, rt: Runtime, labelled: bool,
+             group_of: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict:
+    """Top-1 of the student (and the teacher) against labels, student-teacher agreement, with labels the
+    student's confusion matrix (``confusion[true][predicted]`` counts), and with ``group_of`` (batch
+    targets -> group ids) the same per group under ``per_group``."""
     n = correct_s = correct_t = agree = 0
     conf = None
+    groups: dict[int, list[int]] = {}
     for x, y in batches:
         x = rt.to_input(x)
         with rt.autocast():
@@ -202,11 +205,18 @@ def evaluate(predict: Callable, teacher: nn.Module, batches, rt: Runtime, labell
             correct_t += int((pt == y).sum())
             k = zs.shape[1]
             conf = (0 if conf is None else conf) + torch.bincount(y.long() * k + ps, minlength=k * k).view(k, k)
+        if group_of is not None:
+            for g, a, c in zip(group_of(y).tolist(), (ps == pt).tolist(), (ps == y).tolist()):
+                cell = groups.setdefault(int(g), [0, 0, 0])
+                cell[0], cell[1], cell[2] = cell[0] + 1, cell[1] + int(a), cell[2] + int(c)
     if n == 0:
         return {}
     out = {"n": n, "agreement": agree / n}
     if labelled:
         out.update(top1=correct_s / n, teacher_top1=correct_t / n, confusion=conf.tolist())
+    if group_of is not None:
+        out["per_group"] = {g: {"n": c[0], "agreement": c[1] / c[0], **({"top1": c[2] / c[0]} if labelled else {})}
+                            for g, c in sorted(groups.items())}
     return out
 
 

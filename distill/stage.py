@@ -40,10 +40,11 @@ def output_dir(cfg, out_id: str | None = None) -> Path:
 
 
 def distill(cfg, *, out_id: str | None = None, resume: bool = False, manifest: str | Path | None = None,
-            on_epoch_end: Optional[Callable[[int], None]] = None) -> dict:
+            on_epoch_end: Optional[Callable[[int], None]] = None, init_from: str | Path | None = None) -> dict:
     """Distill a student on the run's shards; writes ``distill/<method>-<id>/``; returns metrics.
 
-    A finished output folder is returned as is; an unfinished one needs ``resume=True``.
+    A finished output folder is returned as is; an unfinished one needs ``resume=True``. ``init_from``: a
+    ``checkpoint.pt`` of an earlier run of the same method and student to start from (the pool may have grown).
     """
     rd = RunDir(cfg.run_dir)
     mp = Path(manifest) if manifest is not None else rd.manifest
@@ -54,7 +55,9 @@ def distill(cfg, *, out_id: str | None = None, resume: bool = False, manifest: s
     out = output_dir(cfg, out_id)
     from .trainer import run_training  # heavy (torch): the CLI and the flows import this module at start
 
-    return run_training(cfg, mp, teacher, out, resume=resume, on_epoch_end=on_epoch_end)
+    if init_from is not None and not Path(init_from).is_file():
+        raise DataError(f"init_from checkpoint {init_from} does not exist")
+    return run_training(cfg, mp, teacher, out, resume=resume, on_epoch_end=on_epoch_end, init_from=init_from)
 
 
 def summary_line(metrics: dict) -> str:

@@ -112,6 +112,19 @@ class Trainer:
         log.info("resumed from %s at epoch %d", self.ck_path, start)
         return start
 
+    def warm_start(self, checkpoint: Path) -> None:
+        """Start from another run's weights (the loop's last round), on this run's pool, which may have grown
+        since: the method's parameters and buffers only; optimiser, schedule and selection start afresh (a
+        pool-sized selection state, such as dfnd's one-off choice, is made again over the new pool)."""
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        try:
+            self.method.load_state_dict(ck["method"])
+        except (KeyError, RuntimeError) as e:
+            raise DataError(f"{checkpoint}: cannot start {self.dc.method}/{self.dc.student} from it "
+                            f"({str(e).splitlines()[0]})") from None
+        self.metrics["init_from"] = str(checkpoint)
+        log.info("warm start from %s (%d pool images now)", checkpoint, len(self.pool))
+
     def prepare(self, start: int) -> None:
         """Pool keys and a selection log that ends before ``start``; DDP; the eval set."""
         rt = self.rt
@@ -216,14 +229,22 @@ class Trainer:
         rt, bs, workers = self.rt, self.bs_local * 2, self.dc.workers
         self.method.eval()
         if self.eval_ds is not None:
-            r = evaluate(self.method.predict, self.teacher, loader(self.eval_ds, bs, workers, rt), rt, True)
-            out.update(eval_top1=r.get("top1"), eval_agreement=r.get("agreement"))
+            r = evaluate(self.method.predict, self.teacher, loader(self.eval_ds, bs, workers, rt), rt, True,
+                         group_of=lambda y: y)
+            out.update(eval_top1=r.get("top1"), eval_agreement=r.get("agreement"),
+                       eval_top1_per_class=self._per_class(r, "top1"))
             self.teacher_top1, self.confusion = r.get("teacher_top1"), r.get("confusion")
         if self.data.holdout is not None:
-            r = evaluate(self.method.predict, self.teacher, loader(self.data.holdout, bs, workers, rt), rt, False)
-            out["val_agreement"] = r.get("agreement")
+            labels = torch.tensor(self.data.holdout.labels)  # the query class of each held-out image
+            r = evaluate(self.method.predict, self.teacher, loader(self.data.holdout, bs, workers, rt), rt, False,
+                         group_of=lambda i: labels[i])
+            out.update(val_agreement=r.get("agreement"), val_agreement_per_class=self._per_class(r, "agreement"))
         self.method.train()
         return out
+
+    def _per_class(self, r: dict, what: str) -> dict[str, float]:
+        """{class name: value} from ``evaluate``'s per-group results (groups = class indices)."""
+        return {self.classes[g]: v[what] for g, v in (r.get("per_group") or {}).items() if 0 <= g < len(self.classes)}
 
     def save(self, epoch: int, row: dict, es: EpochSelection, rngs: list) -> None:
         """Rank 0: the epoch's selection row, metrics.json, then the checkpoint (each atomic). The checkpoint
@@ -310,6 +331,8 @@ class Trainer:
         self.metrics["final"] = {
             "done": True, "epochs": len(epochs), "top1": top1, "teacher_top1": t_top1, "agreement": agree,
             "val_agreement": last.get("val_agreement"), "eval": self.eval_kind,
+            "eval_top1_per_class": last.get("eval_top1_per_class"),
+            "val_agreement_per_class": last.get("val_agreement_per_class"),
             "best_val_epoch": best[1] if best else None, "best_val_agreement": best[0] if best else None,
             "params": count_params(self.exported), "teacher_params": count_params(self.teacher),
             "throughput_img_s": (self.total_imgs / self.total_train_s) if self.total_train_s > 0 else None,
@@ -328,7 +351,7 @@ def _fmt(v):
 
 
 def run_training(cfg, manifest_path: Path, teacher_path: Path, out_dir: Path, *, resume: bool = False,
-                 on_epoch_end: Optional[Callable[[int], None]] = None) -> dict:
+                 on_epoch_end: Optional[Callable[[int], None]] = None, init_from: Optional[Path] = None) -> dict:
     dc = cfg.distill
     rt = Runtime(dc.device, dc.amp, dc.channels_last)
     set_progress_every(dc.log_every)
@@ -352,6 +375,8 @@ def run_training(cfg, manifest_path: Path, teacher_path: Path, out_dir: Path, *,
     try:
         trainer = Trainer(cfg, manifest_path, teacher_path, out_dir, rt)
         start = trainer.resume() if resume and trainer.ck_path.is_file() else 0
+        if start == 0 and init_from is not None:
+            trainer.warm_start(Path(init_from))
         trainer.prepare(start)
         return trainer.fit(start, on_epoch_end)
     except BaseException:

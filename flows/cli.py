@@ -3,6 +3,7 @@
 ``kd3 run --config run.yaml``            end-to-end flow against a temporary Prefect server of kd3's own
                                           (flows/server.py; PREFECT_API_URL when set)
 ``kd3 run --run runs/x --stage distill`` rerun only that stage on an existing run (cache ignored)
+``kd3 run --config run.yaml --loop 3``   the pipeline, then 3 rounds of the crawl-selection loop (``kd3-loop``)
 ``kd3 serve --config run.yaml --cron "0 3 * * *"``
                                           deployments ``kd3-pipeline/<name>`` (scheduled), ``kd3-crawl/<name>``,
                                           ``kd3-curate/<name>``, ``kd3-distill/<name>`` served by this process;
@@ -25,6 +26,7 @@ from pipeline.core.config import RunConfig, absolute_config
 from pipeline.core.errors import ConfigError
 
 from flows.e2e import kd3_pipeline
+from flows.loop import kd3_loop
 from flows.server import prefect_api
 from flows.stages import STAGE_FLOWS
 
@@ -40,12 +42,22 @@ def deployment_parameters(cfg: RunConfig) -> dict[str, Any]:
 def run_cli(cfg: RunConfig, args) -> int:
     """``kd3 run``: the flow against ``PREFECT_API_URL`` or a server of kd3's own, stopped last."""
     stage = getattr(args, "stage", None)
+    rounds = getattr(args, "loop", None)
+    if rounds is not None:
+        if stage is not None:
+            raise ConfigError("--loop runs every stage: leave out --stage")
+        if rounds < 0:
+            raise ConfigError(f"--loop {rounds}: the number of rounds must be >= 0")
+        cfg.loop.rounds = rounds
     if stage is not None and stage not in STAGE_FLOWS:
         raise ConfigError(f"--stage {stage!r}: expected one of {sorted(STAGE_FLOWS)}")
     if stage not in (None, "crawl") and not Path(cfg.run_dir).is_dir():
         raise ConfigError(f"--stage {stage}: run directory {cfg.run_dir} does not exist (run the earlier stages first)")
     with prefect_api():
-        if stage is None:
+        if rounds is not None:
+            kd3_loop(cfg)
+            log.info("kd3 loop finished: %s (rounds in %s)", cfg.run_dir, Path(cfg.run_dir) / "loop")
+        elif stage is None:
             kd3_pipeline(cfg)
             log.info("kd3 pipeline finished: %s", cfg.run_dir)
         else:
@@ -60,6 +72,8 @@ def build_deployments(cfg: RunConfig, cron: str | None = None) -> list:
     mod = EntrypointType.MODULE_PATH
     deps = [kd3_pipeline.to_deployment(name=cfg.name, parameters=params, cron=cron, tags=["kd3"],
                                        description=f"kd3 end-to-end run {cfg.name}", entrypoint_type=mod)]
+    deps.append(kd3_loop.to_deployment(name=cfg.name, parameters=params, tags=["kd3", "loop"],
+                                       description=f"kd3 crawl-selection loop of run {cfg.name}", entrypoint_type=mod))
     for stage, fl in STAGE_FLOWS.items():
         deps.append(fl.to_deployment(name=cfg.name, parameters=params, tags=["kd3", stage],
                                      description=f"kd3 {stage} stage of run {cfg.name}", entrypoint_type=mod))

@@ -284,7 +284,7 @@ def _distill_all(s: DemoSettings, world, teacher: Path, timings: dict) -> tuple[
     per_query = max(v for q in world.counts["web"].values() for v in [sum(q.values())])
     method_dirs: dict[str, Path] = {}
     with FakeWeb() as web:
-        dw.register_on_fakeweb(web, pool)
+        dw.register_on_fakeweb(web, pool, exact=world.spec.query_world is not None)  # a query world: exact queries
         cfg = demo_config(s, world, teacher, web.engine_urls()["bing"], per_query)
         log.info("demo: fake web at %s serving %d files; curate embeddings: %s", web.base_url, len(pool),
                  cfg.curate.embed_backend)

@@ -138,6 +138,10 @@ def _term_re(term: str) -> re.Pattern:
     return re.compile(r"(?<!\w)" + re.escape(term.lower()) + r"(?!\w)")
 
 
+def _query_re(query: str) -> re.Pattern:
+    return re.compile(r"^\s*" + r"\s+".join(re.escape(w) for w in query.lower().split()) + r"\s*$")
+
+
 class FakeWeb:
     """See the module docstring. Use as a context manager (``with FakeWeb() as fw:``)."""
 
@@ -204,23 +208,24 @@ class FakeWeb:
         stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(name).stem)[:40] or "img"
         return f"/img/{n}-{stem}.jpg"
 
-    def add_result(self, url: str, terms: Iterable[str], title: str = "") -> str:
-        """List any URL (also a foreign or an /err/ one) in the search results for ``terms``."""
-        pats = [_term_re(t) for t in terms if t and t.strip()]
+    def add_result(self, url: str, terms: Iterable[str], title: str = "", queries: Iterable[str] = ()) -> str:
+        """List any URL (also a foreign or an /err/ one) in the search results for ``terms`` (a term
+        anywhere in the query) and for exactly the ``queries`` (case and spacing aside)."""
+        pats = [_term_re(t) for t in terms if t and t.strip()] + [_query_re(q) for q in queries if q and q.strip()]
         with self._lock:
             self._results.append((url, pats, title or url.rsplit("/", 1)[-1]))
         return url
 
     def add_image(self, name: str, data: bytes, content_type: str = "image/jpeg", terms: Iterable[str] = (),
-                  headers: dict[str, str] | None = None, delay_s: float = 0) -> str:
-        """Serve ``data`` and list it for ``terms``; returns its URL."""
-        terms = list(terms)
+                  headers: dict[str, str] | None = None, delay_s: float = 0, queries: Iterable[str] = ()) -> str:
+        """Serve ``data`` and list it for ``terms`` and exact ``queries``; returns its URL."""
+        terms, queries = list(terms), list(queries)
         path = self._next_path(name)
         self._routes[path] = _Image(path, bytes(data), content_type, terms, dict(headers or {}), float(delay_s),
                                     Path(name).stem)
         url = self.url(path)
-        if terms:
-            self.add_result(url, terms, Path(name).stem)
+        if terms or queries:
+            self.add_result(url, terms, Path(name).stem, queries)
         return url
 
     def add_redirect(self, target: str, terms: Iterable[str] = (), status: int = 302) -> str:

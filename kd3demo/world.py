@@ -31,7 +31,7 @@ import io
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -70,8 +70,12 @@ class WorldSpec:
     scan_fraction: float = 0.3  # rendered text drawn "scan-like": grey, light ink on dark, low resolution
     # relative weight of each junk kind (None: equal shares, every kind present); e.g. {"noise": 2, "photo": 0}
     junk_mix: dict[str, float] | None = None
+    # a named world where different queries answer different mixes (QUERY_WORLDS; None: one query per class)
+    query_world: str | None = None
 
     def __post_init__(self) -> None:
+        if self.query_world is not None and self.query_world not in QUERY_WORLDS:
+            raise ConfigError(f"demo world: query_world {self.query_world!r} is not one of {sorted(QUERY_WORLDS)}")
         if self.n_per_class < 1:
             raise ConfigError(f"demo world: n_per_class must be >= 1, got {self.n_per_class}")
         if not 0 <= self.junk_fraction <= 10:
@@ -489,10 +493,10 @@ def _broken(rng: np.random.Generator, kind: str, good: bytes) -> bytes:
 
 # ---------------------------------------------------------------- the pool
 
-def _junk_kinds(rng: np.random.Generator, spec: WorldSpec) -> list[str]:
+def _junk_kinds(rng: np.random.Generator, spec: WorldSpec, n_junk: int | None = None) -> list[str]:
     """The junk kinds under one query, shuffled. Equal shares by default (every kind present whenever
     there are >= 5 junk images); with ``junk_mix``, shares by weight (largest remainders)."""
-    n_junk = spec.n_junk
+    n_junk = spec.n_junk if n_junk is None else n_junk
     if spec.junk_mix is None:
         kinds = list(JUNK_KINDS) * (n_junk // len(JUNK_KINDS))
         rest = n_junk - len(kinds)
@@ -507,70 +511,137 @@ def _junk_kinds(rng: np.random.Generator, spec: WorldSpec) -> list[str]:
     return [kinds[i] for i in rng.permutation(len(kinds))]
 
 
+LETTERS = [ch for ch in [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+           # '0' vs 'O', '1' vs 'l'/'I', '5' vs 'S' would be honest junk too, but keep the letters
+           # unambiguous so "junk" means junk in the analysis.
+           if ch not in "OoIlSsZzBbgq"]
+
+
 def make_web_pool(spec: WorldSpec) -> list[WebImage]:
     """Every file of the fake web, in a deterministic order (query by query)."""
-    letters = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    # '0' vs 'O', '1' vs 'l'/'I', '5' vs 'S' would be honest junk too, but keep the letters
-    # unambiguous so "junk" means junk in the analysis.
-    letters = [ch for ch in letters if ch not in "OoIlSsZzBbgq"]
+    if spec.query_world is not None:
+        return make_query_world_pool(spec)
     pool: list[WebImage] = []
     for ci, cls in enumerate(DIGIT_NAMES):
-        items: list[WebImage] = []
-        idx = 0
+        pool.extend(_query_pool(spec, ci, cls, spec.n_per_class, spec.n_junk, spec.n_dup, spec.n_broken))
+    return pool
 
-        def add(data: bytes, kind: str, truth: str | None, params: dict, ext: str = "jpg",
-                ctype: str = "image/jpeg", dup_of: str | None = None) -> WebImage:
-            nonlocal idx
-            it = WebImage(_opaque_name(spec.seed, cls, idx, ext), data, ctype, cls, kind, truth, dup_of, params)
-            idx += 1
-            items.append(it)
-            return it
 
-        rng = _rng(spec.seed, "digits", ci)
-        for _ in range(spec.n_per_class):
-            data, p = render_text_image(rng, str(ci), spec)
-            add(data, "digit", cls, p)
+def _query_pool(spec: WorldSpec, ci: int, query: str, n_digits: int, n_junk: int, n_dup: int, n_broken: int,
+                *stream: str, rare: tuple[str, ...] = ()) -> list[WebImage]:
+    """What the web answers for one query about class ``ci``: ``n_digits`` digits of the class, junk,
+    copies and broken files, shuffled. ``stream`` names the random streams (none: the class's plain query,
+    the streams every world has used since the start); the digits of ``rare`` classes never turn up as
+    another class's junk (the next class's digit is drawn instead, from the same random numbers)."""
+    cls = DIGIT_NAMES[ci]
+    items: list[WebImage] = []
 
-        rng = _rng(spec.seed, "junk", ci)
-        kinds = _junk_kinds(rng, spec)
-        for kind in kinds:
-            if kind == "letter":
-                data, p = render_text_image(rng, str(rng.choice(letters)), spec)
-                add(data, kind, None, p)
-            elif kind == "shape":
-                data, p = render_shape(rng, spec)
-                add(data, kind, None, p)
-            elif kind == "photo":
-                data, p = render_photo(rng, spec)
-                add(data, kind, None, p)
-            elif kind == "noise":
-                data, p = render_noise(rng, spec)
-                add(data, kind, None, p)
-            else:  # a digit of another class listed under this query
-                other = int((ci + rng.integers(1, 10)) % 10)
-                data, p = render_text_image(rng, str(other), spec)
-                add(data, kind, DIGIT_NAMES[other], p)
+    def add(data: bytes, kind: str, truth: str | None, params: dict, ext: str = "jpg",
+            ctype: str = "image/jpeg", dup_of: str | None = None) -> WebImage:
+        it = WebImage(_opaque_name(spec.seed, query, len(items), ext), data, ctype, query, kind, truth, dup_of,
+                      params)
+        items.append(it)
+        return it
 
-        rng = _rng(spec.seed, "dups", ci)
-        originals = list(items)
-        for j in range(spec.n_dup):
-            src = originals[int(rng.integers(len(originals)))]
-            if j % 2 == 0:
-                it = add(src.data, "duplicate", src.truth, {"of_kind": src.kind}, dup_of=src.name)
-            else:
-                data, p = _reencode(rng, src.data)
-                ext, ctype = ("jpg", "image/jpeg") if p["format"] == "JPEG" else ("png", "image/png")
-                p["of_kind"] = src.kind
-                it = add(data, "reencoded", src.truth, p, ext=ext, ctype=ctype, dup_of=src.name)
+    rng = _rng(spec.seed, "digits", ci, *stream)
+    for _ in range(n_digits):
+        data, p = render_text_image(rng, str(ci), spec)
+        add(data, "digit", cls, p)
 
-        rng = _rng(spec.seed, "broken", ci)
-        for j in range(spec.n_broken):
-            kind = BROKEN_KINDS[j % 2]
-            src = originals[int(rng.integers(len(originals)))]
-            add(_broken(rng, kind, src.data), kind, None, {}, ctype="image/jpeg")
+    rng = _rng(spec.seed, "junk", ci, *stream)
+    for kind in _junk_kinds(rng, spec, n_junk):
+        if kind == "letter":
+            data, p = render_text_image(rng, str(rng.choice(LETTERS)), spec)
+            add(data, kind, None, p)
+        elif kind == "shape":
+            data, p = render_shape(rng, spec)
+            add(data, kind, None, p)
+        elif kind == "photo":
+            data, p = render_photo(rng, spec)
+            add(data, kind, None, p)
+        elif kind == "noise":
+            data, p = render_noise(rng, spec)
+            add(data, kind, None, p)
+        else:  # a digit of another class listed under this query
+            other = int((ci + rng.integers(1, 10)) % 10)
+            while DIGIT_NAMES[other] in rare or other == ci:
+                other = (other + 1) % 10
+            data, p = render_text_image(rng, str(other), spec)
+            add(data, kind, DIGIT_NAMES[other], p)
 
-        order = _rng(spec.seed, "order", ci).permutation(len(items))
-        pool.extend(items[i] for i in order)
+    rng = _rng(spec.seed, "dups", ci, *stream)
+    originals = list(items)
+    for j in range(n_dup if originals else 0):
+        src = originals[int(rng.integers(len(originals)))]
+        if j % 2 == 0:
+            add(src.data, "duplicate", src.truth, {"of_kind": src.kind}, dup_of=src.name)
+        else:
+            data, p = _reencode(rng, src.data)
+            ext, ctype = ("jpg", "image/jpeg") if p["format"] == "JPEG" else ("png", "image/png")
+            p["of_kind"] = src.kind
+            add(data, "reencoded", src.truth, p, ext=ext, ctype=ctype, dup_of=src.name)
+
+    rng = _rng(spec.seed, "broken", ci, *stream)
+    for j in range(n_broken if originals else 0):
+        kind = BROKEN_KINDS[j % 2]
+        src = originals[int(rng.integers(len(originals)))]
+        add(_broken(rng, kind, src.data), kind, None, {}, ctype="image/jpeg")
+
+    order = _rng(spec.seed, "order", ci, *stream).permutation(len(items))
+    return [items[i] for i in order]
+
+
+# ---------------------------------------------------------------- query worlds
+
+@dataclass(frozen=True)
+class QueryMix:
+    """What one query answers, relative to ``n_per_class``: digits of the class (``scan_fraction`` of them
+    scan-like, the kind the teacher reads best) and junk; copies at ``dup_fraction`` of the digits."""
+
+    digits: float
+    junk: float
+    scan_fraction: float
+    broken: bool = False
+
+
+# ``loop``: two classes are rare on the web: their plain query is mostly junk (3 digits in 20 images at the
+# small size) and their digits never turn up under another class's query. Every class also has other
+# queries with other mixes: "handwritten {c}" answers scan-like digits, "{c} close-up" the usual web mix,
+# "{c} isolated on white" mostly junk. The crawl-selection loop (issue 15) has something to find.
+QUERY_WORLDS: dict[str, dict[str, Any]] = {
+    "loop": {
+        "starved": ("two", "six"),
+        "starved_plain": QueryMix(digits=0.05, junk=0.3, scan_fraction=0.3, broken=True),
+        "queries": {"handwritten {c}": QueryMix(digits=1.0, junk=0.1, scan_fraction=1.0),
+                    "{c} close-up": QueryMix(digits=0.5, junk=0.5, scan_fraction=0.3),
+                    "{c} isolated on white": QueryMix(digits=0.2, junk=1.0, scan_fraction=0.0)},
+    },
+}
+
+
+def _mixed_query(spec: WorldSpec, ci: int, query: str, mix: QueryMix, *stream: str,
+                 rare: tuple[str, ...] = ()) -> list[WebImage]:
+    n = spec.n_per_class
+    n_digits = int(round(mix.digits * n))
+    qspec = replace(spec, scan_fraction=mix.scan_fraction)
+    return _query_pool(qspec, ci, query, n_digits, int(round(mix.junk * n)), int(round(spec.dup_fraction * n_digits)),
+                       spec.n_broken if mix.broken else 0, *stream, rare=rare)
+
+
+def make_query_world_pool(spec: WorldSpec) -> list[WebImage]:
+    """The pool of a query world: per class its plain query (as in the one-query world, or the starved mix
+    from the same random streams) and then each extra query, each on random streams of its own."""
+    qw = QUERY_WORLDS[str(spec.query_world)]
+    rare = tuple(qw["starved"])
+    pool: list[WebImage] = []
+    for ci, cls in enumerate(DIGIT_NAMES):
+        if cls in rare:
+            pool.extend(_mixed_query(spec, ci, cls, qw["starved_plain"], rare=rare))
+        else:
+            pool.extend(_query_pool(spec, ci, cls, spec.n_per_class, spec.n_junk, spec.n_dup, spec.n_broken,
+                                    rare=rare))
+        for template, mix in qw["queries"].items():
+            pool.extend(_mixed_query(spec, ci, template.replace("{c}", cls), mix, template, rare=rare))
     return pool
 
 
@@ -608,11 +679,13 @@ def generate_world(root: str | Path, spec: WorldSpec) -> World:
     """
     root = Path(root)
     meta_path = root / "world.json"
-    spec_d = asdict(spec)
+    spec_d = _spec_dict(spec)
     if meta_path.is_file():
         meta = read_json(meta_path)
         # a world written before a spec field existed holds that field's default
-        old = {**{f.name: f.default for f in fields(WorldSpec)}, **(meta.get("spec") or {})}
+        old = {**asdict(WorldSpec()), **(meta.get("spec") or {})}
+        if old.get("query_world") is None:
+            old.pop("query_world", None)
         if meta.get("format") == WORLD_FORMAT and old == spec_d:
             log.info("demo world at %s already generated; reusing it", root)
             return _world_from_meta(root, meta)
@@ -627,6 +700,15 @@ def generate_world(root: str | Path, spec: WorldSpec) -> World:
     meta = {"format": WORLD_FORMAT, "spec": spec_d, "classes": DIGIT_NAMES, "counts": counts}
     atomic_write_json(meta_path, meta)  # written last: its presence means the world is complete
     return _world_from_meta(root, meta)
+
+
+def _spec_dict(spec: WorldSpec) -> dict[str, Any]:
+    """The spec as world.json holds it; an option that is off is left out, so the files of a world without
+    it stay what they were before the option existed."""
+    d = asdict(spec)
+    if d["query_world"] is None:
+        del d["query_world"]
+    return d
 
 
 def _world_from_meta(root: Path, meta: dict) -> World:
@@ -657,12 +739,16 @@ def load_pool(web_dir: str | Path) -> list[WebImage]:
     return pool
 
 
-def register_on_fakeweb(web: Any, pool: Iterable[WebImage]) -> dict[str, str]:
+def register_on_fakeweb(web: Any, pool: Iterable[WebImage], exact: bool = False) -> dict[str, str]:
     """Serve every image of the pool on a ``kd3demo.fakeweb.FakeWeb``, findable by its query term
-    only. Returns {name: URL}."""
+    only (``exact``: by exactly its query, as a query world needs: "two" and "handwritten two" answer
+    different mixes). Returns {name: URL}."""
     urls = {}
     for it in pool:
-        urls[it.name] = web.add_image(it.name, it.data, it.content_type, terms=[it.query])
+        if exact:
+            urls[it.name] = web.add_image(it.name, it.data, it.content_type, queries=[it.query])
+        else:
+            urls[it.name] = web.add_image(it.name, it.data, it.content_type, terms=[it.query])
     return urls
 
 

@@ -34,8 +34,8 @@ SECTIONS_OF = {
     "crawl": ("crawl",),
     "curate": ("curate",),
     "distill": ("distill",),
-    "run": ("crawl", "curate", "distill", "flow"),
-    "serve": ("crawl", "curate", "distill", "flow"),
+    "run": ("crawl", "curate", "distill", "flow", "loop"),
+    "serve": ("crawl", "curate", "distill", "flow", "loop"),
 }
 
 
@@ -294,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     def run_extra(p: argparse.ArgumentParser) -> None:
         p.add_argument("--stage", choices=["crawl", "curate", "distill"],
                        help="rerun only this stage on an existing run")
+        p.add_argument("--loop", type=int, metavar="N",
+                       help="then N rounds of the crawl-selection loop (flow kd3-loop; settings: --loop.*)")
 
     add("run", _cmd_run, "run the end-to-end Prefect flow (embedded local mode, no server needed)", run_extra)
 

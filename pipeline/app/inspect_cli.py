@@ -12,6 +12,7 @@ from rich.table import Table
 from pipeline.core.errors import Kd3Error
 
 from .inspect import Run, fmt, class_sheet, neighbour_sheet, render_summary, similar, summarize, text_query
+from .loop_view import loop_summary, render_loop
 from .report import write_report
 
 
@@ -71,7 +72,8 @@ def inspect_cli(args) -> int:
     if not did:
         s = summarize(run)
         if args.json:
-            print(json.dumps(s, indent=2, default=str))
+            print(json.dumps({**s, "loop": loop_summary(run)}, indent=2, default=str))
         else:
             render_summary(s)
+            render_loop(run)
     return 0

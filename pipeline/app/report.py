@@ -25,6 +25,7 @@ from pipeline.core.records import CrawlRecord, Decision, DropReason
 
 from . import charts
 from .inspect import Run, fmt_bytes, summarize
+from .loop_view import loop_html
 from .sheets import save_jpeg, thumbnail
 
 log = logging.getLogger(__name__)
@@ -467,6 +468,10 @@ def render_html(run: Run, out_dir: Path, *, max_kept: int = 48, max_dropped: int
         body.append(f'<h2 id="clip">{e(heading)}</h2>{scores}')
     nav.append(("distill", "Distillation"))
     body.append(f'<h2 id="distill">Distillation</h2>{_section_distill(run, s, th, max_unselected)}')
+    loop_section = loop_html(run)  # the crawl-selection loop: pipeline/app/loop_view.py
+    if loop_section:
+        nav.append(("loop", "Loop"))
+        body.append(f'<h2 id="loop">Crawl-selection loop</h2>{loop_section}')
     navhtml = "".join(f'<a href="#{a}">{e(b)}</a>' for a, b in nav)
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     log.info("report: %d new thumbnails", th.written)

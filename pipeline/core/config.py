@@ -308,6 +308,34 @@ class FlowConfig(_Section):
     gpus: int = Field(1, ge=0, description="GPUs for distill; >1 launches torchrun")
 
 
+class LoopConfig(_Section):
+    """The crawl-selection loop (``kd3 run --loop N``): what distillation selected tells the crawl what to
+    fetch next. Each round: per-class yield of the last distill run -> more downloads for the starved
+    classes from their most productive queries and new ones -> curate -> distill on the grown pool."""
+
+    rounds: int = Field(3, ge=0, description="rounds after the first pipeline run (kd3 run --loop N sets it)")
+    budget_per_round: int = Field(200, gt=0, description="images to download per round, shared by the starved classes")
+    min_selected: Optional[float] = Field(None, ge=0, description="a class with fewer selected images is starved "
+                                                                  "(default: starved_fraction x the median class)")
+    starved_fraction: float = Field(0.5, gt=0, le=1, description="default min_selected as a fraction of the median")
+    last_epochs: int = Field(3, gt=0, description="a class's selected count: mean over the run's last N epochs")
+    query_templates: list[str] = Field(
+        default_factory=lambda: ["{c} close-up", "{c} isolated on white", "a single {c}", "{c} in the wild"],
+        description="new query templates tried for starved classes ({c}: class name or synonym)")
+    explore: int = Field(2, ge=0, description="untried queries a starved class tries per round")
+    explore_share: float = Field(0.5, ge=0, le=1, description="share of a class's round budget for untried queries")
+    distill: Literal["continue", "restart"] = Field(
+        "continue", description="each round's student starts from the last round's (continue) or from scratch")
+    epochs_per_round: Optional[int] = Field(None, gt=0, description="epochs of each round's distill "
+                                                                    "(default: distill.epochs)")
+    min_new: int = Field(1, ge=0, description="stop when a round adds fewer curated (kept) images than this")
+
+    @field_validator("query_templates")
+    @classmethod
+    def _templates(cls, v: list[str]) -> list[str]:
+        return CrawlConfig._templates(v) if v else v  # none: only synonyms and the next source
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -320,6 +348,7 @@ class RunConfig(BaseModel):
     curate: CurateConfig = Field(default_factory=CurateConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     flow: FlowConfig = Field(default_factory=FlowConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
 
     @field_validator("name")
     @classmethod

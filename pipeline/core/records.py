@@ -13,6 +13,7 @@ the demo read through it.
 | ``distill/*/selection.jsonl`` | :class:`SelectionRow` (keys, ``"all"`` or a bitmask) | :func:`append_selection` | :func:`read_selection` |
 | ``distill/*/pool_keys.txt`` | key per line | :func:`write_pool_keys` | :func:`read_pool_keys` |
 | ``distill/*/metrics.json`` | dict | :func:`write_metrics` | :func:`read_metrics` |
+| ``loop/round-NNN.json`` | :class:`LoopRound` (+ :class:`YieldTable` of :class:`ClassYield`, :class:`QueryYield`) | :func:`write_loop_round` | :func:`read_loop_rounds` |
 """
 from __future__ import annotations
 
@@ -515,3 +516,156 @@ def write_metrics(path: Path, metrics: dict) -> Path:
 
 def read_metrics(path: Path) -> dict:
     return _json_or_error(path)
+
+
+# ====================================================================== the crawl-selection loop
+
+@dataclass
+class QueryYield:
+    """One query of one class: images it downloaded (first found by it), kept by curate, and selected by
+    the distill method (mean over the last epochs). ``rate`` = selected per download."""
+
+    source: str
+    query: str
+    downloaded: int = 0
+    kept: int = 0
+    selected: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.selected / self.downloaded if self.downloaded else 0.0
+
+    def to_row(self) -> dict:
+        return {**asdict(self), "rate": round(self.rate, 4)}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "QueryYield":
+        return cls(source=row.get("source") or "", query=row.get("query") or "", downloaded=int(row.get("downloaded") or 0),
+                   kept=int(row.get("kept") or 0), selected=float(row.get("selected") or 0.0))
+
+
+@dataclass
+class ClassYield:
+    """One query class after a distill run: downloaded, kept by curate, in the training pool, selected
+    (mean over the last epochs), the student-teacher agreement on its held-out web slice, its queries."""
+
+    downloaded: int = 0
+    kept: int = 0
+    pool: int = 0
+    selected: float = 0.0
+    agreement: Optional[float] = None
+    starved: bool = False
+    queries: list[QueryYield] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> Optional[float]:
+        """Selected per kept image."""
+        return self.selected / self.kept if self.kept else None
+
+    def to_row(self) -> dict:
+        d = {k: getattr(self, k) for k in ("downloaded", "kept", "pool", "selected", "agreement", "starved")}
+        d["ratio"] = None if self.ratio is None else round(self.ratio, 4)
+        d["queries"] = [q.to_row() for q in self.queries]
+        return d
+
+    @classmethod
+    def from_row(cls, row: dict) -> "ClassYield":
+        return cls(downloaded=int(row.get("downloaded") or 0), kept=int(row.get("kept") or 0),
+                   pool=int(row.get("pool") or 0), selected=float(row.get("selected") or 0.0),
+                   agreement=row.get("agreement"), starved=bool(row.get("starved")),
+                   queries=[QueryYield.from_row(q) for q in row.get("queries") or []])
+
+
+@dataclass
+class YieldTable:
+    """Per query class yield of one distill run. ``selects`` is False for a method that trains on the whole
+    pool (kd): then ``selected`` is the pool count and starvation is read from kept images."""
+
+    method: str
+    method_dir: str
+    selects: bool
+    epochs: list[int] = field(default_factory=list)
+    min_selected: float = 0.0
+    classes: dict[str, ClassYield] = field(default_factory=dict)
+
+    @property
+    def starved(self) -> list[str]:
+        return [c for c, y in self.classes.items() if y.starved]
+
+    def to_row(self) -> dict:
+        return {"method": self.method, "method_dir": self.method_dir, "selects": self.selects, "epochs": self.epochs,
+                "min_selected": self.min_selected, "starved": self.starved,
+                "classes": {c: y.to_row() for c, y in self.classes.items()}}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "YieldTable":
+        return cls(method=row.get("method") or "", method_dir=row.get("method_dir") or "",
+                   selects=bool(row.get("selects")), epochs=list(row.get("epochs") or []),
+                   min_selected=float(row.get("min_selected") or 0.0),
+                   classes={c: ClassYield.from_row(y) for c, y in (row.get("classes") or {}).items()})
+
+
+LOOP_STATUSES = ("started", "crawled", "curated", "done")
+
+
+@dataclass
+class LoopRound:
+    """``loop/round-NNN.json``: one round of the loop, rewritten (atomically) as it advances through
+    ``status`` started -> crawled -> curated -> done. Round 0 is the first pipeline run (only ``after``).
+    ``before`` is the yield of the previous round's distill run, ``plan`` the queries asked per starved class
+    (``{"source", "query", "quota"}``), ``targets`` the downloads each class must reach, ``added`` what the
+    round added per class (downloaded, kept), ``after`` the yield of this round's distill run, ``stop`` why
+    the loop ends after this round (None: it goes on)."""
+
+    round: int
+    status: str = "started"
+    before: Optional[YieldTable] = None
+    plan: dict[str, list[dict]] = field(default_factory=dict)
+    downloaded_before: dict[str, int] = field(default_factory=dict)
+    targets: dict[str, int] = field(default_factory=dict)
+    added: dict[str, dict[str, int]] = field(default_factory=dict)
+    distill_dir: Optional[str] = None
+    after: Optional[YieldTable] = None
+    stop: Optional[str] = None
+    updated: str = ""
+
+    def to_row(self) -> dict:
+        return {"round": self.round, "status": self.status,
+                "before": None if self.before is None else self.before.to_row(), "plan": self.plan,
+                "downloaded_before": self.downloaded_before, "targets": self.targets, "added": self.added,
+                "distill_dir": self.distill_dir, "after": None if self.after is None else self.after.to_row(),
+                "stop": self.stop, "updated": self.updated}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "LoopRound":
+        def table(v):
+            return None if not v else YieldTable.from_row(v)
+
+        return cls(round=int(row["round"]), status=row.get("status") or "started", before=table(row.get("before")),
+                   plan=dict(row.get("plan") or {}), downloaded_before=dict(row.get("downloaded_before") or {}),
+                   targets=dict(row.get("targets") or {}), added=dict(row.get("added") or {}),
+                   distill_dir=row.get("distill_dir"), after=table(row.get("after")), stop=row.get("stop"),
+                   updated=row.get("updated") or "")
+
+
+def loop_round_path(loop_dir: Path, r: int) -> Path:
+    return Path(loop_dir) / f"round-{r:03d}.json"
+
+
+def write_loop_round(loop_dir: Path, rnd: LoopRound) -> Path:
+    if rnd.status not in LOOP_STATUSES:
+        raise ValueError(f"loop round status {rnd.status!r} is not one of {LOOP_STATUSES}")
+    rnd.updated = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return atomic_write_json(loop_round_path(loop_dir, rnd.round), rnd.to_row())
+
+
+def read_loop_rounds(loop_dir: Path) -> list[LoopRound]:
+    """Every round file, by round number ([] when the run has no loop)."""
+    files = sorted(Path(loop_dir).glob("round-[0-9][0-9][0-9].json")) if Path(loop_dir).is_dir() else []
+    rows = []
+    for f in files:
+        try:
+            rows.append(LoopRound.from_row(_json_or_error(f)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{f} is not a loop round file ({e})") from None
+    return sorted(rows, key=lambda r: r.round)

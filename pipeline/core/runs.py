@@ -13,6 +13,7 @@ runs/<name>/
   manifest.json               wids-compatible shard list + everything needed to trust the shards
   distill/<method>-<id>/      student, metrics.json, selection log, training log
   report/                     index.html + contact sheets
+  loop/round-NNN.json         the crawl-selection loop: one state file per round
 ```
 The format of each file is owned by :mod:`pipeline.core.records`; this module only knows where they are.
 """
@@ -92,10 +93,14 @@ class RunDir:
     def shards(self) -> Path:
         return self.root / "shards"
 
-    # distill / report
+    # distill / report / loop
     @property
     def distill(self) -> Path:
         return self.root / "distill"
+
+    @property
+    def loop(self) -> Path:
+        return self.root / "loop"
 
     @property
     def report(self) -> Path:
