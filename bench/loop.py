@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--last-epochs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("bench-out/loop"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="run-config override for both arms, e.g. --set distill.kd3.id_score=bn")
+                    help="run-config override for both arms, e.g. --set distill.kd3.selection_rule=confidence")
     a = ap.parse_args(argv)
     quiet_logging()
     logging.getLogger("kd3.loop").setLevel(logging.INFO)

@@ -7,6 +7,7 @@ their last line, and :func:`read_jsonl` skips a torn last line.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -60,11 +61,12 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp_path = Path(tmp)
-    try:  # mkstemp makes the file 0600; the file kd3 leaves is readable as the umask says
-        os.fchmod(fd, 0o666 & ~current_umask())
-    finally:
-        os.close(fd)
+    _LIVE_TMP.add(tmp_path)
     try:
+        try:  # mkstemp makes the file 0600; the file kd3 leaves is readable as the umask says
+            os.fchmod(fd, 0o666 & ~current_umask())
+        finally:
+            os.close(fd)
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -77,6 +79,21 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+    finally:
+        _LIVE_TMP.discard(tmp_path)
+
+
+# Temporary files of writes still in progress. A Ctrl-C ends the main thread's writes through the
+# ``except`` above, but a write in a worker thread (a flow's task runner) dies with the interpreter;
+# at exit nothing half-written may stay behind, so whatever is still listed here is removed.
+_LIVE_TMP: set[Path] = set()
+
+
+@atexit.register
+def _remove_unfinished_writes() -> None:
+    for tmp in list(_LIVE_TMP):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> Path:

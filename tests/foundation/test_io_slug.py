@@ -51,6 +51,27 @@ def test_atomic_no_overwrite_keeps_first(tmp_path):
     assert target.read_bytes() == b"first"
 
 
+def test_write_in_a_thread_cut_off_by_exit_leaves_no_temp_file(tmp_path):
+    """A Ctrl-C ends kd3 while a worker thread is inside an atomic write: the interpreter exits, the
+    thread dies mid-write, and its temporary file must not stay behind (nor the target appear)."""
+    code = f"""
+import threading, time
+from pipeline.core.io import atomic_path
+inside = threading.Event()
+def writer():
+    with atomic_path({str(tmp_path / 'metrics.json')!r}) as tmp:
+        tmp.write_text('{{"half": ')
+        inside.set()
+        time.sleep(60)
+threading.Thread(target=writer, daemon=True).start()
+inside.wait(10)
+raise SystemExit(130)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_jsonl_torn_tail_is_repaired(tmp_path):
     p = tmp_path / "r.jsonl"
     with JsonlAppender(p) as w:
