@@ -2,19 +2,11 @@
 artifact per round) on the loop tests' tiny query world (fixtures reused from tests/loop/conftest.py)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from testlib import TESTS, load_module
 
 
 def _loop_fixtures():
-    name = "kd3_loop_conftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "loop" / "conftest.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+    return load_module(TESTS / "loop" / "conftest.py", "kd3_loop_conftest")
 
 
 _fx = _loop_fixtures()

@@ -6,12 +6,10 @@ With a random teacher kd3 selects nothing, so the loop tests that need starved c
 on every image: starvation from kept counts) or an explicit ``loop.min_selected``."""
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
+from testlib import TESTS, load_module
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -40,14 +38,9 @@ def loop_web(loop_pool):
 
 def _flows_conftest():
     """tests/flows/conftest.py, whose random cnn_tiny teacher of the same three classes is reused here."""
-    name = "kd3_flows_conftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "flows" / "conftest.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    assert sys.modules[name].CLASSES == CLASSES
-    return sys.modules[name]
+    mod = load_module(TESTS / "flows" / "conftest.py", "kd3_flows_conftest")
+    assert mod.CLASSES == CLASSES
+    return mod
 
 
 tiny_teacher = _flows_conftest().tiny_teacher

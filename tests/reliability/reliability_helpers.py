@@ -2,13 +2,13 @@
 by path (so their fixtures are reused, not copied), measure memory and threads."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import testlib
 
 REPO = Path(__file__).resolve().parents[2]
 KD3 = Path(sys.executable).parent / "kd3"
@@ -16,15 +16,7 @@ KD3 = Path(sys.executable).parent / "kd3"
 
 def load_module(rel: str, name: str):
     """Import a helper module of another test area by its path (``tests/crawl/conftest.py`` ...)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    path = REPO / rel
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return testlib.load_module(REPO / rel, name)
 
 
 def kd3(*args, timeout=300, env=None, cwd=None) -> subprocess.CompletedProcess:
