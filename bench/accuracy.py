@@ -51,7 +51,7 @@ ROWS: dict[str, dict] = {
     # kd3's own parts, one at a time on top of the release, and the default without each of them
     "kd3 release + equal steps": {"method": "kd3", **RELEASE, "kd3.equal_steps": True},
     "kd3 release + bn id filter": {"method": "kd3", **RELEASE, "kd3.selection_rule": "bn+confidence"},
-    "kd3 bn rule, no equal steps": {"method": "kd3", "kd3.selection_rule": "bn", "kd3.equal_steps": False},
+    "kd3 bn rule without equal steps": {"method": "kd3", "kd3.selection_rule": "bn", "kd3.equal_steps": False},
     "kd3 no selection": {"method": "kd3", "kd3.selection": False},
     "kd3 + kd term": {"method": "kd3", "kd3.kd_weight": 1.0},
     "kd3 no mixdist/contrastive": {"method": "kd3", "kd3.mixdist": False},
@@ -61,8 +61,9 @@ ROWS: dict[str, dict] = {
     ORIGINAL: {},
 }
 DEFAULT_ROWS = ["kd", "kd3", "kd3 release", "kd3 release + equal steps", "kd3 release + bn id filter",
-                "kd3 bn rule, no equal steps", "kd3 no selection", "dfnd", ORACLE, ORIGINAL]
+                "kd3 bn rule without equal steps", "kd3 no selection", "dfnd", ORACLE, ORIGINAL]
 QUICK_ROWS = ["kd", "kd3", "kd3 release", ORACLE]
+assert not any("," in r for r in ROWS), "--rows is comma-separated: a row label must not hold a comma"
 
 
 def t975(df: int) -> float:
