@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 
-from pipeline.core.embedding import Embedder, autocast, normalise, resolve_device
+from pipeline.core.embedding import BatchedPreprocess, Embedder, autocast, normalise, resolve_device
 from pipeline.core.errors import ConfigError
 
 from .teacher import load_teacher
@@ -32,9 +32,10 @@ class TeacherEmbedder(Embedder):
         model.eval()
         self.model = model
         self.meta = meta
-        size = int(meta.get("input_size", 32))
+        size = self.input_side = int(meta.get("input_size", 32))
         self._preprocess = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
                                       T.Normalize(meta.get("mean", [0.5] * 3), meta.get("std", [0.5] * 3))])
+        self._batched = BatchedPreprocess(self._preprocess)
         st = tp.stat()
         self.model_name = tp.name
         self.pretrained = str(tp.resolve())
@@ -48,6 +49,12 @@ class TeacherEmbedder(Embedder):
 
     def preprocess(self, img):
         return self._preprocess(img)
+
+    def prepare(self, img):
+        return self._batched.prepare(img)
+
+    def collate(self, prepared):
+        return self._batched.collate(prepared)
 
     def embed(self, batch):
         with torch.inference_mode(), autocast(self.device):

@@ -10,6 +10,7 @@ Everything works on partial runs: what is missing is said, not crashed on.
 """
 from __future__ import annotations
 
+import io
 import logging
 import tarfile
 from collections import Counter, defaultdict
@@ -32,6 +33,8 @@ from pipeline.core.records import DROP_REASONS, VALIDATE_REASONS, CrawlRecord, D
     read_records, read_selection
 from pipeline.core.runs import RunDir, run_dir_of
 from pipeline.curate.embed import make_embedder
+from pipeline.curate.scan import work_side
+from pipeline.curate.validate import inspect_image
 
 from .sheets import ACCENTS, Tile, write_sheet
 
@@ -492,11 +495,14 @@ def embed_image_file(run: Run, path: Path):
     import torch  # heavy: only for --similar on a file
 
     try:
-        with Image.open(path) as im:
-            img = im.convert("RGB")
+        data = Path(path).read_bytes()
+        Image.open(io.BytesIO(data)).close()  # a file that is no image is refused before the model is built
     except Exception as e:  # noqa: BLE001
         raise DataError(f"--similar {path}: not a readable image ({e})") from None
     embedder = _embedder(run)
+    f, img = inspect_image(data, _run_config(run).curate.max_pixels, work_side(embedder))  # as curate decoded the pool
+    if img is None:
+        raise DataError(f"--similar {path}: not a readable image ({f.error})")
     vec, _ = embedder.embed(torch.stack([embedder.preprocess(img)]))
     return vec[0]
 

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from .hashing import pixel_diff
+from .scan import work_side
 from .shards import bounded_map
 from .validate import inspect_image
 
@@ -42,29 +44,30 @@ def sample(shas: list[str], n: int) -> list[str]:
     return sorted(shas)[:n]
 
 
-def planted_copy(rgb, k: int):
-    """The k-th planted copy of a decoded image: downscaled ×0.75 at JPEG 50, or upscaled ×1.25 at JPEG 75."""
+def planted_copy(rgb, k: int, side: Optional[int] = None):
+    """The k-th planted copy of a decoded image: downscaled ×0.75 at JPEG 50, or upscaled ×1.25 at JPEG 75,
+    then decoded as the scan decodes a file (at the working size ``side``, :func:`.scan.work_side`)."""
     from PIL import Image
 
     scale, quality = (0.75, 50) if k % 2 == 0 else (1.25, 75)
     size = (max(8, round(rgb.width * scale)), max(8, round(rgb.height * scale)))
     buf = io.BytesIO()
     rgb.resize(size, Image.BICUBIC).save(buf, format="JPEG", quality=quality)
-    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return inspect_image(buf.getvalue(), size[0] * size[1], side)[1]
 
 
 def plant_copies(items: list[tuple[str, Path]], embedder, emb_cache, c) -> int:
     """Embed a planted copy of each sampled image (``items``: decodable (sha, file)) not cached yet."""
-    import torch  # heavy: a model exists, so torch is loaded already
-
     chosen = {s for s in sample([s for s, _ in items], PLANT_N)}
     todo = [(k, s, p) for k, (s, p) in enumerate(sorted(x for x in items if x[0] in chosen))
             if COPY_PREFIX + s not in emb_cache]
 
+    side = work_side(embedder)
+
     def work(item):
         k, sha, path = item
-        _, rgb = inspect_image(Path(path).read_bytes(), c.max_pixels)
-        return sha, (embedder.preprocess(planted_copy(rgb, k)) if rgb is not None else None)
+        _, rgb = inspect_image(Path(path).read_bytes(), c.max_pixels)  # the original, as web copies are made
+        return sha, (embedder.prepare(planted_copy(rgb, k, side)) if rgb is not None else None)
 
     ids, xs = [], []
     for sha, x in bounded_map(work, todo, c.workers, max(2 * c.batch_size, 8)):
@@ -72,7 +75,7 @@ def plant_copies(items: list[tuple[str, Path]], embedder, emb_cache, c) -> int:
             ids.append(COPY_PREFIX + sha)
             xs.append(x)
     for start in range(0, len(xs), c.batch_size):
-        emb, _ = embedder.embed(torch.stack(xs[start:start + c.batch_size]))
+        emb, _ = embedder.embed(embedder.collate(xs[start:start + c.batch_size]))
         emb_cache.add_part(ids[start:start + c.batch_size], emb, None)
     return len(ids)
 

@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from pipeline.core import plugins
-from pipeline.core.embedding import Embedder, autocast, normalise, resolve_device
+from pipeline.core.embedding import BatchedPreprocess, Embedder, autocast, normalise, resolve_device
 from pipeline.core.errors import ConfigError, one_line
 from pipeline.core.io import atomic_path, atomic_write_json
 
@@ -95,6 +95,8 @@ class ClipEmbedder(Embedder):
         model.eval().to(self.device)
         self.model = model
         self._preprocess = preprocess
+        self._batched = BatchedPreprocess(preprocess)
+        self.input_side = max(self._input_shape()[1:])
         self.tokenizer = open_clip.get_tokenizer(model_name)
         with torch.no_grad():
             self.dim = int(model.encode_image(torch.zeros(1, *self._input_shape(), device=self.device)).shape[-1])
@@ -109,6 +111,12 @@ class ClipEmbedder(Embedder):
 
     def preprocess(self, img):
         return self._preprocess(img)
+
+    def prepare(self, img):
+        return self._batched.prepare(img)
+
+    def collate(self, prepared):
+        return self._batched.collate(prepared)
 
     def embed(self, batch):
         import torch  # heavy: a model exists, so torch is loaded already

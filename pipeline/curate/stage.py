@@ -25,7 +25,7 @@ from .decontam import eval_files
 from .embed import EmbeddingCache, make_embedder
 from .outputs import print_summary, write_all
 from .relevance import check_filter_allowed
-from .scan import FactsCache, scan
+from .scan import FactsCache, cache_key, scan
 from .steps import decontaminate, exact_dedup, near_dedup, phash_dedup, relevance, validate
 from .table import Context, alive, build_rows, score
 
@@ -52,7 +52,7 @@ def curate(cfg: RunConfig) -> dict[str, Any]:
     save_resolved(cfg)
     ev = list(dict(eval_files(c.decontaminate)).items()) if c.decontaminate is not None else []
     ctx = Context(c, classes, FactsCache(rd.curate / "cache" / "facts.jsonl"),
-                  EmbeddingCache(rd.curate / "cache", embedder.key), src.collapsed, ev)
+                  EmbeddingCache(rd.curate / "cache", cache_key(embedder)), src.collapsed, ev)
     uniq = list(dict((x.sha, x.file) for x in src.cands).items())
     log.info("curate: %d candidate images (%d unique files) in %d classes; embedder %s",
              len(src.cands), len(uniq), len(classes), embedder.key)

@@ -7,6 +7,12 @@ threshold never needs a re-decode (except raising ``max_pixels`` above a file th
 
 The pixel cap is checked on the header, before any pixel is decoded (decompression bombs).
 CMYK, palette, alpha (composited on white), 16-bit and float images become 8-bit RGB.
+
+Curate's scan needs the pixels only at a working size (``work_side``: the embedder's input, at least
+``MIN_WORK_SIDE`` for the pHash): a JPEG is then decoded at a reduced scale inside libjpeg (DCT scaling
+1/2, 1/4 or 1/8, chosen so the shorter side stays >= ``work_side``; every byte of the file is still
+entropy-decoded, so a truncated or corrupt file fails as before), and an image still twice that size
+(a PNG, or a JPEG beyond 1/8) is box-reduced. The facts (size, mode, pixels) are the file's own.
 """
 from __future__ import annotations
 
@@ -16,9 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncated files must fail, not decode half grey
+MIN_WORK_SIDE = 128  # the pHash (32x32) and the 16x16 thumbnail are taken from at least this much
+_SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
 
 
 @dataclass
@@ -77,8 +85,17 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def inspect_image(data: bytes, max_pixels: int) -> tuple[ImageFacts, Optional[Image.Image]]:
-    """Decode ``data``; return (facts, RGB image or None)."""
+def reduce_to(rgb: Image.Image, side: int) -> Image.Image:
+    """Box-reduce by the largest integer factor that keeps the shorter side >= ``side``."""
+    k = min(rgb.size) // side
+    return rgb.reduce(k) if k >= 2 else rgb
+
+
+def inspect_image(data: bytes, max_pixels: int,
+                  work_side: Optional[int] = None) -> tuple[ImageFacts, Optional[Image.Image]]:
+    """Decode ``data``; return (facts, RGB image or None). With ``work_side`` the image comes back at a
+    working size (shorter side in [work_side, 2 work_side) when the file is larger), decoded at reduced
+    scale where the format allows; the facts still give the file's full size."""
     _set_pillow_cap(max_pixels)
     try:
         with warnings.catch_warnings():
@@ -90,17 +107,24 @@ def inspect_image(data: bytes, max_pixels: int) -> tuple[ImageFacts, Optional[Im
             if pixels > max_pixels:
                 return ImageFacts(ok=False, w=w, h=h, mode=im.mode, format=fmt, bomb=True, pixels=pixels,
                                   error=f"{w}x{h} = {pixels} pixels > cap {max_pixels}"), None
+            if work_side:
+                im.draft("RGB", (work_side, work_side))  # JPEG: libjpeg's DCT scaling; other formats: no-op
             im.load()
             mode = im.mode
-            im = ImageOps.exif_transpose(im) or im
+            drafted = im.size != (w, h)
+            turned = drafted and im.getexif().get(ExifTags.Base.Orientation, 1) in _SWAPS_SIDES
+            ImageOps.exif_transpose(im, in_place=True)
             rgb = to_rgb(im)
             rgb.load()
+            w, h = ((h, w) if turned else (w, h)) if drafted else rgb.size  # the file's size, oriented
+            if work_side:
+                rgb = reduce_to(rgb, work_side)
     except Image.DecompressionBombError as e:
         return ImageFacts(ok=False, bomb=True, error=str(e).split("\n")[0][:200]), None
     except Exception as e:  # truncated, corrupt, not an image, unsupported
         msg = f"{type(e).__name__}: {e}".split("\n")[0][:200]
         return ImageFacts(ok=False, error=msg), None
-    return ImageFacts(ok=True, w=rgb.width, h=rgb.height, mode=mode, format=fmt, pixels=pixels), rgb
+    return ImageFacts(ok=True, w=w, h=h, mode=mode, format=fmt, pixels=pixels), rgb
 
 
 def size_reason(w: int, h: int, min_side: int, max_aspect: float) -> tuple[Optional[str], str]:

@@ -37,6 +37,9 @@ def test_similar_image_file_uses_the_runs_embedder(real_curated_run, tmp_path, c
     Image.open(rd.root / kept["path"]).save(q)
     hits, info = similar(rd.root, str(q), k=3)
     assert hits[0]["id"] == kept["id"] and hits[0]["score"] > 0.99
+    # the pool's own file is decoded as curate decoded it: the very same embedding
+    hits, _ = similar(rd.root, str(rd.root / kept["path"]), k=1)
+    assert hits[0]["id"] == kept["id"] and hits[0]["score"] > 0.9999
     out = tmp_path / "nn.png"
     assert main(["inspect", str(rd.root), "--similar", str(q), "-k", "3", "--sheet", str(out)]) == 0
     assert Image.open(out).format == "PNG"
