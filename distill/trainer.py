@@ -61,6 +61,7 @@ class Trainer:
         self.data = open_web_data(manifest_path, self.size, self.mean, self.std, dc.augment, dc.val_fraction,
                                   keys_file=dc.keys_file)
         self.pool = self.data.pool
+        self.pool_labels = torch.tensor(self.pool.labels, dtype=torch.long)  # query labels, for per-class counts
         self.pool_plain = self.pool.subset(list(range(len(self.pool))),
                                            transform=build_transforms(self.size, self.mean, self.std, train=False))
         K = len(self.classes)
@@ -169,12 +170,10 @@ class Trainer:
         sel = self.method.select(epoch, self.dc.epochs, self._infer(epoch))
         self.method.train()
         idx = torch.arange(len(self.pool)) if sel.indices is None else sel.indices.cpu().long()
-        labels = sel.predictions[idx] if sel.predictions is not None else \
-            torch.tensor([self.pool.samples[i].label for i in idx.tolist()])
-        per_class = {c: 0 for c in self.classes}
-        for c_idx in labels.tolist():
-            if 0 <= c_idx < len(self.classes):
-                per_class[self.classes[c_idx]] += 1
+        labels = (sel.predictions if sel.predictions is not None else self.pool_labels)[idx].long()
+        K = len(self.classes)
+        counts = torch.bincount(labels[(labels >= 0) & (labels < K)], minlength=K).tolist()
+        per_class = dict(zip(self.classes, counts))
         return EpochSelection(sel, idx, per_class, time.perf_counter() - t0)
 
     def train_epoch(self, epoch: int, sel: torch.Tensor, cycle: bool = False) -> dict:

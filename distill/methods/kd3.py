@@ -23,7 +23,7 @@ from ._registry import register_method
 from .base import Method, Selection
 from .idscore import bn_scores, has_bn_statistics, in_distribution_mask
 from .losses import (alpha_schedule, disagreement_weights, kd_loss, match_spatial, mix_distribution, mixed_probs,
-                     nt_xent, ramp_epochs, select_confident, weighted_feature_mse)
+                     nt_xent_views, ramp_epochs, select_confident, weighted_feature_mse)
 
 log = logging.getLogger("kd3.distill")
 
@@ -163,7 +163,8 @@ class KD3(Method):
         with torch.no_grad():
             ft_all = self.teacher.forward_features(torch.cat([x, x_aug]) if input_mix else x)
             ft = ft_all[:b]
-            z_t = self.teacher.classifier(self.teacher.pool(ft))
+            ht_all = self.teacher.pool(ft_all)  # pooled once: z_T and the teacher's contrastive head share it
+            z_t = self.teacher.classifier(ht_all[:b])
         out: dict[str, torch.Tensor] = {}
 
         self.t_hw, self.s_hw = tuple(ft.shape[-2:]), tuple(fs.shape[-2:])
@@ -187,16 +188,14 @@ class KD3(Method):
                 lam = torch.distributions.Beta(0.1, 0.1).sample((b,)).to(x.device)
                 perm = torch.randperm(b).to(x.device)
                 fs_aug = mix_distribution(fs, lam=lam, perm=perm)
-                ft_aug = mix_distribution(ft, lam=lam, perm=perm)
-            else:
-                ft_aug = ft_all[b:]
-            h_s, h_s_aug = self.student.pool(fs), self.student.pool(fs_aug)
-            h_t, h_t_aug = self.teacher.pool(ft).detach(), self.teacher.pool(ft_aug).detach()
-            T = cfg.con_temperature
-            con = nt_xent(self.g_s(h_s), self.g_s(h_s_aug), T) + nt_xent(self.g_t(h_t), self.g_t(h_t_aug), T)
+                ht_all = torch.cat([ht_all[:b], self.teacher.pool(mix_distribution(ft, lam=lam, perm=perm))])
+            # each head runs once on both views (rows: x, then x~); the NT-Xent terms in one batched call
+            g_s = self.g_s(torch.cat([self.student.pool(fs), self.student.pool(fs_aug)]))
+            g_t = self.g_t(ht_all.detach())
+            views = [g_s, g_t]  # student x <-> x~, teacher x <-> x~
             if cfg.cross_contrastive:
-                con = con + nt_xent(self.g_s(h_s_aug), self.g_t(h_t), T)
-            out["con"] = con
+                views.append(torch.cat([g_s[b:], g_t[:b]]))  # student x~ <-> teacher x
+            out["con"] = nt_xent_views(torch.stack(views), cfg.con_temperature)
         return out
 
     # ------------------------------------------------------------ export

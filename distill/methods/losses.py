@@ -81,8 +81,8 @@ def mix_distribution(x: torch.Tensor, lam: torch.Tensor | None = None, perm: tor
     if perm is None:
         perm = torch.randperm(b, generator=generator).to(x.device)
     lam = lam.to(x.dtype).view(b, 1, 1, 1)
-    mu = x.mean(dim=(2, 3), keepdim=True).detach()
-    sig = (x.var(dim=(2, 3), keepdim=True) + eps).sqrt().detach()
+    var, mu = torch.var_mean(x.detach(), dim=(2, 3), keepdim=True)  # one pass over x for both statistics
+    sig = (var + eps).sqrt()
     x_norm = (x - mu) / sig
     mu_mix = lam * mu + (1 - lam) * mu[perm]
     sig_mix = lam * sig + (1 - lam) * sig[perm]
@@ -91,12 +91,19 @@ def mix_distribution(x: torch.Tensor, lam: torch.Tensor | None = None, perm: tor
 
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
     """SimCLR NT-Xent over the 2B views; positives (a_i, b_i); inputs are L2-normalised here."""
-    n = a.shape[0]
-    z = F.normalize(torch.cat([a, b]).float(), dim=1)
-    sim = z @ z.t() / temperature
-    sim.fill_diagonal_(float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(sim, target)
+    return nt_xent_views(torch.cat([a, b]).unsqueeze(0), temperature)
+
+
+def nt_xent_views(views: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The sum of P NT-Xent losses in one batched computation: ``views`` is [P, 2B, D], each slice the
+    embeddings of B images then of their other views (positives i <-> B + i)."""
+    p, n2 = views.shape[0], views.shape[1]
+    n = n2 // 2
+    z = F.normalize(views.float(), dim=-1)
+    sim = z @ z.transpose(1, 2) / temperature
+    sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+    target = torch.cat([torch.arange(n, n2), torch.arange(0, n)]).to(z.device).repeat(p)
+    return F.cross_entropy(sim.reshape(p * n2, n2), target) * p  # the mean over P x 2B rows, times P
 
 
 # ---------------------------------------------------------------- §7 baselines

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from distill.methods.losses import (class_thresholds, disagreement_weights, kd_loss, match_spatial,
                                     mix_distribution, mixed_probs, noise_adaptation_matrix, noisy_nll, nt_xent,
-                                    select_confident, weighted_feature_mse)
+                                    nt_xent_views, select_confident, weighted_feature_mse)
 
 torch.set_num_threads(1)
 
@@ -108,6 +108,37 @@ def test_nt_xent_equals_hand_computation():
     # perfect positives give a lower loss than random pairs
     x = torch.randn(16, 8)
     assert nt_xent(x, x + 0.01, 0.3) < nt_xent(x, torch.randn(16, 8), 0.3)
+
+
+def _nt_xent_per_pair(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """The plain SimCLR formula as kd3 had it before the batched form: one [2B, 2B] similarity matrix."""
+    n = a.shape[0]
+    z = F.normalize(torch.cat([a, b]).float(), dim=1)
+    sim = z @ z.t() / t
+    sim.fill_diagonal_(float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    return F.cross_entropy(sim, target)
+
+
+@pytest.mark.parametrize("p,n,d,t", [(1, 2, 2, 0.3), (2, 16, 128, 0.5), (3, 64, 128, 0.1), (3, 7, 33, 1.0)])
+def test_nt_xent_views_equals_the_sum_of_per_pair_losses(p, n, d, t):
+    """The batched NT-Xent (KD³'s two or three contrastive terms in one call) is the sum of the plain
+    per-pair losses, value and gradient, on random (not normalised) embeddings."""
+    g = torch.Generator().manual_seed(p * 100 + n)
+    pairs = [(torch.randn(n, d, generator=g) * 3, torch.randn(n, d, generator=g)) for _ in range(p)]
+    leaves = [x.clone().requires_grad_(True) for pair in pairs for x in pair]
+    want = sum(_nt_xent_per_pair(leaves[2 * i], leaves[2 * i + 1], t) for i in range(p))
+    want.backward()
+    g_want = [x.grad.clone() for x in leaves]
+    leaves2 = [x.detach().clone().requires_grad_(True) for x in leaves]
+    views = torch.stack([torch.cat([leaves2[2 * i], leaves2[2 * i + 1]]) for i in range(p)])
+    got = nt_xent_views(views, t)
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    for a, b in zip(leaves2, g_want):
+        torch.testing.assert_close(a.grad, b, rtol=1e-4, atol=1e-7)
+    # the two-argument form is the P = 1 case
+    assert nt_xent(*pairs[0], t).item() == pytest.approx(_nt_xent_per_pair(*pairs[0], t).item(), rel=1e-6)
 
 
 def test_kd_loss_hand_value_and_zero_at_match():

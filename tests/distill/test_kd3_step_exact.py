@@ -1,0 +1,91 @@
+"""The KD³ training step computes the release's maths, whatever it does to go faster (the teacher on both
+views in one call and pooled once, each contrastive head once on both views, the NT-Xent terms in one
+batched call, channels_last): a reference written out term by term, every view through every net on its
+own, gives the same losses and the same gradient for every trainable parameter, on fixed inputs."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.methods import create_method
+from distill.methods.losses import match_spatial, mix_distribution
+from distill.models import create_model
+from pipeline.core.config import Kd3Config
+
+torch.set_num_threads(1)
+
+
+def ntxent_by_hand(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """SimCLR NT-Xent written out: for each of the 2n rows, -log softmax of its positive among the others."""
+    n = len(a)
+    z = F.normalize(torch.cat([a, b]), dim=1)
+    sim = z @ z.t() / t
+    pos = torch.cat([sim.diagonal(n), sim.diagonal(-n)])  # (i, n + i) and (n + i, i)
+    others = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+    return (torch.logsumexp(others, dim=1) - pos).mean()
+
+
+def reference_losses(m, x: torch.Tensor, cfg: Kd3Config) -> dict:
+    """KD3_SPEC §3–§5, one net call per view, one head call per vector (draws the same randomness as the
+    method when the RNG is seeded alike: MixDistribution's Beta and permutation come first)."""
+    S, T = m.student, m.teacher
+    feature_mix = cfg.mix_level == "feature"
+    x_aug = None if feature_mix else mix_distribution(x)
+    fs = S.forward_features(x)
+    fs_aug = None if feature_mix else S.forward_features(x_aug)
+    with torch.no_grad():
+        ft = T.forward_features(x)
+        ft_aug = None if feature_mix else T.forward_features(x_aug)
+        z_t = T.classifier(T.pool(ft))
+    if feature_mix:
+        lam = torch.distributions.Beta(0.1, 0.1).sample((len(x),))
+        perm = torch.randperm(len(x))
+        fs_aug, ft_aug = mix_distribution(fs, lam=lam, perm=perm), mix_distribution(ft, lam=lam, perm=perm)
+    src, target = match_spatial(fs, ft)
+    fs_p = m.projector(src)
+    z_s = F.linear(F.adaptive_avg_pool2d(fs_p, 1).flatten(1), T.classifier.weight, T.classifier.bias)
+    w = torch.sigmoid((z_s - z_t).norm(dim=1)).detach() if cfg.weighting else torch.ones(len(x))
+    feat = (w.view(-1, 1, 1, 1) * (fs_p - target) ** 2).mean()
+    h_s, h_s_aug, h_t, h_t_aug = S.pool(fs), S.pool(fs_aug), T.pool(ft), T.pool(ft_aug)
+    t = cfg.con_temperature
+    con = ntxent_by_hand(m.g_s(h_s), m.g_s(h_s_aug), t) + ntxent_by_hand(m.g_t(h_t), m.g_t(h_t_aug), t)
+    if cfg.cross_contrastive:
+        con = con + ntxent_by_hand(m.g_s(h_s_aug), m.g_t(h_t), t)
+    return {"feat": feat, "con": con}
+
+
+def losses_and_grads(m, fn) -> tuple[dict, dict]:
+    torch.manual_seed(1)
+    losses = fn()
+    m.zero_grad(set_to_none=True)
+    m.total_loss(losses).backward()
+    grads = {k: p.grad.detach().clone() for k, p in m.named_parameters() if p.requires_grad}
+    return {k: v.item() for k, v in losses.items()}, grads
+
+
+@pytest.mark.parametrize("options", [{}, {"cross_contrastive": True}, {"mix_level": "feature"},
+                                     {"weighting": False}, {"channels_last": True}])
+def test_kd3_step_losses_and_gradients_equal_the_reference(options):
+    options = dict(options)
+    channels_last = options.pop("channels_last", False)
+    cfg = Kd3Config(**options)
+    torch.manual_seed(0)
+    teacher = create_model("cnn_small", 5).eval()  # 192 channels at 4x4
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    m = create_method("kd3", create_model("cnn_tiny", 5), teacher, cfg, 5, student_arch="cnn_tiny")  # 32 at 8x8
+    ref = copy.deepcopy(m)  # the same weights; BN batch statistics make each call independent of the other
+    x = torch.randn(12, 3, 32, 32)
+    if channels_last:
+        m.to(memory_format=torch.channels_last)
+        m._teacher = [copy.deepcopy(teacher).to(memory_format=torch.channels_last)]
+    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    got, g_got = losses_and_grads(m, lambda: m(xin))
+    want, g_want = losses_and_grads(ref, lambda: reference_losses(ref, x, cfg))
+    assert got.keys() == want.keys() == {"feat", "con"}
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-5), k
+    assert g_got.keys() == g_want.keys()
+    for k in g_want:
+        torch.testing.assert_close(g_got[k], g_want[k], rtol=1e-4, atol=1e-6, msg=k)
