@@ -47,7 +47,9 @@ class Runtime:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         use_amp = amp == "bf16" or (amp == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if use_amp else None
-        self.channels_last = bool(channels_last) and self.device.type == "cuda"
+        # channels_last on the CPU too: oneDNN's convolutions are faster on it (one thread, batch 64 at 32 px:
+        # an SGD step of cnn_small 1.3x, cnn_tiny 1.5x); results stay deterministic and resume-exact (tests)
+        self.channels_last = bool(channels_last)
 
     @property
     def main(self) -> bool:
