@@ -52,19 +52,40 @@ def format_machine(info: dict | None = None) -> str:
     return ", ".join(f"{k} {v}" for k, v in info.items())
 
 
-def interleave(a: Callable[[], float], b: Callable[[], float], repeats: int = 3) -> dict:
+def interleave(a: Callable[[], object], b: Callable[[], object], repeats: int = 3) -> dict:
     """Run a, b, a, b, ... ``repeats`` times each. Each callable returns its own measure (seconds, or
-    seconds per item); the result is per-repeat ratios b/a, their median and spread, the medians of
-    each side and the load average at each step."""
-    ta, tb, loads = [], [], []
+    seconds per item), or a pair (wall seconds, CPU seconds of the process): the result is per-repeat
+    ratios b/a, their median and spread, the medians of each side and the load average at each step;
+    with pairs also the same for CPU time (``cpu_*``), which other jobs on the machine disturb far less
+    than wall time (they take cores away, not work)."""
+    ta, tb, ca, cb, loads = [], [], [], [], []
     for _ in range(repeats):
         loads.append(os.getloadavg()[0])
-        ta.append(float(a()))
-        tb.append(float(b()))
+        for fn, t, c in ((a, ta, ca), (b, tb, cb)):
+            v = fn()
+            t.append(float(v[0] if isinstance(v, tuple) else v))
+            if isinstance(v, tuple) and v[1] is not None:
+                c.append(float(v[1]))
+    out = _ratios(ta, tb, "")
+    out.update(load_1min=loads, repeats=repeats)
+    if len(ca) == len(cb) == repeats:
+        out.update(_ratios(ca, cb, "cpu_"))
+    return out
+
+
+def _ratios(ta: list[float], tb: list[float], prefix: str) -> dict:
     ratios = [y / x for x, y in zip(ta, tb)]
-    return {"a": ta, "b": tb, "ratios": ratios, "ratio_median": statistics.median(ratios),
-            "ratio_min": min(ratios), "ratio_max": max(ratios), "a_median": statistics.median(ta),
-            "b_median": statistics.median(tb), "load_1min": loads, "repeats": repeats}
+    return {f"{prefix}a": ta, f"{prefix}b": tb, f"{prefix}ratios": ratios,
+            f"{prefix}ratio_median": statistics.median(ratios), f"{prefix}ratio_min": min(ratios),
+            f"{prefix}ratio_max": max(ratios), f"{prefix}a_median": statistics.median(ta),
+            f"{prefix}b_median": statistics.median(tb)}
+
+
+def cpu_timed(fn: Callable[[], object]) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of the whole process, fn's result)."""
+    t, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - t, time.process_time() - c, out
 
 
 def timed(fn: Callable[[], object]) -> float:

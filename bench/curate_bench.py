@@ -30,15 +30,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import machine, photo_jpegs  # noqa: E402
+from benchlib import cpu_timed, machine, photo_jpegs  # noqa: E402
 
 
 class CuratePair:
     """A (raw model, curate pass) pair on the same JPEGs and the same open_clip model, for interleaved
-    timing. ``raw()``: seconds per image of the model alone on pre-decoded tensors (same batches).
-    ``curate()``: seconds per image of curate's decode+hash+embed pass (``stats.embed.wall_s``) in a
-    fresh run directory (a rerun would skip the work). Random weights (no download) have the real
-    model's cost."""
+    timing. ``raw()``: the model alone on pre-decoded tensors (same batches). ``curate()``: curate's
+    decode+hash+embed pass (the stage's ``scan``) in a fresh run directory (a rerun would skip the work).
+    Both return (wall seconds, process CPU seconds) per image. ``decode()``: thread CPU seconds per image
+    of the scan's per-file work (read, decode, validate, pHash + thumbnail, model input) on one thread.
+    Random weights (no download) have the real model's cost."""
 
     def __init__(self, workdir: Path, model: str = "ViT-B-32", n_images: int = 128, batch_size: int = 32,
                  workers: int = 2, device: str = "auto", px: tuple[int, int] = (800, 2000)):
@@ -54,12 +55,13 @@ class CuratePair:
         self.px = px
         datas = photo_jpegs(n_images, px)
         self.template = self.workdir / "crawl"
-        rows = []
+        rows, self.files = [], []
         for i, data in enumerate(datas):
             sha = hashlib.sha256(data).hexdigest()
             rel = f"crawl/images/{sha[:2]}/{sha}.jpg"
             (self.workdir / rel).parent.mkdir(parents=True, exist_ok=True)
             (self.workdir / rel).write_bytes(data)
+            self.files.append((sha, self.workdir / rel))
             rows.append({"class": ["a", "b"][i % 2], "query": "", "engine": "bench", "url": f"http://x/{i}.jpg",
                          "status": "ok", "error": None, "sha256": sha, "bytes": len(data), "w": 0, "h": 0,
                          "path": rel, "time": 0})
@@ -71,21 +73,23 @@ class CuratePair:
         self.k = 0
         self.last_stage_s = None
 
-    def raw(self) -> float:
+    def raw(self) -> tuple[float, float]:
         import torch
 
-        t0 = time.perf_counter()
-        for i in range(0, len(self.xs), self.batch):
-            self.emb.embed(torch.stack(self.xs[i:i + self.batch]))
-        if self.emb.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / self.n
+        def run():
+            for i in range(0, len(self.xs), self.batch):
+                self.emb.embed(torch.stack(self.xs[i:i + self.batch]))
+            if self.emb.device.startswith("cuda"):
+                torch.cuda.synchronize()
 
-    def curate(self) -> float:
+        wall, cpu, _ = cpu_timed(run)
+        return wall / self.n, cpu / self.n
+
+    def curate(self) -> tuple[float, float]:
         import shutil
 
+        import pipeline.curate.stage as stage
         from pipeline.core.config import load_config
-        from pipeline.curate import curate
 
         self.k += 1
         run = self.workdir / "runs" / f"bench{self.k}"
@@ -93,12 +97,28 @@ class CuratePair:
         cfg = load_config(None, {"name": run.name, "runs_root": str(run.parent), "classes": ["a", "b"],
                                  "curate.clip_model": self.model, "curate.clip_pretrained": None,
                                  "curate.batch_size": self.batch, "curate.workers": self.workers,
-                                 "curate.device": self.device})
-        t0 = time.perf_counter()
-        m = curate(cfg)
-        self.last_stage_s = time.perf_counter() - t0
+                                 "curate.device": self.device, "curate.near_dup": False})
+        scan, took = stage.scan, []
+        stage.scan = lambda *a, **kw: took.append(cpu_timed(lambda: scan(*a, **kw)))
+        try:
+            t0 = time.perf_counter()
+            stage.curate(cfg)
+            self.last_stage_s = time.perf_counter() - t0
+        finally:
+            stage.scan = scan
         shutil.rmtree(run, ignore_errors=True)
-        return m["stats"]["embed"]["wall_s"] / self.n
+        (wall, cpu, _), = took
+        return wall / self.n, cpu / self.n
+
+    def decode(self) -> float:
+        """Thread CPU seconds per image of the scan's per-file work, one thread, no model."""
+        from pipeline.curate.scan import _worker
+
+        work = _worker(self.emb, 89_478_485)
+        t = time.thread_time()
+        for item in self.files:
+            work(item)
+        return (time.thread_time() - t) / self.n
 
     def describe(self) -> str:
         return (f"open_clip {self.model} (random weights = the real model's cost), {self.n} JPEGs of "
@@ -110,8 +130,8 @@ def throughput(model: str = "ViT-B-32", n_images: int = 256, batch_size: int = 3
                device: str = "auto", px: tuple[int, int] = (320, 640)) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         pair = CuratePair(Path(tmp), model, n_images, batch_size, workers, device, px)
-        raw_s = pair.raw()
-        scan_s = pair.curate()
+        raw_s = pair.raw()[0]
+        scan_s = pair.curate()[0]
         stage_s = pair.last_stage_s
     return {"model": model, "device": device, "images": n_images, "px": f"{px[0]}-{px[1]}", "batch": batch_size,
             "workers": workers, "raw_img_s": round(1 / raw_s, 1), "curate_embed_pass_img_s": round(1 / scan_s, 1),

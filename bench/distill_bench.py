@@ -4,8 +4,11 @@ The selection pass is included; the time is split into selection and training (e
 no eval set, no held-out slice). Three runs share the data, teacher and student:
   kd            Hinton KD on every image
   kd3           KD³ as configured (its selection decides how many images it trains on)
-  kd3-all       KD³ with every image kept (selection pass still runs): the cost per epoch when the
-                selection keeps everything — the worst case for the kd3/kd ratio
+  kd3-all       KD³ with every image kept (the release's confidence rule at tau ~ 0, no equal_steps; the
+                selection pass still runs): the cost per epoch when the selection keeps everything —
+                the worst case for the kd3/kd ratio
+Per-image costs divide by the images an epoch trained on (``trained``: with kd3's default equal_steps
+that is a pool pass, not the selected count).
 Also prints training throughput (img/s, training phase only).
 
     python bench/distill_bench.py                       # CPU, tiny (cnn_small -> cnn_small, 32 px)
@@ -91,19 +94,33 @@ def make_teacher(base: Path, arch: str, size: int, epochs: int, device: str) -> 
     return out
 
 
+def trained(row: dict) -> int:
+    """Images an epoch trained on (older metrics rows have only ``selected``)."""
+    return int(row.get("trained") or row["selected"])
+
+
 def epoch_times(metrics: dict, skip_first: bool) -> dict:
     rows = metrics["epochs"][1:] if skip_first and len(metrics["epochs"]) > 1 else metrics["epochs"]
     # medians over the epochs after the first (warm-up), robust to a noisy shared machine
     sel = float(np.median([r["time_select_s"] for r in rows]))
     tr = float(np.median([r["time_train_s"] for r in rows]))
     imgs = float(np.median([r["train_img_s"] or 0 for r in rows]))
-    per_img = float(np.median([(r["time_select_s"] + r["time_train_s"]) / max(1, r["selected"]) for r in rows]))
+    per_img = float(np.median([(r["time_select_s"] + r["time_train_s"]) / max(1, trained(r)) for r in rows]))
     return {"select_s": sel, "train_s": tr, "epoch_s": sel + tr, "train_img_s": imgs,
             "selected": float(np.mean([r["selected"] for r in rows])), "epoch_s_per_trained_image": per_img,
             "epochs_in_median": len(rows)}
 
 
-RUNS = {"kd": ("kd", {}), "kd3": ("kd3", {}), "kd3-all": ("kd3", {"kd3": {"tau": 1e-9}})}
+def _merged(a: dict, b: dict) -> dict:
+    """``b`` over ``a``, section by section (``{"kd3": {"tau": ..}}`` + ``{"kd3": {"fused_views": True}}``)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+RUNS = {"kd": ("kd", {}), "kd3": ("kd3", {}),
+        "kd3-all": ("kd3", {"kd3": {"selection_rule": "confidence", "equal_steps": False, "tau": 1e-9}})}
 
 
 class DistillSetup:
@@ -133,19 +150,24 @@ class DistillSetup:
                                  "distill": {"method": method, "student": self.student, "epochs": self.epochs,
                                              "batch_size": self.batch_size, "workers": self.workers,
                                              "device": self.device, "val_fraction": 0.0, "augment": "rrc_flip",
-                                             **kw, **extra}})
+                                             **_merged(kw, extra)}})
         t0 = time.perf_counter()
-        m = distill(cfg, out_id=f"{label.replace('-', '_')}_{self.k}")
+        cpu = []  # process CPU time at each epoch's end: the differences are epochs 1.. (the first is warm-up)
+        m = distill(cfg, out_id=f"{label.replace('-', '_')}_{self.k}", on_epoch_end=lambda e: cpu.append(time.process_time()))
+        per_img = [(c1 - c0) / max(1, trained(r)) for c0, c1, r in zip(cpu, cpu[1:], m["epochs"][1:])]
         return dict(epoch_times(m, skip_first=self.epochs > 1), wall_s=time.perf_counter() - t0,
-                    final_throughput_img_s=m["final"]["throughput_img_s"])
+                    final_throughput_img_s=m["final"]["throughput_img_s"],
+                    cpu_s_per_trained_image=float(np.median(per_img)) if per_img else None)
 
-    def kd(self) -> float:
-        """Seconds per trained image of a KD epoch (median over the epochs after the first)."""
-        return self.run_method("kd")["epoch_s_per_trained_image"]
+    def kd(self) -> tuple[float, float]:
+        """(wall, process CPU) seconds per trained image of a KD epoch (median over the epochs after the first)."""
+        r = self.run_method("kd")
+        return r["epoch_s_per_trained_image"], r["cpu_s_per_trained_image"]
 
-    def kd3_all(self) -> float:
-        """Seconds per trained image of a KD³ epoch with every image kept (selection pass included)."""
-        return self.run_method("kd3-all")["epoch_s_per_trained_image"]
+    def kd3_all(self, **extra) -> tuple[float, float]:
+        """The same for a KD³ epoch with every image kept (selection pass included)."""
+        r = self.run_method("kd3-all", **extra)
+        return r["epoch_s_per_trained_image"], r["cpu_s_per_trained_image"]
 
     def describe(self) -> str:
         return (f"{self.n} images {self.size} px, teacher {self.teacher_arch} -> student {self.student}, batch "

@@ -5,7 +5,8 @@ spread (min..max), printed with the machine (CPU, cores, torch/faiss threads, lo
 repeat). Ratios, not absolute times, are the result of a pair.
 
   curate    raw open_clip model on pre-decoded tensors  vs  curate's decode+hash+embed pass
-            (bench/curate_bench.py CuratePair), seconds per image; overhead = ratio - 1 (goal <= 15 %)
+            (bench/curate_bench.py CuratePair), seconds per image; overhead = ratio - 1 (goal <= 15 %),
+            for large (800-2000 px) and small (64-320 px) JPEGs separately; also process CPU time
   distill   KD epoch  vs  KD³ epoch with every image kept (selection pass included), seconds per trained
             image, each the median over >= 5 epochs after the first (bench/distill_bench.py); goal <= 1.5x
   neardup   near-duplicate removal at 1M x 512-d, planted re-encodes (bench/curate_bench.py neardup):
@@ -44,21 +45,37 @@ def report_pair(title: str, a_name: str, b_name: str, r: dict, unit: str, goal: 
     lines.append(f"  median ratio {r['ratio_median']:.3f} (spread {r['ratio_min']:.3f}..{r['ratio_max']:.3f} over "
                  f"{r['repeats']} interleaved repeats); medians {r['a_median'] * 1e3:.2f} / {r['b_median'] * 1e3:.2f} "
                  f"ms {unit}; goal: {goal}")
+    if "cpu_ratios" in r:
+        lines.append(f"  process CPU time: ratio {r['cpu_ratio_median']:.3f} (spread {r['cpu_ratio_min']:.3f}.."
+                     f"{r['cpu_ratio_max']:.3f}); medians {r['cpu_a_median'] * 1e3:.2f} / {r['cpu_b_median'] * 1e3:.2f} "
+                     f"ms {unit} (CPU time counts work, not the cores other jobs take)")
     return "\n".join(lines)
 
 
 def curate_pair(a, workdir: Path) -> dict:
+    import statistics
+
     from curate_bench import CuratePair
 
-    pair = CuratePair(workdir / "curate", a.clip_model, a.curate_images, a.curate_batch, a.curate_workers,
-                      a.device, tuple(a.curate_px))
-    print(f"  {pair.describe()}", flush=True)
-    r = interleave(pair.raw, pair.curate, a.repeats)
-    print(report_pair("curate: raw model vs curate decode+hash+embed pass", "raw model s/img", "curate pass s/img",
-                      r, "per image", "overhead = ratio - 1 <= 0.15"))
-    r["overhead_pct"] = 100 * (r["ratio_median"] - 1)
-    r["met"] = r["overhead_pct"] <= 15
-    return r
+    out: dict = {"sizes": {}}
+    for px in a.curate_px:
+        lo, hi = (int(v) for v in px.split("-"))
+        pair = CuratePair(workdir / f"curate-{px}", a.clip_model, a.curate_images, a.curate_batch, a.curate_workers,
+                          a.device, (lo, hi))
+        print(f"  {pair.describe()}", flush=True)
+        r = interleave(pair.raw, pair.curate, a.repeats)
+        r["decode_cpu_s"] = statistics.median(pair.decode() for _ in range(a.repeats))
+        print(report_pair(f"curate, {px} px JPEGs: raw model vs curate decode+hash+embed pass", "raw model s/img",
+                          "curate pass s/img", r, "per image", "overhead = ratio - 1 <= 0.15 (800-2000 px)"))
+        print(f"  scan's per-file work (read, decode, validate, pHash + thumbnail, model input) on one thread: "
+              f"{r['decode_cpu_s'] * 1e3:.2f} ms CPU per image = {r['decode_cpu_s'] / r['cpu_a_median']:.1%} of the "
+              f"model's {r['cpu_a_median'] * 1e3:.1f} ms CPU per image", flush=True)
+        r["overhead_pct"] = 100 * (r["ratio_median"] - 1)
+        out["sizes"][px] = r
+    goal_px = "800-2000" if "800-2000" in out["sizes"] else a.curate_px[0]
+    out.update(out["sizes"][goal_px], goal_px=goal_px)
+    out["met"] = out["overhead_pct"] <= 15
+    return out
 
 
 def distill_pair(a, workdir: Path) -> dict:
@@ -73,6 +90,12 @@ def distill_pair(a, workdir: Path) -> dict:
     print(report_pair("distill: KD vs KD³ (every image kept), epoch time per trained image", "KD s/img", "KD³ s/img",
                       r, "per trained image", "ratio <= 1.5"))
     r["met"] = r["ratio_median"] <= 1.5
+    for opt in a.distill_options:  # options that change the maths (off by default), each against KD again
+        key, _, val = opt.partition("=")
+        value = json.loads(val) if val else True
+        r[opt] = interleave(st.kd, lambda: st.kd3_all(kd3={key: value}), a.repeats)
+        print(report_pair(f"distill: KD vs KD³ with distill.kd3.{key}={value} (changes the maths; off by default)",
+                          "KD s/img", "KD³ s/img", r[opt], "per trained image", "ratio <= 1.5"))
     return r
 
 
@@ -94,6 +117,37 @@ def loader_part(a, workdir: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def print_summary(a, results: dict) -> None:
+    """The summary: one line per measured goal."""
+    print("\n==================== summary ====================")
+    print(f"machine: {format_machine(results['machine_end'])}")
+    if "curate" in results:
+        for px, r in results["curate"]["sizes"].items():
+            goal = results["curate"]["met"] if px == results["curate"]["goal_px"] else None
+            print(f"curate pass overhead over the raw model, {px} px: {r['overhead_pct']:+.0f} % wall (median of "
+                  f"{r['repeats']}, ratio spread {r['ratio_min']:.2f}..{r['ratio_max']:.2f}), "
+                  f"{100 * (r['cpu_ratio_median'] - 1):+.0f} % CPU time; per-file work {r['decode_cpu_s'] * 1e3:.1f} ms "
+                  f"CPU/img" + ("" if goal is None else f"; goal <= 15 %: {'met' if goal else 'NOT met'}"))
+    if "distill" in results:
+        r = results["distill"]
+        print(f"KD³ / KD epoch time per trained image: {r['ratio_median']:.2f}x (spread {r['ratio_min']:.2f}.."
+              f"{r['ratio_max']:.2f}; CPU time {r.get('cpu_ratio_median', float('nan')):.2f}x); goal <= 1.5x: {'met' if r['met'] else 'NOT met'}")
+        for opt in a.distill_options:
+            print(f"  with distill.kd3.{opt}: {r[opt]['ratio_median']:.2f}x (spread {r[opt]['ratio_min']:.2f}.."
+                  f"{r[opt]['ratio_max']:.2f}; CPU time {r[opt]['cpu_ratio_median']:.2f}x)")
+    if "neardup" in results:
+        b = results["neardup"]["rows"][0]
+        print(f"near-dup {b['n']:,} ({b['method']}): {b['s']} s, recall {b['recall']}, false pairs {b['false_pairs']}, "
+              f"peak RSS {b['peak_rss_gib']} GiB; goal <= 180 s: {'met' if results['neardup']['met'] else 'NOT met'}")
+    if "loader" in results:
+        L = results["loader"]
+        for c in L["cores"]:
+            who = f"{c['workers_measured']} worker(s)" if c["workers_measured"] else "main process"
+            print(f"loader 32 px, {who}: {c['img_s_per_worker']:.0f} img/s per process -> "
+                  f"{c['cores_to_feed_one_h100']:.1f} cores per H100 ({'estimate' if L['gpu_img_s_is_estimate'] else 'measured GPU'}"
+                  f": {L['gpu_img_s']:.0f} img/s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", choices=PARTS, help="parts to run (default: all)")
@@ -105,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--curate-images", type=int, default=128)
     g.add_argument("--curate-batch", type=int, default=32)
     g.add_argument("--curate-workers", type=int, default=2)
-    g.add_argument("--curate-px", type=int, nargs=2, default=[800, 2000], help="JPEG longer side range")
+    g.add_argument("--curate-px", nargs="+", default=["800-2000", "64-320"],
+                   help="JPEG longer-side ranges, one pair per range (the goal is checked on 800-2000)")
     g = ap.add_argument_group("distill pair")
     g.add_argument("--teacher-arch", default="cnn_small")
     g.add_argument("--student", default="cnn_small")
@@ -113,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--distill-epochs", type=int, default=6, help="epochs per run (median over all but the first; >= 6)")
     g.add_argument("--distill-batch", type=int, default=64)
     g.add_argument("--distill-workers", type=int, default=0)
+    g.add_argument("--distill-options", nargs="*", default=[], metavar="KEY[=JSON]",
+                   help="also time KD³ with these distill.kd3 options, each against KD (e.g. fused_views)")
     g = ap.add_argument_group("near-dup")
     g.add_argument("--neardup-n", type=int, default=1_000_000)
     g.add_argument("--neardup-methods", nargs="*", default=["cells"], help="first one is checked against the goal")
@@ -142,27 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"({name} took {time.time() - t:.0f} s; load average now "
                   f"{' '.join(f'{x:.2f}' for x in os.getloadavg())})", flush=True)
     results["machine_end"] = machine()
-    print("\n==================== summary ====================")
-    print(f"machine: {format_machine(results['machine_end'])}")
-    if "curate" in results:
-        r = results["curate"]
-        print(f"curate pass overhead over the raw model: {r['overhead_pct']:+.0f} % (median of {r['repeats']}, ratio "
-              f"spread {r['ratio_min']:.2f}..{r['ratio_max']:.2f}); goal <= 15 %: {'met' if r['met'] else 'NOT met'}")
-    if "distill" in results:
-        r = results["distill"]
-        print(f"KD³ / KD epoch time per trained image: {r['ratio_median']:.2f}x (spread {r['ratio_min']:.2f}.."
-              f"{r['ratio_max']:.2f}); goal <= 1.5x: {'met' if r['met'] else 'NOT met'}")
-    if "neardup" in results:
-        b = results["neardup"]["rows"][0]
-        print(f"near-dup {b['n']:,} ({b['method']}): {b['s']} s, recall {b['recall']}, false pairs {b['false_pairs']}, "
-              f"peak RSS {b['peak_rss_gib']} GiB; goal <= 180 s: {'met' if results['neardup']['met'] else 'NOT met'}")
-    if "loader" in results:
-        L = results["loader"]
-        for c in L["cores"]:
-            who = f"{c['workers_measured']} worker(s)" if c["workers_measured"] else "main process"
-            print(f"loader 32 px, {who}: {c['img_s_per_worker']:.0f} img/s per process -> "
-                  f"{c['cores_to_feed_one_h100']:.1f} cores per H100 ({'estimate' if L['gpu_img_s_is_estimate'] else 'measured GPU'}"
-                  f": {L['gpu_img_s']:.0f} img/s)")
+    print_summary(a, results)
     if a.json:
         a.json.write_text(json.dumps(results, indent=1, default=str))
     return 0
