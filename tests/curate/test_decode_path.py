@@ -35,8 +35,10 @@ def test_large_jpeg_decoded_at_working_size_keeps_its_facts(images):
     assert np.abs(np.asarray(rgb, float) - ref).mean() < 3
 
 
-def test_small_images_are_decoded_as_before(images):
-    data = jpeg(images["chelsea"].resize((300, 200)))
+@pytest.mark.parametrize("size", [(300, 200), (400, 300), (447, 600)])
+def test_small_images_are_decoded_as_before(images, size):
+    """Shorter side below work_side, or in [work_side, 2 work_side): no reduction, the very same pixels."""
+    data = jpeg(images["chelsea"].resize(size))
     (f0, a), (f1, b) = inspect_image(data, CAP), inspect_image(data, CAP, SIDE)
     assert f0.to_row() == f1.to_row() and np.array_equal(np.asarray(a), np.asarray(b))
 
