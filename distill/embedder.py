@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 
-from pipeline.core.embedding import BatchedPreprocess, Embedder, autocast, normalise, resolve_device
+from pipeline.core.embedding import Embedder, autocast, normalise, resolve_device
 from pipeline.core.errors import ConfigError
 
 from .teacher import load_teacher
@@ -33,9 +33,8 @@ class TeacherEmbedder(Embedder):
         self.model = model
         self.meta = meta
         size = self.input_side = int(meta.get("input_size", 32))
-        self._preprocess = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
-                                      T.Normalize(meta.get("mean", [0.5] * 3), meta.get("std", [0.5] * 3))])
-        self._batched = BatchedPreprocess(self._preprocess)
+        self.use_transform(T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
+                                      T.Normalize(meta.get("mean", [0.5] * 3), meta.get("std", [0.5] * 3))]))
         st = tp.stat()
         self.model_name = tp.name
         self.pretrained = str(tp.resolve())
@@ -46,15 +45,6 @@ class TeacherEmbedder(Embedder):
         with torch.inference_mode():
             f = model.pool(model.forward_features(torch.zeros(1, 3, size, size, device=self.device)))
         self.dim = int(f.shape[-1])
-
-    def preprocess(self, img):
-        return self._preprocess(img)
-
-    def prepare(self, img):
-        return self._batched.prepare(img)
-
-    def collate(self, prepared):
-        return self._batched.collate(prepared)
 
     def embed(self, batch):
         with torch.inference_mode(), autocast(self.device):

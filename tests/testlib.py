@@ -20,3 +20,13 @@ def load_module(path: str | Path, name: str):
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+class Crash(Exception):
+    """A crash injected into a run (``on_epoch_end=crash_after_first``), to test its resume."""
+
+
+def crash_after_first(epoch: int) -> None:
+    """Crash a distill run once its first epoch (and its checkpoint) is done."""
+    if epoch == 0:
+        raise Crash()

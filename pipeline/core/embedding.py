@@ -28,15 +28,27 @@ class Embedder:
     has_text = False
     input_side: Optional[int] = None  # preprocess resizes to this: larger files are decoded at reduced scale
 
-    def preprocess(self, img):  # pragma: no cover - interface
-        raise NotImplementedError
+    _transform = None  # the model's torchvision preprocessing (a Compose), set by use_transform
+    _batched: Optional["BatchedPreprocess"] = None
+
+    def use_transform(self, compose) -> None:
+        """The backend's preprocessing: ``preprocess`` runs it whole, ``prepare``/``collate`` split it."""
+        self._transform = compose
+        self._batched = BatchedPreprocess(compose)
+
+    def preprocess(self, img):
+        if self._transform is None:  # pragma: no cover - interface
+            raise NotImplementedError
+        return self._transform(img)
 
     def prepare(self, img):
         """Per image, in curate's decode threads (default: all of ``preprocess``)."""
-        return self.preprocess(img)
+        return self._batched.prepare(img) if self._batched is not None else self.preprocess(img)
 
     def collate(self, prepared: list):
         """``prepare`` outputs -> the model's input batch (default: stacked)."""
+        if self._batched is not None:
+            return self._batched.collate(prepared)
         import torch  # heavy: only once a model runs
 
         return torch.stack(prepared)

@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from pipeline.core import plugins
-from pipeline.core.embedding import BatchedPreprocess, Embedder, autocast, normalise, resolve_device
+from pipeline.core.embedding import Embedder, autocast, normalise, resolve_device
 from pipeline.core.errors import ConfigError, one_line
 from pipeline.core.io import atomic_path, atomic_write_json
 
@@ -94,8 +94,7 @@ class ClipEmbedder(Embedder):
                 f"curate.embed_backend: teacher") from None
         model.eval().to(self.device)
         self.model = model
-        self._preprocess = preprocess
-        self._batched = BatchedPreprocess(preprocess)
+        self.use_transform(preprocess)
         self.input_side = max(self._input_shape()[1:])
         self.tokenizer = open_clip.get_tokenizer(model_name)
         with torch.no_grad():
@@ -108,15 +107,6 @@ class ClipEmbedder(Embedder):
         size = self.model.visual.image_size
         size = size if isinstance(size, (tuple, list)) else (size, size)
         return (3, int(size[0]), int(size[1]))
-
-    def preprocess(self, img):
-        return self._preprocess(img)
-
-    def prepare(self, img):
-        return self._batched.prepare(img)
-
-    def collate(self, prepared):
-        return self._batched.collate(prepared)
 
     def embed(self, batch):
         import torch  # heavy: a model exists, so torch is loaded already

@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+from testlib import Crash, crash_after_first
 import torch
 from PIL import Image
 
@@ -55,13 +56,6 @@ def test_channels_last_on_cpu_is_deterministic_and_resumes_exactly(digits_world,
     assert [e["losses"] for e in a["epochs"]] == [e["losses"] for e in b["epochs"]]  # bit for bit
     wa, wb = _weights(run / "distill" / "kd3-a"), _weights(run / "distill" / "kd3-b")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-    class Crash(Exception):
-        pass
-
-    def crash_after_first(e):
-        if e == 0:
-            raise Crash()
 
     with pytest.raises(Crash):
         distill(cfg, out_id="cut", on_epoch_end=crash_after_first)

@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
+from testlib import Crash, crash_after_first
 import torch
 
 from distill.stage import distill, output_dir
@@ -100,13 +101,6 @@ def test_kd3_options_and_ablations_run(digits_world, run):
 def test_resume_after_interruption_continues_exactly(digits_world, run):
     cfg = _cfg(digits_world, run, "kd3", epochs=3)
     full = distill(cfg, out_id="full")
-
-    class Crash(Exception):
-        pass
-
-    def crash_after_first(e):
-        if e == 0:
-            raise Crash()
 
     with pytest.raises(Crash):
         distill(cfg, out_id="cut", on_epoch_end=crash_after_first)
