@@ -5,13 +5,13 @@ import shutil
 
 import numpy as np
 import pytest
-from testlib import Crash, crash_after_first
 import torch
 from PIL import Image
 
 from distill.stage import distill
 from pipeline.core.config import load_config
 from pipeline.core.errors import DataError
+from testlib import Crash, crash_after_first
 
 torch.set_num_threads(1)
 

@@ -4,7 +4,6 @@ import shutil
 
 import numpy as np
 import pytest
-from testlib import Crash, crash_after_first
 import torch
 
 from distill.stage import distill, output_dir
@@ -12,6 +11,7 @@ from distill.teacher import load_teacher
 from pipeline.core.config import load_config
 from pipeline.core.errors import DataError
 from pipeline.core.io import read_json, read_jsonl
+from testlib import Crash, crash_after_first
 
 torch.set_num_threads(1)
 
