@@ -49,7 +49,7 @@ from kd3demo.demo import DemoSettings, _key_values, _resolved, _truth_by_sha, de
 from kd3demo.fakeweb import FakeWeb  # noqa: E402
 from pipeline.core.config import RunConfig  # noqa: E402
 from pipeline.core.io import atomic_write_json, read_jsonl  # noqa: E402
-from pipeline.core.records import read_decisions, read_loop_rounds, read_metrics, read_records  # noqa: E402
+from pipeline.core.records import downloads_per_class, read_decisions, read_loop_rounds, read_metrics  # noqa: E402
 from pipeline.core.runs import RunDir  # noqa: E402
 from pipeline.curate import curate  # noqa: E402
 
@@ -73,21 +73,18 @@ def kept_by_kind(cfg: RunConfig, truth: dict, classes: list[str]) -> dict[str, d
 
 
 def downloads(cfg: RunConfig) -> int:
-    return sum(1 for r in read_records(RunDir(cfg.run_dir).records) if r.status == "ok")
+    return sum(downloads_per_class(RunDir(cfg.run_dir).records).values())
 
 
 def uniform_spend(cfg: RunConfig, budget: int) -> None:
     """The no-loop crawl: ``budget`` downloads spread equally over the classes and, within a class,
     over the loop's new templates (round-robin, what one query cannot give passes to the next)."""
     classes = cfg.resolved_classes()
-    have = {c: 0 for c in classes}
-    for r in read_records(RunDir(cfg.run_dir).records):
-        if r.status == "ok":
-            have[r.cls] += 1
+    have = downloads_per_class(RunDir(cfg.run_dir).records)
     for c, share in split_budget(budget, classes).items():
         qs = [t.replace("{c}", c) for t in cfg.loop.query_templates]
         quotas = split_budget(share, qs)
-        crawl_planned(cfg, c, [PlannedQuery("bing", q, quotas[q]) for q in qs], have[c] + share)
+        crawl_planned(cfg, c, [PlannedQuery("bing", q, quotas[q]) for q in qs], have.get(c, 0) + share)
 
 
 def final(method_dir: Path) -> dict:
@@ -170,8 +167,8 @@ def run_seed(seed: int, a) -> dict:
         dirs = [r.distill_dir for r in rounds]
         res["starved"], res["detected"] = starved, rounds[0].after.starved
         res["loop"] = summarise(cfg, Path(dirs[-1]), starved, truth)
-        spent = res["loop"]["downloads"] - sum(1 for rec in read_records(Path(cfg.run_dir) / "round0" / "crawl" /
-                                                                          "records.jsonl") if rec.status == "ok")
+        round0 = Path(cfg.run_dir) / "round0" / "crawl" / "records.jsonl"
+        spent = res["loop"]["downloads"] - sum(downloads_per_class(round0).values())
         res["budget_spent"] = spent
         res["noloop"] = baseline(cfg, dirs, spent, a, starved, truth)
     return res

@@ -35,7 +35,7 @@ from distill.stage import default_out_id, output_dir
 from distill.stage import distill as distill_fn
 from pipeline.core.config import RunConfig, save_resolved
 from pipeline.core.errors import ConfigError
-from pipeline.core.records import LoopRound, YieldTable, read_decisions, read_loop_rounds, read_records, \
+from pipeline.core.records import LoopRound, YieldTable, downloads_per_class, read_decisions, read_loop_rounds, \
     write_loop_round
 from pipeline.core.runs import RunDir
 from pipeline.core.yields import COMPARE_HEADERS, compare_rows, yield_table
@@ -90,11 +90,8 @@ def round_out_id(cfg: RunConfig, r: int) -> Optional[str]:
 
 
 def _downloads(cfg: RunConfig) -> dict[str, int]:
-    out = {c: 0 for c in cfg.resolved_classes()}
-    for rec in read_records(RunDir(cfg.run_dir).records):
-        if rec.status == "ok" and rec.cls in out:
-            out[rec.cls] += 1
-    return out
+    have = downloads_per_class(RunDir(cfg.run_dir).records)
+    return {c: have.get(c, 0) for c in cfg.resolved_classes()}
 
 
 def _kept(cfg: RunConfig) -> dict[str, int]:

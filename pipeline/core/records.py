@@ -148,6 +148,15 @@ def read_records(path: Path) -> list[CrawlRecord]:
     return [CrawlRecord.from_row(r) for r in _jsonl_or_error(path)]
 
 
+def downloads_per_class(path: Path) -> dict[str, int]:
+    """Images downloaded (``status: ok``) per query class, from ``crawl/records.jsonl``."""
+    out: dict[str, int] = {}
+    for r in read_records(path):
+        if r.status == "ok":
+            out[r.cls] = out.get(r.cls, 0) + 1
+    return out
+
+
 class RecordLog:
     """The append-only writer of ``crawl/records.jsonl`` (thread-safe, fsynced per row)."""
 
