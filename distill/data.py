@@ -23,7 +23,7 @@ from torchvision import transforms as T
 
 from pipeline.core.errors import DataError
 from pipeline.core.io import sha256_file
-from pipeline.core.records import read_manifest
+from pipeline.core.records import read_manifest, shard_path
 from pipeline.core.slug import slugify
 
 log = logging.getLogger("kd3.distill")
@@ -33,11 +33,10 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "ppm", "tif", "tiff")
 
 # ---------------------------------------------------------------- manifest + shards
 def _shard_path(manifest_path: Path, url: str) -> Path:
-    if "://" in url and not url.startswith("file://"):
+    p = shard_path(manifest_path, url)
+    if p is None:
         raise DataError(f"manifest {manifest_path}: shard {url} is remote; kd3 distill reads local shards")
-    url = url[7:] if url.startswith("file://") else url
-    q = Path(url)
-    return q if q.is_absolute() else manifest_path.parent / q
+    return p
 
 
 def verify_shards(manifest_path, manifest: dict | None = None) -> list[Path]:

@@ -67,17 +67,15 @@ def check_distill_inputs(cfg: RunConfig, manifest: Optional[Path] = None) -> Non
         raise ConfigError(f"distill.eval_dir {ev} is not a folder")
     if manifest is None or not Path(manifest).is_file():
         return
-    from .records import read_manifest  # records pulls numpy; only needed once a manifest exists
+    from .records import read_manifest, shard_path  # records pulls numpy; only needed once a manifest exists
 
     man = read_manifest(manifest)
     check_classes(meta["classes"], man["classes"], f"teacher {Path(cfg.teacher).name}",
                   f"manifest {Path(manifest).name}")
     for s in man["shardlist"]:
-        url = str(s["url"])
-        if "://" in url and not url.startswith("file://"):
+        p = shard_path(manifest, s["url"])
+        if p is None:
             continue  # remote shards: the trainer refuses them with its own message
-        p = Path(url[7:] if url.startswith("file://") else url)
-        p = p if p.is_absolute() else Path(manifest).parent / p
         if not p.is_file():
             raise DataError(f"shard {s['url']} listed in {manifest} is missing ({p})")
 

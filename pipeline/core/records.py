@@ -400,6 +400,16 @@ def write_manifest(path: Path, manifest: dict) -> Path:
     return atomic_write_json(path, manifest)
 
 
+def shard_path(manifest_path: Path, url: str) -> Optional[Path]:
+    """Where a shardlist ``url`` lies (relative urls are relative to the manifest, ``file://`` allowed);
+    None for a remote url (``s3://``, ``https://``, ...)."""
+    url = str(url)
+    if "://" in url and not url.startswith("file://"):
+        return None
+    q = Path(url[7:] if url.startswith("file://") else url)
+    return q if q.is_absolute() else Path(manifest_path).parent / q
+
+
 def read_manifest(path) -> dict:
     """The manifest, checked: a missing file, bad JSON, no shardlist/classes are one-line DataErrors."""
     p = Path(path)
