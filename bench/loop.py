@@ -137,7 +137,7 @@ def run_seed(seed: int, a) -> dict:
     out = (Path(a.out) / f"seed{seed}").resolve()
     s = _resolved(DemoSettings(out=out, size=a.size, seed=seed, epochs=a.epochs, methods=[a.method], report=False,
                                overrides=_key_values(a.set, "--set")))
-    world = dw.generate_world(out / "world", dw.spec_for(a.size, seed=seed, query_world="loop"))
+    world = dw.generate_world(out / "world", dw.spec_for(a.size, seed=seed, query_world=a.query_world))
     teacher = train_demo_teacher(world, out, s.teacher_arch, s.teacher_epochs, seed, s.batch_size)
     truth_rows = read_jsonl(world.truth_path)
     truth = _truth_by_sha(truth_rows)
@@ -163,7 +163,7 @@ def run_seed(seed: int, a) -> dict:
                                   "plan": last.plan, "added": last.added,
                                   "kinds": kept_by_kind(cfg, truth, cfg.resolved_classes())})
         rounds = read_loop_rounds(RunDir(cfg.run_dir).loop)
-        starved = list(dw.QUERY_WORLDS["loop"]["starved"])  # the world's; the loop finds its own
+        starved = list(dw.QUERY_WORLDS[a.query_world]["starved"])  # the world's; the loop finds its own
         dirs = [r.distill_dir for r in rounds]
         res["starved"], res["detected"] = starved, rounds[0].after.starved
         res["loop"] = summarise(cfg, Path(dirs[-1]), starved, truth)
@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="small", choices=sorted(dw.SIZES))
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--query-world", default="loop", choices=sorted(dw.QUERY_WORLDS),
+                    help="the demo's query world (kd3demo/world.py QUERY_WORLDS): which classes are rare on the web")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budget", type=int, default=40, help="downloads per loop round")
     ap.add_argument("--method", default="kd3")
@@ -242,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(json.loads(done.read_text()))
         atomic_write_json(a.out / f"loop-{a.size}.json", {"args": {k: str(v) for k, v in vars(a).items()},
                                                           "machine": machine(), "results": results})
-    lines = [f"loop bench: {a.size} world, seeds {a.seeds}, {a.method}, {a.rounds} rounds x {a.budget} downloads, "
+    lines = [f"loop bench: {a.size} world ({a.query_world}), seeds {a.seeds}, {a.method}, {a.rounds} rounds x "
+             f"{a.budget} downloads, "
              f"distill {a.distill} ({a.epochs} + {a.epochs_per_round}/round epochs), {time.time() - t0:.0f}s",
              format_machine()] + report(results)
     print("\n".join(lines))

@@ -16,9 +16,11 @@ def pools():
     return dw.make_web_pool(dw.WorldSpec(**BASE)), dw.make_web_pool(dw.WorldSpec(**BASE, query_world="loop"))
 
 
-def test_plain_queries_come_from_the_one_query_worlds_streams(pools):
-    plain, qw = pools
-    starved = dw.QUERY_WORLDS["loop"]["starved"]
+@pytest.mark.parametrize("name", sorted(dw.QUERY_WORLDS))
+def test_plain_queries_come_from_the_one_query_worlds_streams(name):
+    plain = dw.make_web_pool(dw.WorldSpec(**BASE))
+    qw = dw.make_web_pool(dw.WorldSpec(**BASE, query_world=name))
+    starved = dw.QUERY_WORLDS[name]["starved"]
     for cls in dw.DIGIT_NAMES:
         # a digit of a rare class listed as another class's junk is drawn as the next class's instead
         # (and so are its copies): compare the rest byte for byte
