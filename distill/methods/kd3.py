@@ -6,7 +6,9 @@ call in-distribution, :mod:`.idscore`) and ``equal_steps: true`` (an epoch keeps
 count) are kd3's own, chosen on the ranked benchmark (README); ``selection_rule: confidence`` with
 ``equal_steps: false`` is the release's method. Ablations: ``selection``, ``weighting``, ``sharing``,
 ``mixdist``; paper-prose options (off): ``cross_contrastive``, ``mix_level: feature``,
-``classifier_align_loss``; others (off): ``kd_weight`` (a logit KD term), ``fused_views``. With ``sharing``
+``classifier_align_loss``; others (off): ``kd_weight`` (a logit KD term), ``fused_views``;
+``teacher_contrastive`` (off) keeps the release's teacher NT-Xent term, which trains only g_T and so cannot
+change the student: off, the teacher skips x~. With ``sharing``
 off and no ``classifier_align_loss`` the student keeps its own classifier, trained by a KD term (``kd``)
 so the ablated student still predicts; the release has no such term because it always shares.
 """
@@ -52,7 +54,13 @@ class KD3(Method):
                 p.requires_grad_(False)
         if cfg.mixdist:
             self.g_s = nn.Linear(c_s, HEAD_DIM)
-            self.g_t = nn.Linear(c_t, HEAD_DIM)
+            self.g_t = nn.Linear(c_t, HEAD_DIM)  # built in every case: the same RNG draws, the same state dict
+        # the teacher's own NT-Xent term trains only g_T; unless the cross term feeds g_T into the student's
+        # loss, g_T then never touches the student: skip the term and the teacher's pass on x~, freeze g_T
+        self.teacher_term = bool(cfg.mixdist and cfg.teacher_contrastive)
+        if cfg.mixdist and not (self.teacher_term or cfg.cross_contrastive):
+            for p in self.g_t.parameters():
+                p.requires_grad_(False)
         self.loss_weights = {"con": float(cfg.lambda_con)}
         self.kd_term = self.own_head or float(cfg.kd_weight) > 0
         if float(cfg.kd_weight) > 0:
@@ -154,14 +162,14 @@ class KD3(Method):
         input_mix = use_mix and not feature_mix
         x_aug = mix_distribution(x) if input_mix else None
         # the student sees the two views in two calls (own BN batch statistics each, as the release);
-        # the frozen teacher (eval-mode BN) takes both in one batch
+        # the frozen teacher (eval-mode BN) takes both in one batch when its own contrastive term needs x~
         if input_mix and cfg.fused_views:  # option: one student call on both views (BN statistics shared)
             fs, fs_aug = self.student.forward_features(torch.cat([x, x_aug])).split(b)
         else:
             fs = self.student.forward_features(x)
             fs_aug = self.student.forward_features(x_aug) if input_mix else None
         with torch.no_grad():
-            ft_all = self.teacher.forward_features(torch.cat([x, x_aug]) if input_mix else x)
+            ft_all = self.teacher.forward_features(torch.cat([x, x_aug]) if input_mix and self.teacher_term else x)
             ft = ft_all[:b]
             ht_all = self.teacher.pool(ft_all)  # pooled once: z_T and the teacher's contrastive head share it
             z_t = self.teacher.classifier(ht_all[:b])
@@ -188,13 +196,17 @@ class KD3(Method):
                 lam = torch.distributions.Beta(0.1, 0.1).sample((b,)).to(x.device)
                 perm = torch.randperm(b).to(x.device)
                 fs_aug = mix_distribution(fs, lam=lam, perm=perm)
-                ht_all = torch.cat([ht_all[:b], self.teacher.pool(mix_distribution(ft, lam=lam, perm=perm))])
+                if self.teacher_term:
+                    ht_all = torch.cat([ht_all[:b], self.teacher.pool(mix_distribution(ft, lam=lam, perm=perm))])
             # each head runs once on both views (rows: x, then x~); the NT-Xent terms in one batched call
             g_s = self.g_s(torch.cat([self.student.pool(fs), self.student.pool(fs_aug)]))
-            g_t = self.g_t(ht_all.detach())
-            views = [g_s, g_t]  # student x <-> x~, teacher x <-> x~
-            if cfg.cross_contrastive:
-                views.append(torch.cat([g_s[b:], g_t[:b]]))  # student x~ <-> teacher x
+            views = [g_s]  # student x <-> x~
+            if self.teacher_term or cfg.cross_contrastive:
+                g_t = self.g_t(ht_all.detach() if self.teacher_term else ht_all[:b].detach())
+                if self.teacher_term:
+                    views.append(g_t)  # teacher x <-> x~
+                if cfg.cross_contrastive:
+                    views.append(torch.cat([g_s[b:], g_t[:b]]))  # student x~ <-> teacher x
             out["con"] = nt_xent_views(torch.stack(views), cfg.con_temperature)
         return out
 

@@ -186,6 +186,11 @@ class Kd3Config(_Section):
     sharing: bool = Field(True, description="teacher-classifier sharing")
     mixdist: bool = Field(True, description="MixDistribution + contrastive alignment")
     cross_contrastive: bool = Field(False, description="paper-prose option: student x~ <-> teacher x")
+    teacher_contrastive: bool = Field(False, description="the release's teacher NT-Xent term g_T(h_T(x)) <-> "
+                                                          "g_T(h_T(x~)): it trains only g_T, which nothing the "
+                                                          "student computes uses, so off (default) skips the "
+                                                          "teacher's pass on x~ and trains the same student; on "
+                                                          "= the release's loss value")
     mix_level: Literal["input", "feature"] = Field("input", description="where MixDistribution acts")
     classifier_align_loss: bool = Field(False, description="paper-prose option: align classifiers by a loss")
     kd_temperature: float = Field(4.0, gt=0, description="temperature of kd3's KD terms (the no-sharing "

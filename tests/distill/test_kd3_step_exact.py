@@ -49,7 +49,9 @@ def reference_losses(m, x: torch.Tensor, cfg: Kd3Config) -> dict:
     feat = (w.view(-1, 1, 1, 1) * (fs_p - target) ** 2).mean()
     h_s, h_s_aug, h_t, h_t_aug = S.pool(fs), S.pool(fs_aug), T.pool(ft), T.pool(ft_aug)
     t = cfg.con_temperature
-    con = ntxent_by_hand(m.g_s(h_s), m.g_s(h_s_aug), t) + ntxent_by_hand(m.g_t(h_t), m.g_t(h_t_aug), t)
+    con = ntxent_by_hand(m.g_s(h_s), m.g_s(h_s_aug), t)
+    if cfg.teacher_contrastive:  # the release's teacher term (it trains only g_T)
+        con = con + ntxent_by_hand(m.g_t(h_t), m.g_t(h_t_aug), t)
     if cfg.cross_contrastive:
         con = con + ntxent_by_hand(m.g_s(h_s_aug), m.g_t(h_t), t)
     return {"feat": feat, "con": con}
@@ -65,7 +67,9 @@ def losses_and_grads(m, fn) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("options", [{}, {"cross_contrastive": True}, {"mix_level": "feature"},
-                                     {"weighting": False}, {"channels_last": True}])
+                                     {"weighting": False}, {"channels_last": True}, {"teacher_contrastive": True},
+                                     {"teacher_contrastive": True, "cross_contrastive": True},
+                                     {"teacher_contrastive": True, "mix_level": "feature"}])
 def test_kd3_step_losses_and_gradients_equal_the_reference(options):
     options = dict(options)
     channels_last = options.pop("channels_last", False)
@@ -89,3 +93,40 @@ def test_kd3_step_losses_and_gradients_equal_the_reference(options):
     assert g_got.keys() == g_want.keys()
     for k in g_want:
         torch.testing.assert_close(g_got[k], g_want[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def _train(cfg: Kd3Config, steps: int = 4):
+    """A few SGD steps of KD³ from a fixed start; the teacher's batch sizes and the final state."""
+    torch.manual_seed(0)
+    teacher = create_model("cnn_small", 5).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    seen = []
+    orig = teacher.forward_features
+    teacher.forward_features = lambda x: (seen.append(x.shape[0]), orig(x))[1]
+    m = create_method("kd3", create_model("cnn_tiny", 5), teacher, cfg, 5, student_arch="cnn_tiny")
+    g_t0 = copy.deepcopy(m.g_t.state_dict())
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    m.train()
+    teacher.eval()
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        x = torch.randn(8, 3, 32, 32, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        m.total_loss(m(x)).backward()
+        opt.step()
+    return m, seen, g_t0, torch.get_rng_state()
+
+
+def test_teacher_contrastive_term_trains_only_g_t_so_skipping_it_trains_the_same_student():
+    on, seen_on, _, rng_on = _train(Kd3Config(teacher_contrastive=True))
+    off, seen_off, g_t0, rng_off = _train(Kd3Config())
+    assert seen_on == [16] * 4 and seen_off == [8] * 4  # off: the teacher never sees x~
+    assert torch.equal(rng_on, rng_off)  # the same random draws: data order and MixDistribution stay put
+    student = {k: v for k, v in on.state_dict().items() if not k.startswith("g_t.")}
+    for k, v in off.state_dict().items():
+        if k.startswith("g_t."):
+            assert torch.equal(v, g_t0[k[4:]]), k  # frozen: nothing trains it
+            assert not torch.equal(v, on.state_dict()[k]), k  # the release's term does train it
+        else:
+            torch.testing.assert_close(v, student[k], rtol=1e-4, atol=1e-5, msg=k)
