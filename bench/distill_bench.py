@@ -14,6 +14,11 @@ Also prints training throughput (img/s, training phase only).
     python bench/distill_bench.py                       # CPU, tiny (cnn_small -> cnn_small, 32 px)
     python bench/distill_bench.py --device cuda --teacher-arch resnet34 --student resnet18 \
         --n 20000 --batch-size 256 --epochs 3 --workers 8     # GPU: bf16 autocast + channels_last
+    python bench/distill_bench.py --profile                   # torch.profiler: one KD and one KD³ step, op by op
+
+``--profile`` times training steps alone (random batch, no data loading, no selection pass) under
+``torch.profiler`` for KD and for KD³ (default options, then each of ``--profile-options``): wall ms per step,
+the ratio to KD, and the top operators by self CPU time, each op's share of the step.
 """
 from __future__ import annotations
 
@@ -164,6 +169,11 @@ class DistillSetup:
         r = self.run_method("kd")
         return r["epoch_s_per_trained_image"], r["cpu_s_per_trained_image"]
 
+    def kd3_default(self, **extra) -> tuple[float, float]:
+        """The same for a KD³ epoch with kd3's default options (``extra`` on top)."""
+        r = self.run_method("kd3", **extra)
+        return r["epoch_s_per_trained_image"], r["cpu_s_per_trained_image"]
+
     def kd3_all(self, **extra) -> tuple[float, float]:
         """The same for a KD³ epoch with every image kept (selection pass included)."""
         r = self.run_method("kd3-all", **extra)
@@ -205,6 +215,70 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def profile_steps(teacher_arch: str = "cnn_small", student: str = "cnn_small", size: int = 32, batch_size: int = 64,
+                  steps: int = 20, options: list[str] | None = None, top: int = 12, threads: int | None = None) -> dict:
+    """Training steps (forward, backward, SGD) of KD and KD³ under torch.profiler, on CPU, channels_last."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from distill.methods import create_method
+    from distill.models import create_model
+    from pipeline.core.config import KdConfig, Kd3Config
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    teacher = create_model(teacher_arch, 10).eval().to(memory_format=torch.channels_last)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
+    runs = {"kd": ("kd", KdConfig())}
+    runs["kd3"] = ("kd3", Kd3Config())
+    for opt in options or []:
+        key, _, val = opt.partition("=")
+        runs[f"kd3 {opt}"] = ("kd3", Kd3Config(**{key: json.loads(val) if val else True}))
+    out: dict = {"teacher": teacher_arch, "student": student, "size": size, "batch_size": batch_size,
+                 "steps": steps, "threads": torch.get_num_threads(), "runs": {}}
+    for label, (name, cfg) in runs.items():
+        torch.manual_seed(1)
+        m = create_method(name, create_model(student, 10), teacher, cfg, 10, student_arch=student)
+        m.to(memory_format=torch.channels_last).train()
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            m.total_loss(m(x)).backward()
+            opt.step()
+
+        for _ in range(3):  # warm-up (oneDNN primitive caches)
+            step()
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        ms = (time.perf_counter() - t0) * 1e3 / steps
+        ka = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in ka) or 1
+        out["runs"][label] = {"ms_per_step": ms, "ops": [
+            {"op": e.key, "calls_per_step": e.count / steps, "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+             "share": e.self_cpu_time_total / total} for e in ka[:top]]}
+    kd_ms = out["runs"]["kd"]["ms_per_step"]
+    for v in out["runs"].values():
+        v["ratio_to_kd"] = v["ms_per_step"] / kd_ms
+    return out
+
+
+def format_profile(r: dict) -> str:
+    lines = [f"profile: teacher {r['teacher']} -> student {r['student']}, {r['size']} px, batch {r['batch_size']}, "
+             f"{r['steps']} training steps per method under torch.profiler (its overhead included), CPU, "
+             f"channels_last, torch threads {r['threads']}"]
+    for label, v in r["runs"].items():
+        lines.append(f"{label}: {v['ms_per_step']:.2f} ms per step, {v['ratio_to_kd']:.2f}x KD")
+        for o in v["ops"]:
+            lines.append(f"    {o['op']:42s} {o['calls_per_step']:6.1f} calls {o['self_ms_per_step']:8.2f} ms "
+                         f"{100 * o['share']:5.1f} %")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=256)
@@ -218,8 +292,19 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher-epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the result as JSON here")
+    ap.add_argument("--profile", action="store_true", help="profile training steps op by op instead")
+    ap.add_argument("--profile-steps", type=int, default=20)
+    ap.add_argument("--profile-options", nargs="*", default=[], metavar="KEY[=JSON]",
+                    help="also profile KD³ with these distill.kd3 options (e.g. teacher_contrastive fused_views)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if a.profile:
+        r = profile_steps(a.teacher_arch, a.student, a.size, a.batch_size, a.profile_steps, a.profile_options,
+                          threads=a.threads)
+        print(format_profile(r))
+        if a.json:
+            atomic_write_json(a.json, r)
+        return 0
     r = run_bench(a.n, a.size, a.teacher_arch, a.student, a.epochs, a.batch_size, a.device, a.workers,
                   a.teacher_epochs, a.threads)
     print(format_report(r))
