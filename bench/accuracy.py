@@ -43,7 +43,8 @@ BASE = "kd"
 ORACLE = "oracle: kd on real digits"
 ORIGINAL = "student on original labels"
 # label -> distill overrides; each kd3 switch is measured alone on top of the release's method
-RELEASE = {"kd3.selection_rule": "confidence", "kd3.equal_steps": False, "kd3.kd_weight": 0.0}
+RELEASE = {"kd3.selection_rule": "confidence", "kd3.equal_steps": False, "kd3.kd_weight": 0.0,
+           "kd3.teacher_contrastive": True}  # the release exactly (its teacher term cannot move the student)
 ROWS: dict[str, dict] = {
     "kd": {"method": "kd"},
     "kd3": {"method": "kd3"},                         # kd3's defaults: selection_rule bn + equal_steps
@@ -54,6 +55,7 @@ ROWS: dict[str, dict] = {
     "kd3 bn rule without equal steps": {"method": "kd3", "kd3.selection_rule": "bn", "kd3.equal_steps": False},
     "kd3 no selection": {"method": "kd3", "kd3.selection": False},
     "kd3 + kd term": {"method": "kd3", "kd3.kd_weight": 1.0},
+    "kd3 + fused views": {"method": "kd3", "kd3.fused_views": True},  # one student call on x and x~ (cost)
     "kd3 no mixdist/contrastive": {"method": "kd3", "kd3.mixdist": False},
     "kd3 no weighting": {"method": "kd3", "kd3.weighting": False},
     "dfnd": {"method": "dfnd"},
