@@ -1,8 +1,9 @@
 """The crawl-selection loop against a no-loop run with the same crawl budget (issue 15).
 
-Per seed, on the demo's query world ``loop`` (two classes, ``two`` and ``six``, rare on the web and mostly
-junk under their plain query; every class also answers "{c} close-up", "{c} isolated on white" and
-"handwritten {c}" with other mixes):
+Per seed, on a query world of the demo (``--query-world``; ``loop``: two classes, ``two`` and ``six``, rare
+on the web and mostly junk under their plain query; ``loop-hard``: the same with ``seven`` and ``nine``, the
+classes a student learns worst without digits of their own; every class also answers "{c} close-up",
+"{c} isolated on white" and "handwritten {c}" with other mixes):
 
 1. world, teacher (as ``kd3 demo``), the fake web (each image listed under exactly its query);
 2. **round 0**, shared: crawl the plain query of every class, curate, distill ``--epochs``;
@@ -21,6 +22,7 @@ each round added to the starved classes (kept real digits, scan-like ones, junk)
 
     .venv/bin/python bench/loop.py                                  # small world, seeds 0,1,2
     .venv/bin/python bench/loop.py --size tiny --seeds 0 --epochs 2 --epochs-per-round 1   # a smoke look
+    .venv/bin/python bench/loop.py --query-world loop-hard --method kd --out bench-out/loop-hard-kd
 """
 from __future__ import annotations
 
