@@ -164,19 +164,10 @@ class DistillSetup:
                     final_throughput_img_s=m["final"]["throughput_img_s"],
                     cpu_s_per_trained_image=float(np.median(per_img)) if per_img else None)
 
-    def kd(self) -> tuple[float, float]:
-        """(wall, process CPU) seconds per trained image of a KD epoch (median over the epochs after the first)."""
-        r = self.run_method("kd")
-        return r["epoch_s_per_trained_image"], r["cpu_s_per_trained_image"]
-
-    def kd3_default(self, **extra) -> tuple[float, float]:
-        """The same for a KD³ epoch with kd3's default options (``extra`` on top)."""
-        r = self.run_method("kd3", **extra)
-        return r["epoch_s_per_trained_image"], r["cpu_s_per_trained_image"]
-
-    def kd3_all(self, **extra) -> tuple[float, float]:
-        """The same for a KD³ epoch with every image kept (selection pass included)."""
-        r = self.run_method("kd3-all", **extra)
+    def per_image(self, label: str, **extra) -> tuple[float, float]:
+        """(wall, process CPU) seconds per trained image of a ``label`` run (a key of RUNS, ``extra`` config on
+        top), each the median over the epochs after the first."""
+        r = self.run_method(label, **extra)
         return r["epoch_s_per_trained_image"], r["cpu_s_per_trained_image"]
 
     def describe(self) -> str:
@@ -215,6 +206,12 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_option(opt: str) -> tuple[str, object]:
+    """``KEY[=JSON]`` of a ``distill.kd3`` option -> (key, value); a bare key means True."""
+    key, _, val = opt.partition("=")
+    return key, json.loads(val) if val else True
+
+
 def profile_steps(teacher_arch: str = "cnn_small", student: str = "cnn_small", size: int = 32, batch_size: int = 64,
                   steps: int = 20, options: list[str] | None = None, top: int = 12, threads: int | None = None) -> dict:
     """Training steps (forward, backward, SGD) of KD and KD³ under torch.profiler, on CPU, channels_last."""
@@ -231,23 +228,21 @@ def profile_steps(teacher_arch: str = "cnn_small", student: str = "cnn_small", s
     for p in teacher.parameters():
         p.requires_grad_(False)
     x = torch.randn(batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
-    runs = {"kd": ("kd", KdConfig())}
-    runs["kd3"] = ("kd3", Kd3Config())
+    runs = {"kd": ("kd", KdConfig()), "kd3": ("kd3", Kd3Config())}
     for opt in options or []:
-        key, _, val = opt.partition("=")
-        runs[f"kd3 {opt}"] = ("kd3", Kd3Config(**{key: json.loads(val) if val else True}))
+        runs[f"kd3 {opt}"] = ("kd3", Kd3Config(**dict([parse_option(opt)])))
     out: dict = {"teacher": teacher_arch, "student": student, "size": size, "batch_size": batch_size,
                  "steps": steps, "threads": torch.get_num_threads(), "runs": {}}
     for label, (name, cfg) in runs.items():
         torch.manual_seed(1)
         m = create_method(name, create_model(student, 10), teacher, cfg, 10, student_arch=student)
         m.to(memory_format=torch.channels_last).train()
-        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+        sgd = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
 
         def step():
-            opt.zero_grad(set_to_none=True)
+            sgd.zero_grad(set_to_none=True)
             m.total_loss(m(x)).backward()
-            opt.step()
+            sgd.step()
 
         for _ in range(3):  # warm-up (oneDNN primitive caches)
             step()

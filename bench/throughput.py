@@ -83,24 +83,26 @@ def distill_pair(a, workdir: Path) -> dict:
     """KD vs KD³ as users run it (default options: the bn selection's one teacher pass comes before the
     first epoch, outside the median), then KD vs the release's rule with every image kept (its selection pass
     each epoch), then KD vs KD³ with each of ``--distill-options``."""
+    from functools import partial
+
     import torch
-    from distill_bench import DistillSetup
+    from distill_bench import DistillSetup, parse_option
 
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     st = DistillSetup(a.distill_n, 32, a.teacher_arch, a.student, max(6, a.distill_epochs), a.distill_batch,
                       device, a.distill_workers, 3, a.threads, workdir / "distill")
     print(f"  {st.describe()}", flush=True)
-    r = interleave(st.kd, st.kd3_default, a.repeats)
+    kd = partial(st.per_image, "kd")
+    r = interleave(kd, partial(st.per_image, "kd3"), a.repeats)
     print(report_pair("distill: KD vs KD³ (default options), epoch time per trained image", "KD s/img", "KD³ s/img",
                       r, "per trained image", "ratio <= 1.5"))
     r["met"] = r["ratio_median"] <= 1.5
-    r["release_all"] = interleave(st.kd, st.kd3_all, a.repeats)
+    r["release_all"] = interleave(kd, partial(st.per_image, "kd3-all"), a.repeats)
     print(report_pair("distill: KD vs KD³ with the release's rule, every image kept (its selection pass each epoch "
                       "included)", "KD s/img", "KD³ s/img", r["release_all"], "per trained image", "ratio <= 1.5"))
     for opt in a.distill_options:  # options (off by default), each against KD again
-        key, _, val = opt.partition("=")
-        value = json.loads(val) if val else True
-        r[opt] = interleave(st.kd, lambda: st.kd3_default(kd3={key: value}), a.repeats)
+        key, value = parse_option(opt)
+        r[opt] = interleave(kd, partial(st.per_image, "kd3", kd3={key: value}), a.repeats)
         print(report_pair(f"distill: KD vs KD³ with distill.kd3.{key}={value} (off by default)",
                           "KD s/img", "KD³ s/img", r[opt], "per trained image", "ratio <= 1.5"))
     return r

@@ -202,7 +202,7 @@ class KD3(Method):
             g_s = self.g_s(torch.cat([self.student.pool(fs), self.student.pool(fs_aug)]))
             views = [g_s]  # student x <-> x~
             if self.teacher_term or cfg.cross_contrastive:
-                g_t = self.g_t(ht_all.detach() if self.teacher_term else ht_all[:b].detach())
+                g_t = self.g_t(ht_all.detach())  # rows x, then x~ only when the teacher term needs them
                 if self.teacher_term:
                     views.append(g_t)  # teacher x <-> x~
                 if cfg.cross_contrastive:
