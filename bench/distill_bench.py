@@ -214,8 +214,11 @@ def parse_option(opt: str) -> tuple[str, object]:
 
 def profile_steps(teacher_arch: str = "cnn_small", student: str = "cnn_small", size: int = 32, batch_size: int = 64,
                   steps: int = 20, options: list[str] | None = None, top: int = 12, threads: int | None = None) -> dict:
-    """Training steps (forward, backward, SGD) of KD and KD³ under torch.profiler, on CPU, channels_last."""
+    """Training steps (forward, backward, SGD) of KD and KD³ under torch.profiler, on CPU, channels_last, and
+    each step's FLOPs per image (FlopCounterMode, 2 per multiply-add): the floor the measured ratio is set
+    against."""
     from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
 
     from distill.methods import create_method
     from distill.models import create_model
@@ -244,7 +247,10 @@ def profile_steps(teacher_arch: str = "cnn_small", student: str = "cnn_small", s
             m.total_loss(m(x)).backward()
             sgd.step()
 
-        for _ in range(3):  # warm-up (oneDNN primitive caches)
+        with FlopCounterMode(display=False) as fc:  # the first step, counted; then warm-up (oneDNN caches)
+            step()
+        gflops = fc.get_total_flops() / batch_size / 1e9
+        for _ in range(2):
             step()
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -253,12 +259,13 @@ def profile_steps(teacher_arch: str = "cnn_small", student: str = "cnn_small", s
         ms = (time.perf_counter() - t0) * 1e3 / steps
         ka = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
         total = sum(e.self_cpu_time_total for e in ka) or 1
-        out["runs"][label] = {"ms_per_step": ms, "ops": [
+        out["runs"][label] = {"ms_per_step": ms, "gflop_per_image": gflops, "ops": [
             {"op": e.key, "calls_per_step": e.count / steps, "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
              "share": e.self_cpu_time_total / total} for e in ka[:top]]}
-    kd_ms = out["runs"]["kd"]["ms_per_step"]
+    kd = out["runs"]["kd"]
     for v in out["runs"].values():
-        v["ratio_to_kd"] = v["ms_per_step"] / kd_ms
+        v["ratio_to_kd"] = v["ms_per_step"] / kd["ms_per_step"]
+        v["flop_ratio_to_kd"] = v["gflop_per_image"] / kd["gflop_per_image"]
     return out
 
 
@@ -267,7 +274,8 @@ def format_profile(r: dict) -> str:
              f"{r['steps']} training steps per method under torch.profiler (its overhead included), CPU, "
              f"channels_last, torch threads {r['threads']}"]
     for label, v in r["runs"].items():
-        lines.append(f"{label}: {v['ms_per_step']:.2f} ms per step, {v['ratio_to_kd']:.2f}x KD")
+        lines.append(f"{label}: {v['ms_per_step']:.2f} ms per step, {v['ratio_to_kd']:.2f}x KD; "
+                     f"{v['gflop_per_image']:.4f} GFLOP per image, {v['flop_ratio_to_kd']:.2f}x KD's")
         for o in v["ops"]:
             lines.append(f"    {o['op']:42s} {o['calls_per_step']:6.1f} calls {o['self_ms_per_step']:8.2f} ms "
                          f"{100 * o['share']:5.1f} %")

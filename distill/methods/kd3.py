@@ -6,7 +6,8 @@ call in-distribution, :mod:`.idscore`) and ``equal_steps: true`` (an epoch keeps
 count) are kd3's own, chosen on the ranked benchmark (README); ``selection_rule: confidence`` with
 ``equal_steps: false`` is the release's method. Ablations: ``selection``, ``weighting``, ``sharing``,
 ``mixdist``; paper-prose options (off): ``cross_contrastive``, ``mix_level: feature``,
-``classifier_align_loss``; others (off): ``kd_weight`` (a logit KD term), ``fused_views``;
+``classifier_align_loss``; others (off): ``kd_weight`` (a logit KD term), ``fused_views``, ``view_share`` < 1
+(x~ for the first rows of a batch only: a cheaper step);
 ``teacher_contrastive`` (off) keeps the release's teacher NT-Xent term, which trains only g_T and so cannot
 change the student: off, the teacher skips x~. With ``sharing``
 off and no ``classifier_align_loss`` the student keeps its own classifier, trained by a KD term (``kd``)
@@ -25,7 +26,7 @@ from ._registry import register_method
 from .base import Method, Selection
 from .idscore import bn_scores, has_bn_statistics, in_distribution_mask
 from .losses import (alpha_schedule, disagreement_weights, kd_loss, match_spatial, mix_distribution, mixed_probs,
-                     nt_xent_views, ramp_epochs, select_confident, weighted_feature_mse)
+                     nt_xent_views, ramp_epochs, select_confident, view_rows, weighted_feature_mse)
 
 log = logging.getLogger("kd3.distill")
 
@@ -159,12 +160,13 @@ class KD3(Method):
         use_mix = bool(cfg.mixdist)
         feature_mix = use_mix and cfg.mix_level == "feature"
         b = x.shape[0]
+        k = view_rows(b, cfg.view_share)  # rows with a copy x~ (all of them unless the view_share option)
         input_mix = use_mix and not feature_mix
-        x_aug = mix_distribution(x) if input_mix else None
+        x_aug = mix_distribution(x)[:k] if input_mix else None  # mixed over the whole batch: the same draws
         # the student sees the two views in two calls (own BN batch statistics each, as the release);
         # the frozen teacher (eval-mode BN) takes both in one batch when its own contrastive term needs x~
         if input_mix and cfg.fused_views:  # option: one student call on both views (BN statistics shared)
-            fs, fs_aug = self.student.forward_features(torch.cat([x, x_aug])).split(b)
+            fs, fs_aug = self.student.forward_features(torch.cat([x, x_aug])).split([b, k])
         else:
             fs = self.student.forward_features(x)
             fs_aug = self.student.forward_features(x_aug) if input_mix else None
@@ -195,18 +197,20 @@ class KD3(Method):
             if feature_mix:
                 lam = torch.distributions.Beta(0.1, 0.1).sample((b,)).to(x.device)
                 perm = torch.randperm(b).to(x.device)
-                fs_aug = mix_distribution(fs, lam=lam, perm=perm)
+                fs_aug = mix_distribution(fs, lam=lam, perm=perm)[:k]
                 if self.teacher_term:
-                    ht_all = torch.cat([ht_all[:b], self.teacher.pool(mix_distribution(ft, lam=lam, perm=perm))])
-            # each head runs once on both views (rows: x, then x~); the NT-Xent terms in one batched call
-            g_s = self.g_s(torch.cat([self.student.pool(fs), self.student.pool(fs_aug)]))
+                    ht_all = torch.cat([ht_all[:b], self.teacher.pool(mix_distribution(ft, lam=lam, perm=perm)[:k])])
+            # each head runs once on both views (rows: the k images, then their x~); the NT-Xent terms in
+            # one batched call
+            g_s = self.g_s(torch.cat([self.student.pool(fs[:k]), self.student.pool(fs_aug)]))
             views = [g_s]  # student x <-> x~
             if self.teacher_term or cfg.cross_contrastive:
-                g_t = self.g_t(ht_all.detach())  # rows x, then x~ only when the teacher term needs them
+                # rows x, then x~ only when the teacher term needs them
+                g_t = self.g_t(torch.cat([ht_all[:k], ht_all[b:]]).detach())
                 if self.teacher_term:
                     views.append(g_t)  # teacher x <-> x~
                 if cfg.cross_contrastive:
-                    views.append(torch.cat([g_s[b:], g_t[:b]]))  # student x~ <-> teacher x
+                    views.append(torch.cat([g_s[k:], g_t[:k]]))  # student x~ <-> teacher x
             out["con"] = nt_xent_views(torch.stack(views), cfg.con_temperature)
         return out
 

@@ -89,6 +89,12 @@ def mix_distribution(x: torch.Tensor, lam: torch.Tensor | None = None, perm: tor
     return x_norm * sig_mix + mu_mix
 
 
+def view_rows(batch: int, share: float) -> int:
+    """How many rows of a batch of ``batch`` get a MixDistribution copy under ``view_share``: the share rounded
+    up, at least 2 (NT-Xent needs a negative), at most the batch."""
+    return min(batch, max(2, math.ceil(share * batch - 1e-9)))
+
+
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
     """SimCLR NT-Xent over the 2B views; positives (a_i, b_i); inputs are L2-normalised here."""
     return nt_xent_views(torch.cat([a, b]).unsqueeze(0), temperature)

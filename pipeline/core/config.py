@@ -210,6 +210,10 @@ class Kd3Config(_Section):
                                                  "(the selection cycled), so selecting costs no SGD steps")
     fused_views: bool = Field(False, description="one student forward on cat(x, x~) instead of two (faster on a "
                                                  "GPU; BatchNorm then normalises both views together)")
+    view_share: float = Field(1.0, gt=0, le=1, description="share of each batch whose MixDistribution copy x~ "
+                                                            "the student sees and the contrastive terms pair "
+                                                            "(the first rows of the shuffled batch; 1 = the "
+                                                            "release): a cheaper step, other maths")
 
 
 class KdConfig(_Section):

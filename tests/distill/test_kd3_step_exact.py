@@ -3,6 +3,7 @@ views in one call and pooled once, each contrastive head once on both views, the
 batched call, channels_last): a reference written out term by term, every view through every net on its
 own, gives the same losses and the same gradient for every trainable parameter, on fixed inputs."""
 import copy
+import math
 
 import pytest
 import torch
@@ -31,7 +32,8 @@ def reference_losses(m, x: torch.Tensor, cfg: Kd3Config) -> dict:
     method when the RNG is seeded alike: MixDistribution's Beta and permutation come first)."""
     S, T = m.student, m.teacher
     feature_mix = cfg.mix_level == "feature"
-    x_aug = None if feature_mix else mix_distribution(x)
+    k = math.ceil(cfg.view_share * len(x))  # view_share: only the first k images get a copy x~
+    x_aug = None if feature_mix else mix_distribution(x)[:k]
     fs = S.forward_features(x)
     fs_aug = None if feature_mix else S.forward_features(x_aug)
     with torch.no_grad():
@@ -41,13 +43,13 @@ def reference_losses(m, x: torch.Tensor, cfg: Kd3Config) -> dict:
     if feature_mix:
         lam = torch.distributions.Beta(0.1, 0.1).sample((len(x),))
         perm = torch.randperm(len(x))
-        fs_aug, ft_aug = mix_distribution(fs, lam=lam, perm=perm), mix_distribution(ft, lam=lam, perm=perm)
+        fs_aug, ft_aug = mix_distribution(fs, lam=lam, perm=perm)[:k], mix_distribution(ft, lam=lam, perm=perm)[:k]
     src, target = match_spatial(fs, ft)
     fs_p = m.projector(src)
     z_s = F.linear(F.adaptive_avg_pool2d(fs_p, 1).flatten(1), T.classifier.weight, T.classifier.bias)
     w = torch.sigmoid((z_s - z_t).norm(dim=1)).detach() if cfg.weighting else torch.ones(len(x))
     feat = (w.view(-1, 1, 1, 1) * (fs_p - target) ** 2).mean()
-    h_s, h_s_aug, h_t, h_t_aug = S.pool(fs), S.pool(fs_aug), T.pool(ft), T.pool(ft_aug)
+    h_s, h_s_aug, h_t, h_t_aug = S.pool(fs[:k]), S.pool(fs_aug), T.pool(ft[:k]), T.pool(ft_aug)
     t = cfg.con_temperature
     con = ntxent_by_hand(m.g_s(h_s), m.g_s(h_s_aug), t)
     if cfg.teacher_contrastive:  # the release's teacher term (it trains only g_T)
@@ -69,7 +71,10 @@ def losses_and_grads(m, fn) -> tuple[dict, dict]:
 @pytest.mark.parametrize("options", [{}, {"cross_contrastive": True}, {"mix_level": "feature"},
                                      {"weighting": False}, {"channels_last": True}, {"teacher_contrastive": True},
                                      {"teacher_contrastive": True, "cross_contrastive": True},
-                                     {"teacher_contrastive": True, "mix_level": "feature"}])
+                                     {"teacher_contrastive": True, "mix_level": "feature"}, {"view_share": 0.25},
+                                     {"view_share": 0.5, "teacher_contrastive": True, "cross_contrastive": True},
+                                     {"view_share": 0.25, "mix_level": "feature", "teacher_contrastive": True},
+                                     {"view_share": 0.5, "channels_last": True}])
 def test_kd3_step_losses_and_gradients_equal_the_reference(options):
     options = dict(options)
     channels_last = options.pop("channels_last", False)
@@ -130,3 +135,23 @@ def test_teacher_contrastive_term_trains_only_g_t_so_skipping_it_trains_the_same
             assert not torch.equal(v, on.state_dict()[k]), k  # the release's term does train it
         else:
             torch.testing.assert_close(v, student[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("share,teacher_term,want_student,want_teacher", [
+    (1.0, False, [12, 12], [12]), (0.25, False, [12, 3], [12]), (0.25, True, [12, 3], [15]),
+    (0.01, False, [12, 2], [12])])  # at least 2 copies: NT-Xent needs a negative
+def test_view_share_gives_only_the_first_rows_a_copy(share, teacher_term, want_student, want_teacher):
+    """The cost knob: the student's second call (and the teacher's, with its term) shrinks to the share."""
+    torch.manual_seed(0)
+    teacher = create_model("cnn_small", 5).eval()
+    student = create_model("cnn_tiny", 5)
+    calls = {"s": [], "t": []}
+    for key, net in (("s", student), ("t", teacher)):
+        orig = net.forward_features
+        net.forward_features = lambda x, orig=orig, key=key: (calls[key].append(x.shape[0]), orig(x))[1]
+    m = create_method("kd3", student, teacher, Kd3Config(view_share=share, teacher_contrastive=teacher_term), 5,
+                      student_arch="cnn_tiny")
+    m.t_hw = (4, 4)  # skip the one-image probe of the teacher's map size
+    out = m(torch.randn(12, 3, 32, 32))
+    assert calls == {"s": want_student, "t": want_teacher}
+    assert torch.isfinite(out["con"]) and out["con"].item() > 0
