@@ -56,6 +56,8 @@ ROWS: dict[str, dict] = {
     "kd3 no selection": {"method": "kd3", "kd3.selection": False},
     "kd3 + kd term": {"method": "kd3", "kd3.kd_weight": 1.0},
     "kd3 + fused views": {"method": "kd3", "kd3.fused_views": True},  # one student call on x and x~ (cost)
+    "kd3 quarter views": {"method": "kd3", "kd3.view_share": 0.25},  # x~ for a quarter of each batch (cost)
+    "kd3 feature mix": {"method": "kd3", "kd3.mix_level": "feature"},  # paper-prose option, no 2nd student pass
     "kd3 no mixdist/contrastive": {"method": "kd3", "kd3.mixdist": False},
     "kd3 no weighting": {"method": "kd3", "kd3.weighting": False},
     "dfnd": {"method": "dfnd"},
@@ -150,23 +152,29 @@ def _run_pair(level: str, seed: int, rows: list[str], a) -> dict:
     return run_seed(level, seed, rows, a)
 
 
-def report_level(level: str, per_seed: dict[int, dict], rows: list[str]) -> list[str]:
+def report_level(level: str, per_seed: dict[int, dict], rows: list[str], vs: str = BASE) -> list[str]:
+    """The level's table: per row top-1, the paired difference to kd (and to ``vs`` when it is another row)
+    with its 95 % t-interval, the share selected; the oracle gate; selection quality over epochs."""
     seeds = sorted(per_seed)
     first = per_seed[seeds[0]]
+    refs = [BASE] + ([vs] if vs != BASE else [])
     out = [f"## shift {level} ({SHIFTS[level]}), seeds {','.join(map(str, seeds))}, student {first['student']}, "
            f"{first['epochs']} epochs, teacher {first['teacher_arch']}", "",
-           "| row | top-1 (mean ± std) | paired Δ to kd [95% CI] | selected |", "|---|---|---|---|"]
+           "| row | top-1 (mean ± std) | " + " | ".join(f"paired Δ to {r} [95% CI]" for r in refs) + " | selected |",
+           "|---|---|" + "---|" * len(refs) + "---|"]
     tm, ts = mean_std([per_seed[s]["teacher_top1"] for s in seeds])
-    out.append(f"| teacher | {100 * tm:.2f} ± {100 * ts:.2f} | – | – |")
-    base = [per_seed[s]["rows"][BASE]["top1"] for s in seeds]
+    out.append(f"| teacher | {100 * tm:.2f} ± {100 * ts:.2f} | " + "– | " * len(refs) + "– |")
+    top1 = {r: [per_seed[s]["rows"][r]["top1"] for s in seeds] for r in rows}
+    base = top1[BASE]
     for r in rows:
-        xs = [per_seed[s]["rows"][r]["top1"] for s in seeds]
-        m, sd = mean_std(xs)
-        d, lo, hi = paired(xs, base)
+        m, sd = mean_std(top1[r])
+        deltas = []
+        for ref in refs:
+            d, lo, hi = paired(top1[r], top1[ref])
+            deltas.append("–" if r == ref else f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]")
         sel = [per_seed[s]["rows"][r]["selected_fraction"] for s in seeds]
         sel_s = "–" if any(v is None for v in sel) else f"{100 * statistics.fmean(sel):.1f}%"
-        delta = "–" if r == BASE else f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
-        out.append(f"| {r} | {100 * m:.2f} ± {100 * sd:.2f} | {delta} | {sel_s} |")
+        out.append(f"| {r} | {100 * m:.2f} ± {100 * sd:.2f} | {' | '.join(deltas)} | {sel_s} |")
     if ORACLE in rows and len(seeds) > 1:
         _, lo, _ = paired([per_seed[s]["rows"][ORACLE]["top1"] for s in seeds], base)
         verdict = ("the oracle beats kd beyond the noise: this world can rank selection methods" if lo > 0 else
@@ -199,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--rows", help=f"rows to run, comma-separated, of: {', '.join(ROWS)}")
     ap.add_argument("--quick", action="store_true", help="seeds 0,1 and the key rows (development)")
+    ap.add_argument("--vs", default=BASE, help="also give each row's paired difference to this row (e.g. kd3, to "
+                                                "measure an option's effect); added to the rows if missing")
     ap.add_argument("--epochs", type=int, help="student epochs (default: the size's)")
     ap.add_argument("--student", help="student architecture (default: the size's)")
     ap.add_argument("--out", type=Path, default=Path("bench-out/accuracy"))
@@ -212,8 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in rows if r not in ROWS]
     if bad:
         ap.error(f"unknown rows {bad}; choose from {list(ROWS)}")
-    if BASE not in rows:
-        rows = [BASE] + rows
+    if a.vs not in ROWS:
+        ap.error(f"unknown --vs row {a.vs!r}; choose from {list(ROWS)}")
+    rows = [BASE] + [r for r in rows if r != BASE]
+    if a.vs not in rows:
+        rows.insert(1, a.vs)
     levels = [lv.strip() for lv in a.levels.split(",") if lv.strip()]
     bad = [lv for lv in levels if lv not in SHIFTS]
     if bad:
@@ -233,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                   ", ".join(f"{k} {100 * v['top1']:.2f}" for k, v in r["rows"].items()), flush=True)
     lines = []
     for level in levels:
-        lines += report_level(level, results[level], rows) + [""]
+        lines += report_level(level, results[level], rows, a.vs) + [""]
     lines.append(f"total time {time.time() - t0:.0f}s")
     print("\n" + "\n".join(lines))
     atomic_write_json(a.out / f"accuracy-{a.size}.json", {"size": a.size, "levels": levels, "seeds": seeds,
