@@ -56,6 +56,7 @@ ROWS: dict[str, dict] = {
     "kd3 no selection": {"method": "kd3", "kd3.selection": False},
     "kd3 + kd term": {"method": "kd3", "kd3.kd_weight": 1.0},
     "kd3 + fused views": {"method": "kd3", "kd3.fused_views": True},  # one student call on x and x~ (cost)
+    "kd3 half views": {"method": "kd3", "kd3.view_share": 0.5},  # x~ for half of each batch (cost)
     "kd3 quarter views": {"method": "kd3", "kd3.view_share": 0.25},  # x~ for a quarter of each batch (cost)
     "kd3 feature mix": {"method": "kd3", "kd3.mix_level": "feature"},  # paper-prose option, no 2nd student pass
     "kd3 no mixdist/contrastive": {"method": "kd3", "kd3.mixdist": False},
