@@ -166,7 +166,6 @@ def report_level(level: str, per_seed: dict[int, dict], rows: list[str], vs: str
     tm, ts = mean_std([per_seed[s]["teacher_top1"] for s in seeds])
     out.append(f"| teacher | {100 * tm:.2f} ± {100 * ts:.2f} | " + "– | " * len(refs) + "– |")
     top1 = {r: [per_seed[s]["rows"][r]["top1"] for s in seeds] for r in rows}
-    base = top1[BASE]
     for r in rows:
         m, sd = mean_std(top1[r])
         deltas = []
@@ -177,7 +176,7 @@ def report_level(level: str, per_seed: dict[int, dict], rows: list[str], vs: str
         sel_s = "–" if any(v is None for v in sel) else f"{100 * statistics.fmean(sel):.1f}%"
         out.append(f"| {r} | {100 * m:.2f} ± {100 * sd:.2f} | {' | '.join(deltas)} | {sel_s} |")
     if ORACLE in rows and len(seeds) > 1:
-        _, lo, _ = paired([per_seed[s]["rows"][ORACLE]["top1"] for s in seeds], base)
+        _, lo, _ = paired(top1[ORACLE], top1[BASE])
         verdict = ("the oracle beats kd beyond the noise: this world can rank selection methods" if lo > 0 else
                    "the oracle does NOT beat kd beyond the noise: this world cannot rank selection methods")
         out += ["", f"oracle gate: lower 95% bound of oracle − kd = {100 * lo:+.2f} points → {verdict}"]

@@ -43,6 +43,7 @@ PARTS = ("curate", "distill", "neardup", "loader")
 # kd3's cost options (off by default: they change the maths; accuracy effect in README), timed by default
 COST_OPTIONS = ("view_share=0.5", "view_share=0.25", 'mix_level="feature"')
 
+
 def report_pair(title: str, a_name: str, b_name: str, r: dict, unit: str, goal: str) -> str:
     lines = [f"{title}", f"  {'repeat':>6s} {a_name:>28s} {b_name:>28s} {'ratio':>7s} {'load 1m':>8s}"]
     for k, (x, y, q, ld) in enumerate(zip(r["a"], r["b"], r["ratios"], r["load_1min"])):
@@ -144,17 +145,16 @@ def print_summary(a, results: dict) -> None:
                   f"CPU/img" + ("" if goal is None else f"; goal <= 15 %: {'met' if goal else 'NOT met'}"))
     if "distill" in results:
         r = results["distill"]
-        print(f"KD³ (default: the method's maths) / KD epoch time per trained image: {r['ratio_median']:.2f}x "
-              f"(spread {r['ratio_min']:.2f}.."
-              f"{r['ratio_max']:.2f}; CPU time {r.get('cpu_ratio_median', float('nan')):.2f}x); goal <= 1.5x: "
+        def ratio(q: dict) -> str:
+            return (f"{q['ratio_median']:.2f}x (spread {q['ratio_min']:.2f}..{q['ratio_max']:.2f}; CPU time "
+                    f"{q.get('cpu_ratio_median', float('nan')):.2f}x)")
+
+        print(f"KD³ (default: the method's maths) / KD epoch time per trained image: {ratio(r)}; goal <= 1.5x: "
               f"{'met' if r['met'] else 'NOT met'}")
-        q = r["release_all"]
-        print(f"  the release's rule, every image kept: {q['ratio_median']:.2f}x (spread {q['ratio_min']:.2f}.."
-              f"{q['ratio_max']:.2f}; CPU time {q['cpu_ratio_median']:.2f}x)")
+        print(f"  the release's rule, every image kept: {ratio(r['release_all'])}")
         for opt in a.distill_options:
-            print(f"  with distill.kd3.{opt}: {r[opt]['ratio_median']:.2f}x (spread {r[opt]['ratio_min']:.2f}.."
-                  f"{r[opt]['ratio_max']:.2f}; CPU time {r[opt]['cpu_ratio_median']:.2f}x); goal <= 1.5x: "
-                  f"{'met' if r[opt]['met'] else 'NOT met'} (an option, off by default: other maths)")
+            print(f"  with distill.kd3.{opt}: {ratio(r[opt])}; goal <= 1.5x: {'met' if r[opt]['met'] else 'NOT met'} "
+                  f"(an option, off by default: other maths)")
     if "neardup" in results:
         b = results["neardup"]["rows"][0]
         print(f"near-dup {b['n']:,} ({b['method']}): {b['s']} s, recall {b['recall']}, false pairs {b['false_pairs']}, "

@@ -100,6 +100,12 @@ def test_kd3_step_losses_and_gradients_equal_the_reference(options):
         torch.testing.assert_close(g_got[k], g_want[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+def _record_batches(net, sink: list) -> None:
+    """Append the batch size of every ``net.forward_features`` call to ``sink``."""
+    orig = net.forward_features
+    net.forward_features = lambda x: (sink.append(x.shape[0]), orig(x))[1]
+
+
 def _train(cfg: Kd3Config, steps: int = 4):
     """A few SGD steps of KD³ from a fixed start; the teacher's batch sizes and the final state."""
     torch.manual_seed(0)
@@ -107,8 +113,7 @@ def _train(cfg: Kd3Config, steps: int = 4):
     for p in teacher.parameters():
         p.requires_grad_(False)
     seen = []
-    orig = teacher.forward_features
-    teacher.forward_features = lambda x: (seen.append(x.shape[0]), orig(x))[1]
+    _record_batches(teacher, seen)
     m = create_method("kd3", create_model("cnn_tiny", 5), teacher, cfg, 5, student_arch="cnn_tiny")
     g_t0 = copy.deepcopy(m.g_t.state_dict())
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
@@ -146,9 +151,8 @@ def test_view_share_gives_only_the_first_rows_a_copy(share, teacher_term, want_s
     teacher = create_model("cnn_small", 5).eval()
     student = create_model("cnn_tiny", 5)
     calls = {"s": [], "t": []}
-    for key, net in (("s", student), ("t", teacher)):
-        orig = net.forward_features
-        net.forward_features = lambda x, orig=orig, key=key: (calls[key].append(x.shape[0]), orig(x))[1]
+    _record_batches(student, calls["s"])
+    _record_batches(teacher, calls["t"])
     m = create_method("kd3", student, teacher, Kd3Config(view_share=share, teacher_contrastive=teacher_term), 5,
                       student_arch="cnn_tiny")
     m.t_hw = (4, 4)  # skip the one-image probe of the teacher's map size
