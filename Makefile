@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=68" wheel
 	$(PIP) install -q $(TORCH_REQ)
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,server]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -3,7 +3,8 @@
 #   start-worker.sh cpu   -> pool kd3-cpu: kd3-pipeline, kd3-crawl, kd3-curate (KD3_WORKER_LIMIT runs at once)
 #   start-worker.sh gpu   -> pool kd3-gpu: kd3-distill, one run at a time: a distill takes every GPU the
 #                            container reserves (KD3_GPUS = the config's flow.gpus), two would share them
-# Any error (the API unreachable, a bad PREFECT_API_AUTH_STRING) stops the container with Prefect's message.
+# Any error stops the worker: an unreachable API or a rejected PREFECT_API_AUTH_STRING in one line (checked
+# first, healthcheck.py --api), a config that cannot be registered with kd3's one-line error.
 set -eu
 kind="$1"
 pool="kd3-${kind}"
@@ -12,6 +13,7 @@ case "$kind" in
   gpu) limit=1 ;;
   *) echo "start-worker.sh: expected cpu or gpu, got '$kind'" >&2; exit 2 ;;
 esac
+python "$(dirname "$0")/healthcheck.py" --api
 if ! prefect work-pool inspect "$pool" >/dev/null 2>&1; then
   prefect work-pool create "$pool" --type process
 fi

@@ -23,6 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.core.config import RunConfig
 from pipeline.core.io import sha256_file
+from pipeline.core.runlock import run_lock
 
 log = logging.getLogger("kd3.flows")
 
@@ -180,6 +181,22 @@ def with_run_name(config: RunConfig | dict, run_name: Optional[str]) -> RunConfi
         cfg = cfg.model_copy(update={"name": run_name})
         cfg = RunConfig.model_validate(cfg.model_dump())  # re-validate the name
     return cfg
+
+
+# ---------------------------------------------------------------- one writer per run directory
+
+def lock_holder() -> Optional[str]:
+    """The id a flow run holds its run directory's lock under: ``flow run <name> (<id>)``."""
+    from prefect.context import FlowRunContext
+
+    fr = getattr(FlowRunContext.get(), "flow_run", None)
+    return f"flow run {fr.name} ({fr.id})" if fr is not None else None
+
+
+def locked(cfg: RunConfig):
+    """Inside a flow: hold ``runs/<name>/.lock`` (pipeline.core.runlock); a second run of the same config
+    fails at once naming the first, a subflow of the holder enters it again."""
+    return run_lock(cfg.run_dir, lock_holder())
 
 
 # ---------------------------------------------------------------- artifacts

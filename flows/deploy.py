@@ -8,6 +8,10 @@
 
 Unlike ``kd3 serve`` (one process runs everything), workers pull flow runs from their pool, so the
 GPU container only ever runs distillation.
+
+It also registers the automation that marks a flow run ``Crashed`` once it stops sending heartbeats
+(``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``) for ``KD3_UNRESPONSIVE_S`` seconds: a worker killed under its run
+(``kill -9``, an evicted container, a lost machine) would otherwise leave the run ``Running`` for ever.
 """
 from __future__ import annotations
 
@@ -53,6 +57,60 @@ def register(cfg: RunConfig, pools: set[str], cron: str | None = None, prefix: s
     return ids
 
 
+UNRESPONSIVE_AUTOMATION = "kd3: crash unresponsive flow runs"
+
+
+def unresponsive_after_s() -> float:
+    """``KD3_UNRESPONSIVE_S`` (default 120), which must leave room for more than one heartbeat."""
+    raw = os.environ.get("KD3_UNRESPONSIVE_S", "120")
+    beat = float(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") or 30)
+    try:
+        within = float(raw)
+    except ValueError:
+        raise Kd3Error(f"KD3_UNRESPONSIVE_S={raw!r} is not a number of seconds") from None
+    if within <= beat:
+        raise Kd3Error(f"KD3_UNRESPONSIVE_S={raw} must be more than PREFECT_FLOWS_HEARTBEAT_FREQUENCY={beat:g}: "
+                       f"a run would be marked Crashed between two heartbeats")
+    return within
+
+
+def ensure_unresponsive_automation(within_s: float) -> str:
+    """Prefect's zombie-run detection (docs: "detect zombie flows"): after a flow run's heartbeat, expect
+    another heartbeat or a terminal state within ``within_s``, else set the run ``Crashed``. Created once,
+    updated when ``within_s`` changed; returns what it did."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    trigger = EventTrigger(
+        after={"prefect.flow-run.heartbeat"},
+        expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{s}" for s in
+                                                ("Completed", "Failed", "Cancelled", "Crashed"))},
+        match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+        for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+        within=timedelta(seconds=within_s))
+    try:
+        existing = Automation.read(name=UNRESPONSIVE_AUTOMATION)
+    except ValueError:
+        existing = None
+    if existing is not None and existing.trigger.within == trigger.within:
+        return "kept"
+    action = ChangeFlowRunState(state=StateType.CRASHED,
+                                message=f"no heartbeat for {within_s:g}s: its worker or machine died under it")
+    if existing is None:
+        Automation(name=UNRESPONSIVE_AUTOMATION, trigger=trigger, actions=[action],
+                   description="kd3: marks flow runs whose process died Crashed (flows/deploy.py)").create()
+        return "created"
+    existing.trigger = trigger
+    existing.actions = [action]
+    existing.update()
+    return "updated"
+
+
 def check_reserved_gpus(cfg: RunConfig, where) -> None:
     """The GPU worker's container reserves ``KD3_GPUS`` GPUs; a distill takes ``flow.gpus``: equal, or a
     distill would wait for GPUs it cannot have or leave reserved ones idle."""
@@ -79,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             raise Kd3Error(f"--pools {args.pools!r}: expected cpu, gpu or cpu,gpu")
         if "gpu" in pools:
             check_reserved_gpus(cfg, args.config)
+        within = unresponsive_after_s()
         register(cfg, pools, args.cron, args.prefix, remote_distill=not args.local_distill)
+        log.info("automation %r (after %gs without a heartbeat): %s", UNRESPONSIVE_AUTOMATION, within,
+                 ensure_unresponsive_automation(within))
     except Kd3Error as e:
         return report(e)
     return 0

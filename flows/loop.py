@@ -41,7 +41,7 @@ from pipeline.core.runs import RunDir
 from pipeline.core.yields import COMPARE_HEADERS, compare_rows, yield_table
 from pipeline.curate import curate as curate_fn
 
-from flows.common import md_table, publish_markdown, run_links, with_run_name
+from flows.common import locked, md_table, publish_markdown, run_links, with_run_name
 from flows.e2e import kd3_pipeline
 from flows.stages import curate as curate_flow
 
@@ -282,6 +282,7 @@ def kd3_loop(config: RunConfig, run_name: Optional[str] = None) -> list[dict]:
     """The end-to-end pipeline, then up to ``loop.rounds`` rounds of crawl -> curate -> distill driven by
     what distillation selected; resumes from ``loop/``."""
     cfg = with_run_name(config, run_name)
-    rounds = run_loop(cfg, first=_flow_first, on_done=_publish_round,
-                      run_round=lambda c, r: LoopRound.from_row(loop_round(c, r.round)))
+    with locked(cfg):
+        rounds = run_loop(cfg, first=_flow_first, on_done=_publish_round,
+                          run_round=lambda c, r: LoopRound.from_row(loop_round(c, r.round)))
     return [r.to_row() for r in rounds]

@@ -28,6 +28,7 @@ from pipeline.curate import curate as curate_fn
 
 from flows.common import (
     file_fingerprint,
+    locked,
     make_cache_key_fn,
     md_table,
     publish_markdown,
@@ -150,9 +151,10 @@ def _crawl_artifact(cfg: RunConfig, result: dict) -> None:
 def crawl(config: RunConfig, run_name: Optional[str] = None, force: bool = False) -> dict:
     """Crawl every class: one task per class on ``flow.task_runner`` (thread pool or Dask)."""
     cfg = with_run_name(config, run_name)
-    save_resolved(cfg)
-    runner = task_runner_for(cfg, cfg.flow.crawl_concurrency)
-    result = _crawl_classes.with_options(task_runner=runner)(cfg, force=force)
+    with locked(cfg):
+        save_resolved(cfg)
+        runner = task_runner_for(cfg, cfg.flow.crawl_concurrency)
+        result = _crawl_classes.with_options(task_runner=runner)(cfg, force=force)
     _crawl_artifact(cfg, result)
     return result
 
@@ -232,8 +234,9 @@ def _run_coarse(task, cfg: RunConfig, force: bool, outputs_ok, artifact, stale_m
 def curate(config: RunConfig, run_name: Optional[str] = None, force: bool = False) -> dict:
     """Curate the crawl of this run into shards + manifest (one coarse, cached task)."""
     cfg = with_run_name(config, run_name)
-    return _run_coarse(curate_task, cfg, force, _curate_outputs_ok, _curate_artifact,
-                       "cached curate result points at a missing or changed manifest; curating again")
+    with locked(cfg):
+        return _run_coarse(curate_task, cfg, force, _curate_outputs_ok, _curate_artifact,
+                           "cached curate result points at a missing or changed manifest; curating again")
 
 
 # ====================================================================== distill
@@ -294,8 +297,9 @@ def _distill_artifact(cfg: RunConfig, result: dict, cached: bool) -> None:
 def distill(config: RunConfig, run_name: Optional[str] = None, force: bool = False) -> dict:
     """Distill a student on this run's manifest (one coarse, cached task)."""
     cfg = with_run_name(config, run_name)
-    return _run_coarse(distill_task, cfg, force, _distill_outputs_ok, _distill_artifact,
-                       "cached distill result points at a missing student; distilling again")
+    with locked(cfg):
+        return _run_coarse(distill_task, cfg, force, _distill_outputs_ok, _distill_artifact,
+                           "cached distill result points at a missing student; distilling again")
 
 
 STAGE_FLOWS = {"crawl": crawl, "curate": curate, "distill": distill}

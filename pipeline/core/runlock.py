@@ -1,0 +1,116 @@
+"""One writer per run directory: ``runs/<name>/.lock``, held with ``flock`` and naming its holder.
+
+Two runs of the same config (two deployment runs at once, a scheduled run over a manual one, a
+``kd3 curate`` while a flow crawls) would write the same records, shards and checkpoints. The first
+takes an exclusive ``flock`` on ``runs/<name>/.lock`` and writes who it is into it (holder id, host, pid,
+since); the second fails at once with one line naming that holder. The kernel drops a ``flock`` when
+its process dies, ``kill -9`` included, so a crashed run never leaves a lock that has to be removed by
+hand; the holder text left behind is only a note.
+
+- Within one process the lock is re-entrant: the end-to-end flow holds it and its stage subflows
+  enter it again.
+- A flow that the holder hands work to in *another* process (the end-to-end flow's distill on the GPU
+  pool) joins the lock by naming the holder's id (``KD3_RUN_LOCK_HOLDER``); it is let in only while the
+  lock is held by that very holder, which waits for it.
+
+``flock`` works across containers that share a volume on one host and on NFSv4 (Linux maps it to
+POSIX locks), where kd3's run directories live on shared storage.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+from .errors import Kd3Error
+
+log = logging.getLogger("kd3.runlock")
+
+LOCK_NAME = ".lock"
+HOLDER_ENV = "KD3_RUN_LOCK_HOLDER"
+
+
+class RunLocked(Kd3Error):
+    """The run directory is being written by another run."""
+
+
+_HELD: dict[Path, list] = {}  # resolved lock path -> [fd, holder, depth]
+_GUARD = threading.Lock()
+
+
+def lock_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir).resolve() / LOCK_NAME
+
+
+def read_holder(run_dir: str | os.PathLike) -> dict:
+    """What the lock file says of its (last) holder; {} when there is none or it is unreadable."""
+    try:
+        return json.loads(lock_path(run_dir).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def default_holder() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+def _describe(info: dict) -> str:
+    if not info:
+        return "another process"
+    return f"{info.get('holder', '?')} (pid {info.get('pid', '?')} on {info.get('host', '?')}, since {info.get('since', '?')})"
+
+
+def _take(path: Path, holder: str) -> int:
+    fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    info = {"holder": holder, "host": socket.gethostname(), "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    os.fsync(fd)
+    return fd
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike, holder: Optional[str] = None) -> Iterator[str]:
+    """Hold ``run_dir``'s lock inside; yields the holder id. Raises :class:`RunLocked` (one line naming the
+    holder) when another run holds it, unless that run is ``KD3_RUN_LOCK_HOLDER``, which this one joins."""
+    holder = holder or default_holder()
+    root = Path(run_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK_NAME
+    with _GUARD:
+        mine = _HELD.get(path)
+        if mine is not None:  # re-entered by this process (a subflow of the holder)
+            mine[2] += 1
+        else:
+            try:
+                _HELD[path] = mine = [_take(path, holder), holder, 1]
+            except BlockingIOError:
+                info = read_holder(root)
+                joined = os.environ.get(HOLDER_ENV)
+                if not joined or info.get("holder") != joined:
+                    raise RunLocked(f"run directory {root} is in use by {_describe(info)}: one run writes it "
+                                    f"at a time; wait for that run to end") from None
+                log.info("run directory %s: joining the lock of %s", root, joined)
+                holder = joined
+    try:
+        yield holder if mine is None else mine[1]
+    finally:
+        if mine is not None:
+            with _GUARD:
+                mine[2] -= 1
+                if mine[2] == 0:
+                    del _HELD[path]
+                    os.close(mine[0])  # closing the last descriptor drops the flock
