@@ -18,7 +18,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: venv lint test test-slow demo bench clean
+.PHONY: venv lint test test-slow test-deploy demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,10 +36,14 @@ lint: venv
 	$(PY) tools/check_function_length.py
 
 test: venv lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not deploy"
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
+
+# the documented deployment for real: Postgres + Prefect server + both workers (tools/local_stack.py), faults
+test-deploy: venv
+	$(PY) -m pytest -q -s -m deploy tests/deploy
 
 demo: venv
 	$(VENV)/bin/kd3 demo
