@@ -207,6 +207,37 @@ def leader_alive(pid: Optional[int]) -> bool:
         return False
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, theirs, ...), from /proc."""
+    kids: dict[int, list[int]] = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as fh:
+                fields = fh.read().rsplit(") ", 1)[1].split()
+            kids.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.append(k)
+            todo.append(k)
+    return out
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL a process group and every process below its leader, also those in sessions of their own
+    (a process worker starts each flow run in its own session): what a container's death does."""
+    victims = descendants(pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    for v in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(v, signal.SIGKILL)
+    _reap(pid)
+    return victims
+
+
 def stop_group(pgid: Optional[int], grace_s: float = 15.0, sig: int = signal.SIGTERM) -> None:
     """Signal the whole process group; SIGKILL what is still there after ``grace_s``."""
     if not group_alive(pgid):

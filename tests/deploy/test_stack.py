@@ -129,20 +129,25 @@ def _wait_records(run_dir: Path, n: int, timeout: float = 240) -> None:
 
 
 def test_worker_killed_mid_crawl(stack, api, world_web):
-    """kill -9 of the CPU worker's process group mid-crawl: the run is marked Crashed (no heartbeat), the
-    restarted worker runs the deployment again, and nothing is downloaded twice or lost."""
+    """kill -9 of the CPU worker's process group and of the flow run below it (the process worker starts
+    each run in a session of its own), as when the worker's container dies, mid-crawl: the run is marked
+    Crashed by the unresponsive-run automation (no heartbeat), the restarted worker runs the deployment
+    again, and nothing is downloaded twice or lost. (Killing the worker's group alone leaves the flow run
+    process, which Prefect ends Crashed itself once its worker is gone.)"""
     name = "killed"
     run_dir = world_web["runs_root"] / name
     before = image_gets(world_web["web"])
     fr = api.trigger(f"kd3-pipeline/{RUN}", config=_slow_crawl(), run_name=name)
     _wait_records(run_dir, 15)
     n_before = len(ok_records(run_dir))
-    ls.worker_stop(stack, "cpu", sig=9, grace_s=0)
+    killed = ls.kill_tree(stack["workers"]["cpu"]["pid"])
+    assert killed, "the worker had no flow run process below it"
     t_kill = time.monotonic()
     ls.worker_start(stack, "cpu")
     crashed = api.wait(fr.id, timeout=UNRESPONSIVE_S + 180)
     t_crashed = time.monotonic() - t_kill
     assert crashed.state.is_crashed(), crashed.state
+    assert "no heartbeat" in (crashed.state.message or ""), crashed.state.message  # kd3's automation did it
     assert len(ok_records(run_dir)) >= n_before  # nothing lost
     again = api.wait(api.trigger(f"kd3-pipeline/{RUN}", config=_slow_crawl(), run_name=name).id)
     assert again.state.is_completed(), again.state.message
@@ -151,7 +156,7 @@ def test_worker_killed_mid_crawl(stack, api, world_web):
     twice = [p for p, k in gets.items() if k > 1]
     threads = 2
     assert len(twice) <= threads, twice  # at most the downloads in flight when the worker died
-    report("kill -9 worker", crashed_after_s=round(t_crashed, 1), images_before_kill=n_before,
+    report("kill -9 worker", crashed_after_s=round(t_crashed, 1), why=repr(crashed.state.message), images_before_kill=n_before,
            images=len(ok_records(run_dir)), fetched_twice=len(twice))
 
 
