@@ -30,7 +30,7 @@ COPY distill ./distill
 COPY flows ./flows
 COPY kd3demo ./kd3demo
 COPY docker ./docker
-RUN pip install -c /etc/kd3-torch.txt -e . asyncpg
+RUN pip install -c /etc/kd3-torch.txt -e .[server]
 
 RUN useradd --create-home --uid 1000 kd3 && mkdir -p /runs /cache && chown kd3 /runs /cache
 USER kd3

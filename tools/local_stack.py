@@ -282,15 +282,20 @@ def wait_until(ready, pid: Optional[int], what: str, log: Path, timeout: float =
 # ------------------------------------------------------------------ Postgres
 
 def postgres_bindir() -> Path:
-    found = shutil.which("pg_ctl")
-    cands = [Path(found).resolve().parent] if found else []
-    cands += sorted((Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin")),
-                    key=lambda p: [int(x) for x in re.findall(r"\d+", p.parent.name)] or [0], reverse=True)
+    """``KD3_PG_BINDIR`` when set; else the folder of ``pg_ctl`` on PATH, else the newest Debian install."""
+    given = os.environ.get("KD3_PG_BINDIR")
+    if given:
+        cands, where = [Path(given)], f"in KD3_PG_BINDIR={given}"
+    else:
+        found = shutil.which("pg_ctl")
+        debian = sorted((Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin")),
+                        key=lambda p: [int(x) for x in re.findall(r"\d+", p.parent.name)] or [0], reverse=True)
+        cands, where = [Path(found).resolve().parent] * bool(found) + debian, "on PATH or under /usr/lib/postgresql/*/bin"
     for d in cands:
         if all((d / b).is_file() for b in ("initdb", "pg_ctl", "postgres")):
             return d
-    raise StackError("no Postgres server binaries (initdb, pg_ctl, postgres) on PATH or under "
-                     "/usr/lib/postgresql/*/bin: install them (Debian: apt-get install postgresql)")
+    raise StackError(f"no Postgres server binaries (initdb, pg_ctl, postgres) {where}: install them "
+                     "(Debian: apt-get install postgresql) or point KD3_PG_BINDIR at their folder")
 
 
 def _as_pg_user() -> list[str]:

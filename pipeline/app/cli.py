@@ -7,6 +7,7 @@ User mistakes end with ``kd3: error: <one line>`` and exit code 2, never a trace
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import errno
 import logging
@@ -25,6 +26,7 @@ from pipeline.core.config import MOVED_DISTILL_KEYS, Kd3Config, RunConfig, iter_
 from pipeline.core.errors import ConfigError, Kd3Error, report
 from pipeline.core.logs import setup_logging
 from pipeline.core.preflight import STAGES, preflight
+from pipeline.core.runlock import run_lock
 
 from .inspect_cli import add_inspect_arguments, inspect_cli
 
@@ -203,12 +205,21 @@ def _leaf_parsers(p: argparse.ArgumentParser):
 # ---- subcommand handlers: each imports its stage when it runs, so `kd3 --help` and config errors
 # stay fast (the stages bring requests/icrawler, open_clip/FAISS, torch, Prefect) ----
 
+def _locked(cfg: RunConfig, stage: str):
+    """A stage run from the CLI writes its run directory alone, like a flow (pipeline.core.runlock); a run
+    directory that is not there yet is left for the stage to create or to report missing."""
+    if stage != "crawl" and not Path(cfg.run_dir).is_dir():
+        return contextlib.nullcontext()
+    return run_lock(cfg.run_dir, f"kd3 {stage}")
+
+
 def _cmd_crawl(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     preflight(cfg, ["crawl"])
     from crawlers.stage import crawl  # heavy: see above
 
-    summary = crawl(cfg)
+    with _locked(cfg, "crawl"):
+        summary = crawl(cfg)
     return 0 if summary.get("ok", True) else 1
 
 
@@ -217,7 +228,8 @@ def _cmd_curate(args: argparse.Namespace) -> int:
     preflight(cfg, ["curate"])
     from pipeline.curate import curate  # heavy: see above
 
-    curate(cfg)
+    with _locked(cfg, "curate"):
+        curate(cfg)
     return 0
 
 
@@ -225,7 +237,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     from distill.stage import distill_cli  # heavy: see above
 
-    return distill_cli(cfg, args)
+    with _locked(cfg, "distill"):
+        return distill_cli(cfg, args)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
