@@ -26,11 +26,12 @@ def report(name: str, **numbers) -> None:
 
 
 def files_of(run_dir: Path) -> set[str]:
-    """A run directory's files, relative, with the run's name and the distill output id generalised."""
+    """A run directory's files, relative, with the run's name and the distill output id generalised
+    (Prefect's result store and the lock aside)."""
     out = set()
     for p in run_dir.rglob("*"):
         rel = p.relative_to(run_dir)
-        if p.is_file() and rel.parts[0] not in (".prefect", ".lock", "crawl") and "report" not in rel.parts:
+        if p.is_file() and rel.parts[0] not in (".prefect", ".lock"):
             parts = list(rel.parts)
             if parts[0] == "distill":
                 parts[1] = parts[1].split("-")[0]
