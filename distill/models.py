@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.core import plugins
 from pipeline.core.errors import ConfigError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -30,6 +31,7 @@ def register(name: str):
 
 
 def list_models() -> list[str]:
+    """The built-in registry (other packages' models: ``plugins.names("kd3.models")``)."""
     return sorted(_REGISTRY) + ["timm:<name>", "torchvision:<name>"]
 
 
@@ -38,9 +40,14 @@ def create_model(name: str, num_classes: int, **kw) -> nn.Module:
         return TimmWrapper(name[5:], num_classes, **kw)
     if name.startswith("torchvision:"):
         return TorchvisionWrapper(name[12:], num_classes, **kw)
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown architecture {name!r}; choose one of {', '.join(list_models())}")
-    return _REGISTRY[name](num_classes=num_classes, **kw)
+    factory = _REGISTRY.get(name)
+    if factory is None:  # a model of another package: its ``kd3.models`` entry point
+        if name not in plugins.names("kd3.models"):
+            known = sorted(set(_REGISTRY) | set(plugins.names("kd3.models")))
+            raise ConfigError(f"unknown architecture {name!r}; choose one of {', '.join(known)}, timm:<name> or "
+                              f"torchvision:<name>")
+        factory = plugins.implementation("kd3.models", name, "architecture")
+    return factory(num_classes=num_classes, **kw)
 
 
 class Backbone(nn.Module):
