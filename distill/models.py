@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from pipeline.core import plugins
 from pipeline.core.errors import ConfigError
+from pipeline.core.plugin_settings import PluginSettingsError, validate_settings
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -47,6 +48,12 @@ def create_model(name: str, num_classes: int, **kw) -> nn.Module:
             raise ConfigError(f"unknown architecture {name!r}; choose one of {', '.join(known)}, timm:<name> or "
                               f"torchvision:<name>")
         factory = plugins.implementation("kd3.models", name, "architecture")
+        settings = plugins.settings("kd3.models", name)
+        if settings is not None:  # its own settings (distill.student_settings, a checkpoint's arch_kwargs)
+            try:
+                kw = validate_settings(settings, kw).model_dump()
+            except PluginSettingsError as e:
+                raise ConfigError(f"architecture {name!r}: {e}") from None
     return factory(num_classes=num_classes, **kw)
 
 

@@ -18,13 +18,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from . import plugins
-from .plugin_settings import PluginFields, PluginSections, PluginSettingsError, error_message
+from .plugin_settings import PluginFields, PluginSections, PluginSettingsError, error_message, validate_settings
 from .checkpoint import check_classes, read_teacher_classes
 from .errors import ConfigError, Kd3Error
 from .io import atomic_write_text
 from .slug import slugify, validate_class_name
 
-METHODS, SOURCES = "kd3.methods", "kd3.sources"  # the plugin kinds whose settings are config sections
+# the plugin kinds whose settings the config holds
+METHODS, SOURCES, MODELS, EMBEDDERS = "kd3.methods", "kd3.sources", "kd3.models", "kd3.embedders"
 
 
 class _Section(BaseModel):
@@ -114,7 +115,10 @@ class CrawlConfig(PluginFields):
         return None if whole else DEFAULT_PER_CLASS
 
 
-class CurateConfig(_Section):
+class CurateConfig(PluginFields):
+    """Curation; each embedding backend's own settings (``curate.clip_model``, ...) are keys of this section."""
+
+    plugin_group: ClassVar[str] = EMBEDDERS
     min_side: int = Field(32, gt=0, description="drop images whose shorter side is below this")
     max_aspect: float = Field(4.0, ge=1.0, description="drop images with long/short side ratio above this")
     max_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb cap (width*height)")
@@ -122,10 +126,9 @@ class CurateConfig(_Section):
     phash_max_pixel_diff: float = Field(
         4.0, ge=0, le=255, description="a pHash match is a duplicate only when the 16x16 greyscale thumbnails "
                                       "differ by at most this (mean absolute difference, 0-255)")
-    embed_backend: Literal["clip", "teacher"] = Field("clip", description="embeddings from open_clip or the teacher")
-    clip_model: str = Field("ViT-B-32", description="open_clip model name")
-    clip_pretrained: Optional[str] = Field("laion2b_s34b_b79k", description="open_clip pretrained tag")
-    clip_weights: Optional[Path] = Field(None, description="local open_clip weights file (overrides the tag)")
+    embed_backend: str = Field("clip", description=f"image embeddings from: {', '.join(plugins.names(EMBEDDERS))} "
+                                                   f"(plugins: entry points {EMBEDDERS}; each backend's settings "
+                                                   f"are keys of this section)")
     batch_size: int = Field(256, gt=0, description="embedding batch size")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     workers: int = Field(4, ge=0, description="decode/hash worker threads")
@@ -147,6 +150,13 @@ class CurateConfig(_Section):
     shard_max_samples: int = Field(10_000, gt=0, description="samples per shard")
     shard_max_bytes: int = Field(1_000_000_000, gt=0, description="bytes per shard")
 
+
+    @field_validator("embed_backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v not in plugins.names(EMBEDDERS):
+            raise ValueError(f"unknown embedding backend {v!r}; choose one of {', '.join(plugins.names(EMBEDDERS))}")
+        return v
 
     @field_validator("near_dup_threshold", mode="before")
     @classmethod
@@ -179,6 +189,9 @@ class DistillConfig(PluginSections):
 
     method: str = Field("kd3", description="distillation method: kd3, kd or dfnd (plugins: entry points kd3.methods)")
     student: str = Field("resnet18", description="student architecture (registry name, timm:<name>, torchvision:<name>)")
+    student_settings: dict[str, Any] = Field(
+        default_factory=dict, description="the student architecture's own settings (a model plugin's Settings; "
+                                          "the built-in architectures take none)")
     epochs: int = Field(240, gt=0, description="training epochs")
     batch_size: int = Field(256, gt=0, description="training batch size")
     lr: float = Field(0.05, gt=0, description="SGD learning rate")
@@ -225,10 +238,20 @@ class DistillConfig(PluginSections):
     def _student(cls, v: str) -> str:
         if v.split(":", 1)[0] in ("timm", "torchvision") and v.split(":", 1)[1:] != [""]:
             return v  # resolved by timm / torchvision when the model is built
-        if v not in plugins.names("kd3.models"):
+        if v not in plugins.names(MODELS):
             raise ValueError(f"unknown student architecture {v!r}; choose one of "
-                             f"{', '.join(plugins.names('kd3.models'))}, timm:<name> or torchvision:<name>")
+                             f"{', '.join(plugins.names(MODELS))}, timm:<name> or torchvision:<name>")
         return v
+
+    @model_validator(mode="after")
+    def _student_settings(self) -> "DistillConfig":
+        """Set student settings are the architecture's to validate (loading it: a model plugin may import torch)."""
+        if self.student_settings:
+            settings = plugins.settings(MODELS, self.student) if self.student in plugins.names(MODELS) else None
+            if settings is None:
+                raise PluginSettingsError([(("student_settings",), f"student {self.student!r} takes no settings")])
+            validate_settings(settings, self.student_settings, ("student_settings",))
+        return self
 
     def method_config(self) -> Optional[BaseModel]:
         """The section of the chosen method (None for a plugin method without one)."""

@@ -13,7 +13,7 @@ from typing import Iterable, Optional
 
 from . import plugins
 from .checkpoint import check_classes, read_checkpoint_meta
-from .config import SOURCES, RunConfig
+from .config import EMBEDDERS, SOURCES, RunConfig
 from .errors import ConfigError, DataError
 
 STAGES = ("crawl", "curate", "distill")
@@ -66,10 +66,7 @@ def preflight(cfg: RunConfig, stages: Iterable[str], manifest: Optional[Path] = 
         check_sources(cfg)
     if "curate" in stages:
         cur = cfg.curate
-        if cur.embed_backend == "teacher":
-            check_teacher(cfg, "curate.embed_backend teacher")
-        if cur.clip_weights is not None and not Path(cur.clip_weights).is_file():
-            raise ConfigError(f"curate.clip_weights {cur.clip_weights} does not exist")
+        plugins.implementation(EMBEDDERS, cur.embed_backend, "curate.embed_backend").check(cfg)
         if cur.decontaminate is not None and not Path(cur.decontaminate).is_dir():
             raise ConfigError(f"curate.decontaminate {cur.decontaminate} is not a folder")
     if "distill" in stages:
