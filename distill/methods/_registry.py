@@ -14,25 +14,17 @@ from pipeline.core import plugins
 
 from .base import Method
 
-_METHODS: dict[str, type] = {}
-
-
-def register_method(name: str):
-    def deco(cls):
-        cls.name = name
-        _METHODS[name] = cls
-        return cls
-
-    return deco
+METHODS = plugins.Registry("kd3.methods", "distillation method")
+register_method = METHODS.register
 
 
 def list_methods() -> list[str]:
-    return sorted(set(_METHODS) | set(plugins.names("kd3.methods")))
+    return METHODS.names()
 
 
 def create_method(name: str, student: nn.Module, teacher: nn.Module, cfg, num_classes: int,
                   student_arch: str = "", student_kwargs: dict | None = None) -> Method:
     """``cfg``: the method's own settings (``RunConfig.distill.method_config()``). Built-ins are registered
     when their module loads; a method of another package is its ``kd3.methods`` entry point."""
-    cls = _METHODS.get(name) or plugins.implementation("kd3.methods", name, "distillation method")
+    cls = METHODS.get(name)
     return cls(student, teacher, cfg, num_classes, student_arch=student_arch, student_kwargs=student_kwargs or {})

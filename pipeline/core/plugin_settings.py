@@ -14,7 +14,7 @@ keep their full location (``distill.kd3.view_share: ...``), through :class:`Plug
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, ClassVar, Iterable, Iterator, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
@@ -66,25 +66,38 @@ class _PluginKeys(BaseModel):
                 out[name] = s
         return out
 
-    @classmethod
-    def _unknown(cls, data: dict, known) -> None:
-        bad = [k for k in data if k not in cls.model_fields and k not in known]
-        if bad:
-            raise PluginSettingsError([((k,), "unknown key") for k in bad])
-
-
-class PluginSections(_PluginKeys):
     @model_validator(mode="before")
     @classmethod
-    def _plugin_sections(cls, data: Any) -> Any:
+    def _plugin_keys(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        settings = cls.plugin_settings()
-        cls._unknown(data, settings)
-        for name, s in settings.items():
-            data[name] = validate_settings(s, data.get(name), (name,))
+        known = cls.plugin_keys()
+        bad = [k for k in data if k not in cls.model_fields and k not in known]
+        if bad:
+            raise PluginSettingsError([((k,), "unknown key") for k in bad])
+        cls.validate_plugins(data)
         return data
+
+    @classmethod
+    def plugin_keys(cls) -> Iterable[str]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @classmethod
+    def validate_plugins(cls, data: dict) -> None:  # pragma: no cover - interface
+        """Replace the plugins' keys of ``data`` by their validated values (defaults where missing)."""
+        raise NotImplementedError
+
+
+class PluginSections(_PluginKeys):
+    @classmethod
+    def plugin_keys(cls) -> Iterable[str]:
+        return cls.plugin_settings()
+
+    @classmethod
+    def validate_plugins(cls, data: dict) -> None:
+        for name, s in cls.plugin_settings().items():
+            data[name] = validate_settings(s, data.get(name), (name,))
 
     @classmethod
     def plugin_fields(cls) -> Iterator[tuple[str, type[BaseModel]]]:
@@ -94,19 +107,17 @@ class PluginSections(_PluginKeys):
 
 
 class PluginFields(_PluginKeys):
-    @model_validator(mode="before")
     @classmethod
-    def _plugin_fields(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
+    def plugin_keys(cls) -> Iterable[str]:
+        return cls.field_owners()
+
+    @classmethod
+    def validate_plugins(cls, data: dict) -> None:
         owner = cls.field_owners()
-        cls._unknown(data, owner)
         for s in dict.fromkeys(owner.values()):
             mine = [f for f, o in owner.items() if o is s]
             valid = validate_settings(s, {f: data[f] for f in mine if f in data})
             data.update({f: getattr(valid, f) for f in mine})
-        return data
 
     @classmethod
     def field_owners(cls) -> dict[str, type[BaseModel]]:

@@ -72,6 +72,32 @@ def implementation(group: str, name: str, what: str = "plugin") -> Any:
     return obj
 
 
+class Registry:
+    """One plugin kind's names: the built-ins a package registers with ``@register(name)``, then the entry
+    points of ``group`` (loaded on first use and remembered). Methods, models and crawl sources resolve
+    their names through one of these each."""
+
+    def __init__(self, group: str, what: str):
+        self.group, self.what = group, what
+        self.builtin: dict[str, Any] = {}
+
+    def register(self, name: str):
+        def deco(obj):
+            obj.name = name
+            self.builtin[name] = obj
+            return obj
+
+        return deco
+
+    def names(self) -> list[str]:
+        return sorted(set(self.builtin) | set(names(self.group)))
+
+    def get(self, name: str) -> Any:
+        if name not in self.builtin:
+            self.register(name)(implementation(self.group, name, self.what))
+        return self.builtin[name]
+
+
 def clear() -> None:
     """Forget what was read (a test that installs a package on ``sys.path`` calls this)."""
     _group.cache_clear()
