@@ -20,7 +20,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Optional
 
 from pipeline.core import plugins
 from pipeline.core.config import SOURCES, RunConfig
@@ -47,6 +47,9 @@ class CrawlContext:
     fetcher: Optional["Fetcher"] = None
     classes: list[str] = field(default_factory=list)
     notes: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    reject: Callable[[str, str, str, str], None] = lambda url, engine, error, detail: None
+    """Record a candidate no class could be given (url, source, reason, detail): a pool's unreadable sample."""
 
     def note(self, cls: str, msg: str) -> None:
         self.notes[cls].append(msg)
@@ -82,16 +85,8 @@ class Source:
         raise NotImplementedError
 
 
-_SOURCES: dict[str, type[Source]] = {}
-
-
-def register_source(name: str):
-    def deco(cls):
-        cls.name = name
-        _SOURCES[name] = cls
-        return cls
-
-    return deco
+SOURCE_REGISTRY = plugins.Registry(SOURCES, "crawl source")
+register_source = SOURCE_REGISTRY.register
 
 
 def source_names() -> list[str]:
@@ -100,7 +95,8 @@ def source_names() -> list[str]:
 
 
 def source_class(name: str) -> type[Source]:
-    return _SOURCES.get(name) or plugins.implementation(SOURCES, name, "crawl source")
+    """The built-in source ``name`` or the ``kd3.sources`` entry point's."""
+    return SOURCE_REGISTRY.get(name)
 
 
 def query_sources() -> list[str]:

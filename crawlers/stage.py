@@ -114,7 +114,7 @@ class Crawler:
         self.state = _State(self.run)
         _remove_stale_tmp(self.run)
         self.records = RecordLog(self.run.records)
-        self.ctx = CrawlContext(self.fetcher)
+        self.ctx = CrawlContext(self.fetcher, reject=self._reject)
         self._sources: dict[str, Source] = {}
         self.deadline_hit = False
 
@@ -173,6 +173,12 @@ class Crawler:
         with self.state.lock:
             self.state.add(rec)
         return rec
+
+    def _reject(self, url: str, engine: str, error: str, detail: str) -> None:
+        """A candidate no class could be given (a pool sample that cannot be read): one record, class ""."""
+        if ("", redact(url)) not in self.state.tried:
+            log.debug("%s: %s %s", redact(url), error, detail)
+            self._record("", Candidate(url, "", engine), "error", error)
 
     def _commit(self, name: str, cand: Candidate, res: FetchResult) -> CrawlRecord:
         if res.ok:

@@ -28,6 +28,13 @@ from .slug import slugify, validate_class_name
 METHODS, SOURCES, MODELS, EMBEDDERS = "kd3.methods", "kd3.sources", "kd3.models", "kd3.embedders"
 
 
+def _installed(group: str, what: str, name: str) -> str:
+    """``name`` when it is an installed plugin of ``group``, else the one-line error listing those."""
+    if name not in plugins.names(group):
+        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(plugins.names(group))}")
+    return name
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -90,10 +97,8 @@ class CrawlConfig(PluginFields):
             raise ValueError("at least one source is needed")
         if len(set(v)) != len(v):
             raise ValueError(f"sources listed twice: {v}")
-        known = plugins.names(SOURCES)
-        bad = [s for s in v if s not in known]
-        if bad:
-            raise ValueError(f"unknown source {bad[0]!r}; choose from {', '.join(known)}")
+        for name in v:
+            _installed(SOURCES, "source", name)
         return v
 
     @field_validator("allowed_networks")
@@ -154,9 +159,7 @@ class CurateConfig(PluginFields):
     @field_validator("embed_backend")
     @classmethod
     def _backend(cls, v: str) -> str:
-        if v not in plugins.names(EMBEDDERS):
-            raise ValueError(f"unknown embedding backend {v!r}; choose one of {', '.join(plugins.names(EMBEDDERS))}")
-        return v
+        return _installed(EMBEDDERS, "embedding backend", v)
 
     @field_validator("near_dup_threshold", mode="before")
     @classmethod
@@ -229,9 +232,7 @@ class DistillConfig(PluginSections):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        if v not in plugins.names(METHODS):
-            raise ValueError(f"unknown distillation method {v!r}; choose one of {', '.join(plugins.names(METHODS))}")
-        return v
+        return _installed(METHODS, "distillation method", v)
 
     @field_validator("student")
     @classmethod
@@ -527,6 +528,10 @@ def iter_fields(model: type[BaseModel] = RunConfig, prefix: str = ""):
             yield from iter_fields(ann, f"{prefix}{name}.")
         else:
             yield f"{prefix}{name}", ann, info
-    if issubclass(model, (PluginFields, PluginSections)):  # the installed plugins' settings
+    if issubclass(model, (PluginFields, PluginSections)):  # the installed plugins' settings (a shared field once)
+        seen = {f"{prefix}{name}" for name in model.model_fields}
         for sub, settings in model.plugin_fields():
-            yield from iter_fields(settings, f"{prefix}{sub}")
+            for dotted, ann, info in iter_fields(settings, f"{prefix}{sub}"):
+                if dotted not in seen:
+                    seen.add(dotted)
+                    yield dotted, ann, info
