@@ -222,7 +222,7 @@ def profile_steps(teacher_arch: str = "cnn_small", student: str = "cnn_small", s
 
     from distill.methods import create_method
     from distill.models import create_model
-    from pipeline.core.config import KdConfig, Kd3Config
+    from distill.methods.settings import Kd3Settings as Kd3Config, KdSettings as KdConfig
 
     if threads:
         torch.set_num_threads(threads)

@@ -18,7 +18,7 @@ from typing import Iterable
 
 from pipeline.core.records import QueryYield
 
-from .sources import ENGINES
+from .source import query_sources
 
 # the prior of the smoothed yield: a query with no downloads counts as half a selection in one download
 PRIOR_SELECTED, PRIOR_DOWNLOADS = 0.5, 1.0
@@ -50,13 +50,14 @@ def smoothed_rate(q: QueryYield) -> float:
 
 def rank_queries(queries: Iterable[QueryYield]) -> list[QueryYield]:
     """Known engine queries, most productive first (ties: more selected, then name)."""
-    known = [q for q in queries if q.source in ENGINES and q.query]
+    engines = query_sources()
+    known = [q for q in queries if q.source in engines and q.query]
     return sorted(known, key=lambda q: (-smoothed_rate(q), -q.selected, q.source, q.query))
 
 
 def vocabulary(crawl_cfg, loop_cfg, name: str) -> list[tuple[str, str]]:
     """Every (source, query) the class may ask, in exploration order."""
-    engines = [s for s in crawl_cfg.sources if s in ENGINES]
+    engines = [s for s in crawl_cfg.sources if s in query_sources()]
     if not engines:
         return []
     terms = [name] + [s.strip() for s in crawl_cfg.synonyms.get(name, []) if s and s.strip()]

@@ -32,7 +32,6 @@ from .fetch import FetchError, Fetcher, redact
 
 log = logging.getLogger("kd3.crawl.sources")
 
-ENGINES = ("bing", "baidu", "google", "flickr")
 ENGINE_CAP = {"bing": 1000, "baidu": 1000, "google": 1000, "flickr": 4000}
 FLICKR_SIZES = ["original", "large 2048", "large 1600", "large", "medium 800", "medium 640", "medium",
                 "small 320", "small", "thumbnail", "large square", "square"]

@@ -21,7 +21,6 @@ import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -31,7 +30,6 @@ from tqdm import tqdm
 
 from pipeline.core.config import RunConfig, save_resolved
 from pipeline.core.errors import ConfigError, DataError
-from pipeline.core.folder import class_files
 from pipeline.core.interrupt import stop_requested
 from pipeline.core.preflight import check_sources
 from pipeline.core.io import atomic_write_bytes, sha256_bytes
@@ -42,20 +40,13 @@ from pipeline.core.slug import unique_slugs
 
 from .expand import PlannedQuery
 from .fetch import Fetcher, FetchResult, check_image_bytes, redact
-from .sources import ENGINES, EngineError, engine_results, expand_queries, load_url_list
+from .source import Candidate, CrawlContext, Source, source_class, sources_of
+from .sources import EngineError
 
 log = logging.getLogger("kd3.crawl")
 
 # outcomes that do not count as "tried": a rerun tries the URL again
 RETRYABLE = ("deadline", "interrupted")
-
-
-@dataclass
-class Candidate:
-    url: str
-    query: str
-    engine: str
-    local: Path | None = None
 
 
 def _rel(run: RunDir, p: Path) -> str:
@@ -123,52 +114,26 @@ class Crawler:
         self.state = _State(self.run)
         _remove_stale_tmp(self.run)
         self.records = RecordLog(self.run.records)
-        self._url_lists: dict[str, list[str]] | None = None
+        self.ctx = CrawlContext(self.fetcher, reject=self._reject)
+        self._sources: dict[str, Source] = {}
         self.deadline_hit = False
 
     def close(self) -> None:
         self.records.close()
 
     # ---- candidates
-    def url_list(self, classes: list[str]) -> dict[str, list[str]]:
-        if self._url_lists is None:
-            self._url_lists = load_url_list(Path(self.c.url_list), classes, self.c.url_column, self.c.class_column)
-        return self._url_lists
+    def source(self, name: str) -> Source:
+        if name not in self._sources:
+            self._sources[name] = source_class(name)(self.ctx)
+        return self._sources[name]
 
-    def query_candidates(self, source: str, q: str, name: str, notes: list[str]) -> Iterator[Candidate]:
-        """One engine query's results; an engine that fails says so in ``notes`` (EngineError re-raised
-        when the engine should be skipped for the class)."""
-        try:
-            for urls in engine_results(source, self.c, q, self.fetcher):
-                for u in urls:
-                    yield Candidate(u, q, source)
-        except EngineError as e:
-            notes.append(str(e))
-            log.warning("class %r: %s", name, e)
-            if e.give_up:
-                raise
-
-    def candidates(self, name: str, notes: list[str], classes: list[str]) -> Iterator[Candidate]:
+    def candidates(self, name: str, classes: list[str]) -> Iterator[Candidate]:
+        """Every source's candidates for class ``name``, in ``crawl.sources`` order."""
+        self.ctx.classes = classes
         for source in self.c.sources:
-            if source in ENGINES:
-                for q in expand_queries(self.c, name):
-                    try:
-                        yield from self.query_candidates(source, q, name, notes)
-                    except EngineError:
-                        break
-                    if self.fetcher.past_deadline():
-                        return
-            elif source == "urls":
-                for u in self.url_list(classes).get(name, []):
-                    yield Candidate(u, "", "urls")
-            elif source == "folder":
-                d, files = class_files(Path(self.c.folder), name)
-                if d is None:
-                    msg = f"folder: no sub-folder for class {name!r} under {self.c.folder}"
-                    notes.append(msg)
-                    log.warning("%s", msg)
-                for f in files:
-                    yield Candidate(f.resolve().as_uri(), "", "folder", local=f)
+            yield from self.source(source).candidates(name, self.cfg)
+            if self.fetcher.past_deadline():
+                return
 
     # ---- one URL (worker thread)
     def _download(self, cand: Candidate) -> FetchResult:
@@ -209,6 +174,12 @@ class Crawler:
             self.state.add(rec)
         return rec
 
+    def _reject(self, url: str, engine: str, error: str, detail: str) -> None:
+        """A candidate no class could be given (a pool sample that cannot be read): one record, class ""."""
+        if ("", redact(url)) not in self.state.tried:
+            log.debug("%s: %s %s", redact(url), error, detail)
+            self._record("", Candidate(url, "", engine), "error", error)
+
     def _commit(self, name: str, cand: Candidate, res: FetchResult) -> CrawlRecord:
         if res.ok:
             sha = res.detail
@@ -240,7 +211,7 @@ class Crawler:
         target = self.c.target()
         room = (lambda n: True) if target is None else (lambda n: n < target)  # noqa: E731
         have = self.state.ok[name]
-        notes: list[str] = []
+        notes = self.ctx.notes[name] = []
         counts: Counter = Counter()
         if not room(have):
             log.info("class %r: already has %d/%d images, skipped", name, have, target)
@@ -248,7 +219,7 @@ class Crawler:
         bar = tqdm(total=target, initial=have, desc=name[:24], unit="img", disable=None, leave=True,
                    file=sys.stderr)
         try:
-            exhausted = self._fill(name, self.candidates(name, notes, classes), lambda: self.state.ok[name], target,
+            exhausted = self._fill(name, self.candidates(name, classes), lambda: self.state.ok[name], target,
                                    counts, bar)
         finally:
             bar.close()
@@ -262,7 +233,7 @@ class Crawler:
         """Download for one class from planned queries: each up to its ``base + quota`` downloads (plus
         what the queries before it could not deliver), the class up to ``target``. Counted from the
         records, so a rerun after a crash continues where it stopped."""
-        notes: list[str] = []
+        notes = self.ctx.notes[name] = []
         counts: Counter = Counter()
         have = self.state.ok[name]
         bar = tqdm(total=max(target, have), initial=have, desc=name[:24], unit="img", disable=None, leave=True,
@@ -276,7 +247,7 @@ class Crawler:
                     left = target - self.state.ok[name]
                     goal = min(goal, self.state.ok_by_query[key] + left)
                     with contextlib.suppress(EngineError):
-                        self._fill(name, self.query_candidates(p.source, p.query, name, notes),
+                        self._fill(name, self.source(p.source).query(p.query, name, self.cfg),
                                    lambda k=key: self.state.ok_by_query[k], goal, counts, bar)
                 carry = max(0, goal - self.state.ok_by_query[key])
                 if self.fetcher.past_deadline():  # or Ctrl-C
@@ -416,16 +387,17 @@ def crawl(cfg: RunConfig, classes: list[str] | None = None) -> dict:
 
 
 def check_found_images(cfg: RunConfig, summary: CrawlSummary) -> None:
-    """A folder source that gave no image at all is the user's to fix: one line, not a table of zeros.
+    """Local sources (a folder) that gave no image at all are the user's to fix: one line, not a table of zeros.
     (Engines or URL lists that gave nothing may be the network's fault: the table says so, exit 1.)"""
-    if cfg.crawl.sources != ["folder"] or not summary.classes:
+    local = sources_of(cfg)
+    if not all(s.takes_whole for s in local) or not summary.classes:
         return
     if any(s.downloaded or s.duplicates for s in summary.classes.values()):
         return
     failed: Counter = Counter()
     for s in summary.classes.values():
         failed.update(s.failed)
-    where = f"crawl.folder {cfg.crawl.folder}"
+    where = ", ".join(s.where(cfg) for s in local)
     tried = sum(failed.values())
     why = (f"none of its {tried} files is a usable image ({', '.join(f'{k} {v}' for k, v in failed.most_common(4))})"
            if tried else f"no files for the classes {list(summary.classes)[:5]}")
@@ -472,11 +444,12 @@ def crawl_planned(cfg: RunConfig, name: str, plan: list[PlannedQuery], target: i
 
 
 def class_done(cfg: RunConfig, name: str) -> bool:
-    """True when the records hold the class's target of downloaded images (no target: a folder source
-    taken whole, when every file of the class has its outcome recorded)."""
+    """True when the records hold the class's target of downloaded images (no target: local sources taken
+    whole, when every candidate of the class has its outcome recorded)."""
     rows = [r for r in read_records(RunDir(cfg.run_dir).records) if r.cls == name]
     target = cfg.crawl.target()
     if target is not None:
         return sum(1 for r in rows if r.status == "ok") >= target
     tried = {r.url for r in rows if r.error not in RETRYABLE}
-    return all(f.resolve().as_uri() in tried for f in class_files(Path(cfg.crawl.folder), name)[1])
+    ctx = CrawlContext(classes=[name])
+    return all(c.url in tried for src in sources_of(cfg) for c in src(ctx).candidates(name, cfg))

@@ -1,19 +1,23 @@
 """The teacher as curate's image encoder (``curate.embed_backend: teacher``): embeddings are its pooled
 features, ``extra`` its class probabilities. Registered as the ``teacher`` plugin of ``kd3.embedders``,
-so the curate stage finds it by name and never imports the distill package."""
+so the curate stage finds it by name and never imports the distill package; light to import (torch loads
+when it is built), as the config reads every embedder's settings."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
-import torchvision.transforms as T
 
 from pipeline.core.embedding import Embedder, autocast, normalise, resolve_device
 from pipeline.core.errors import ConfigError
+from pipeline.core.preflight import check_teacher
 
-from .teacher import load_teacher
+
+def load_teacher(path: str, device: str):
+    from .teacher import load_teacher as load  # heavy: torch
+
+    return load(path, device)
 
 
 class TeacherEmbedder(Embedder):
@@ -21,7 +25,14 @@ class TeacherEmbedder(Embedder):
 
     backend = "teacher"
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        check_teacher(cfg, "curate.embed_backend teacher")
+
     def __init__(self, teacher_path: Optional[Path], device: str, classes: list[str]):
+        import torch  # heavy: here, not at import, so the config reads this plugin without torch
+        import torchvision.transforms as T
+
         if teacher_path is None:
             raise ConfigError("curate.embed_backend is 'teacher' but no `teacher` checkpoint is set")
         tp = Path(teacher_path)
@@ -47,6 +58,8 @@ class TeacherEmbedder(Embedder):
         self.dim = int(f.shape[-1])
 
     def embed(self, batch):
+        import torch  # loaded already: a model exists
+
         with torch.inference_mode(), autocast(self.device):
             h = self.model.pool(self.model.forward_features(batch.to(self.device, non_blocking=True)))
             clf = getattr(self.model, "classifier", None)

@@ -10,37 +10,41 @@ wrn_16_2/wrn_40_2, mobilenetv2 (CIFAR strides), cnn_small (~0.3M params); ``timm
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.core import plugins
 from pipeline.core.errors import ConfigError
+from pipeline.core.plugin_settings import PluginSettingsError, validate_settings
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register(name: str):
-    def deco(fn):
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+MODELS = plugins.Registry("kd3.models", "architecture")
+register = MODELS.register
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY) + ["timm:<name>", "torchvision:<name>"]
+    """The built-in registry (other packages' models: ``plugins.names("kd3.models")``)."""
+    return sorted(MODELS.builtin) + ["timm:<name>", "torchvision:<name>"]
 
 
 def create_model(name: str, num_classes: int, **kw) -> nn.Module:
+    """A registered architecture, ``timm:<name>``, ``torchvision:<name>``, or a ``kd3.models`` entry point (which
+    may carry ``Settings``: ``kw`` are validated by them)."""
     if name.startswith("timm:"):
         return TimmWrapper(name[5:], num_classes, **kw)
     if name.startswith("torchvision:"):
         return TorchvisionWrapper(name[12:], num_classes, **kw)
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown architecture {name!r}; choose one of {', '.join(list_models())}")
-    return _REGISTRY[name](num_classes=num_classes, **kw)
+    if name not in MODELS.names():
+        raise ConfigError(f"unknown architecture {name!r}; choose one of {', '.join(MODELS.names())}, timm:<name> or "
+                          f"torchvision:<name>")
+    factory = MODELS.get(name)
+    settings = getattr(factory, "Settings", None)
+    if settings is not None:  # its own settings (distill.student_settings, a checkpoint's arch_kwargs)
+        try:
+            kw = validate_settings(settings, kw).model_dump()
+        except PluginSettingsError as e:
+            raise ConfigError(f"architecture {name!r}: {e}") from None
+    return factory(num_classes=num_classes, **kw)
 
 
 class Backbone(nn.Module):

@@ -68,9 +68,9 @@ class Trainer:
         log.info("distill %s: %d pool images, %d held out, %d classes, teacher %s, student %s, device %s x%d",
                  dc.method, len(self.pool), len(self.data.holdout or []), K, self.tmeta["arch"], dc.student,
                  rt.device, rt.world)
-        student = create_model(dc.student, K)
+        student = create_model(dc.student, K, **dc.student_settings)
         self.method = create_method(dc.method, student, self.teacher, dc.method_config(), K,
-                                    student_arch=dc.student).to(rt.device)
+                                    student_arch=dc.student, student_kwargs=dc.student_settings).to(rt.device)
         if rt.channels_last:
             self.method.to(memory_format=torch.channels_last)
         params = [p for p in self.method.parameters() if p.requires_grad]

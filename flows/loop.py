@@ -29,6 +29,7 @@ from typing import Callable, Optional
 from prefect import flow, task
 
 from crawlers.expand import PlannedQuery, plan_class, split_budget
+from crawlers.source import query_sources
 from crawlers.stage import crawl as crawl_fn
 from crawlers.stage import crawl_planned
 from distill.stage import default_out_id, output_dir
@@ -194,8 +195,9 @@ def next_round(cfg: RunConfig, rounds: list[LoopRound]) -> Optional[LoopRound]:
 def check_loop(cfg: RunConfig) -> None:
     if cfg.teacher is None:
         raise ConfigError("the loop distills: set `teacher` (or --teacher / --set teacher=PATH)")
-    if not any(s in ("bing", "baidu", "google", "flickr") for s in cfg.crawl.sources):
-        raise ConfigError("the loop asks search engines for more: crawl.sources needs bing, baidu, google or flickr")
+    engines = query_sources()
+    if not any(s in engines for s in cfg.crawl.sources):
+        raise ConfigError(f"the loop asks search engines for more: crawl.sources needs {', '.join(engines)}")
 
 
 def run_loop(cfg: RunConfig, stages: Stages = PLAIN, first: Optional[Callable[[RunConfig], Path]] = None,

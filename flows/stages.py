@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from prefect import flow, task, unmapped
 
+from crawlers.source import source_inputs
 from crawlers.stage import check_found_images, crawl_class
 from distill.launch import launch
 from distill.stage import distill as distill_fn
@@ -72,6 +73,12 @@ def _configured(task_, cfg: RunConfig, *, refresh: bool, **extra):
 
 # ====================================================================== crawl
 
+def source_fingerprints(cfg: RunConfig) -> dict:
+    """The local files and folders the configured crawl sources read (each source names its own)."""
+    return {k: tree_fingerprint(p) if p is not None and Path(p).is_dir() else file_fingerprint(p)
+            for k, p in source_inputs(cfg).items()}
+
+
 def _crawl_key_parts(inputs: dict) -> dict:
     cfg: RunConfig = with_run_name(inputs["config"], None)
     c = cfg.crawl
@@ -79,8 +86,7 @@ def _crawl_key_parts(inputs: dict) -> dict:
         "crawl": section_json(cfg, "crawl"),
         "class": inputs["class_name"],
         "run_dir": str(Path(cfg.run_dir).resolve()),
-        "folder": tree_fingerprint(c.folder) if "folder" in c.sources else None,
-        "url_list": file_fingerprint(c.url_list) if "urls" in c.sources else None,
+        "inputs": source_fingerprints(cfg),
     }
 
 
@@ -170,7 +176,7 @@ def _curate_key_parts(inputs: dict) -> dict:
         "classes": cfg.resolved_classes(),
         "run_dir": str(Path(cfg.run_dir).resolve()),
         "records": file_fingerprint(rd.records),
-        "folder": tree_fingerprint(cfg.crawl.folder) if "folder" in cfg.crawl.sources else None,
+        "inputs": source_fingerprints(cfg),
         "teacher": file_fingerprint(cfg.teacher),
         "clip_weights": file_fingerprint(cur.clip_weights),
         "decontaminate": tree_fingerprint(cur.decontaminate),

@@ -16,10 +16,13 @@ import torch.nn.functional as F
 from ._registry import register_method
 from .base import Method, Selection
 from .losses import kd_loss, noise_adaptation_matrix, noisy_nll
+from .settings import DfndSettings
 
 
 @register_method("dfnd")
 class DFND(Method):
+    Settings = DfndSettings
+
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.q_logits = nn.Parameter(torch.zeros(self.num_classes, self.num_classes))

@@ -27,6 +27,7 @@ from .base import Method, Selection
 from .idscore import bn_scores, has_bn_statistics, in_distribution_mask
 from .losses import (alpha_schedule, disagreement_weights, kd_loss, match_spatial, mix_distribution, mixed_probs,
                      nt_xent_views, ramp_epochs, select_confident, view_rows, weighted_feature_mse)
+from .settings import Kd3Settings
 
 log = logging.getLogger("kd3.distill")
 
@@ -35,6 +36,8 @@ HEAD_DIM = 128
 
 @register_method("kd3")
 class KD3(Method):
+    Settings = Kd3Settings
+
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         cfg = self.cfg

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from distill.teacher_cli import add_teacher_arguments, teacher_cli
 from pipeline.core import interrupt, plugins
-from pipeline.core.config import MOVED_DISTILL_KEYS, Kd3Config, RunConfig, iter_fields, load_config, parse_override_value
+from pipeline.core.config import DistillConfig, RunConfig, iter_fields, load_config, moved_distill_keys, parse_override_value
 from pipeline.core.errors import ConfigError, Kd3Error, report
 from pipeline.core.logs import setup_logging
 from pipeline.core.preflight import STAGES, preflight
@@ -144,8 +144,9 @@ def add_config_arguments(p: argparse.ArgumentParser, sections: tuple[str, ...]) 
             groups[section].add_argument(flag, dest="ov__" + dotted, default=None, metavar=_metavar(ann),
                                          type=lambda raw, ann=ann: ("raw", ann, raw), help=help_)
     if "distill" in sections:  # the flat keys of old: accepted here so the config names their new place
-        for old in MOVED_DISTILL_KEYS:
-            info = Kd3Config.model_fields.get(old)
+        sections = [s for _, s in DistillConfig.plugin_fields()]
+        for old in moved_distill_keys():
+            info = next((s.model_fields[old] for s in sections if old in s.model_fields), None)
             kind = argparse.BooleanOptionalAction if info is not None and info.annotation is bool else "store"
             g.add_argument("--distill." + old, dest="ov__distill." + old, action=kind, default=None,
                            help=argparse.SUPPRESS)

@@ -12,44 +12,48 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Any, ClassVar, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from . import plugins
+from .plugin_settings import PluginFields, PluginSections, PluginSettingsError, error_message, validate_settings
 from .checkpoint import check_classes, read_teacher_classes
 from .errors import ConfigError, Kd3Error
 from .io import atomic_write_text
 from .slug import slugify, validate_class_name
 
-SECRET_FIELDS = ("flickr_api_key", "proxy")
+# the plugin kinds whose settings the config holds
+METHODS, SOURCES, MODELS, EMBEDDERS = "kd3.methods", "kd3.sources", "kd3.models", "kd3.embedders"
+
+
+def _installed(group: str, what: str, name: str) -> str:
+    """``name`` when it is an installed plugin of ``group``, else the one-line error listing those."""
+    if name not in plugins.names(group):
+        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(plugins.names(group))}")
+    return name
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class EngineUrls(_Section):
-    """Base URL of each search engine. Point them at a mirror, a proxy or the local fake web."""
-
-    bing: str = Field("https://www.bing.com", description="Bing base URL")
-    baidu: str = Field("https://image.baidu.com", description="Baidu image search base URL")
-    google: str = Field("https://www.google.com", description="Google base URL")
-    flickr: str = Field("https://api.flickr.com", description="Flickr REST API base URL")
-
-
-Source = Literal["bing", "baidu", "google", "flickr", "urls", "folder"]
 DEFAULT_PER_CLASS = 200
 # training augmentations of distill and `kd3 teacher train` (distill.data.build_transforms)
 Augment = Literal["rrc_flip", "crop", "flip", "none"]
 AUGMENTS: tuple[str, ...] = get_args(Augment)
 
 
-class CrawlConfig(_Section):
-    sources: list[Source] = Field(
+class CrawlConfig(PluginFields):
+    """The crawl; each source's own settings (``crawl.folder``, ``crawl.url_list``, ``crawl.engine_urls``, ...)
+    are keys of this section too, declared by the source (:mod:`.plugin_settings`)."""
+
+    plugin_group: ClassVar[str] = SOURCES
+    sources: list[str] = Field(
         default_factory=lambda: ["bing", "baidu"],
-        description="image sources in fallback order: bing, baidu, google, flickr, urls, folder",
+        description=f"image sources in fallback order: {', '.join(plugins.names(SOURCES))} (plugins: entry points "
+                    f"{SOURCES}; each source's settings are keys of this section)",
     )
     per_class: Optional[int] = Field(
         None, gt=0, description=f"target number of downloaded images per class (unset: {DEFAULT_PER_CLASS} from "
@@ -59,13 +63,6 @@ class CrawlConfig(_Section):
         description="query templates; {c} is the class name or a synonym",
     )
     synonyms: dict[str, list[str]] = Field(default_factory=dict, description="extra query terms per class")
-    max_results_per_query: int = Field(1000, gt=0, description="results to ask an engine for, per query")
-    engine_urls: EngineUrls = Field(default_factory=EngineUrls)
-    flickr_api_key: Optional[SecretStr] = Field(None, description="Flickr API key (or env FLICKR_API_KEY)")
-    url_list: Optional[Path] = Field(None, description="URL list file (.txt/.csv/.parquet) for source 'urls'")
-    url_column: str = Field("url", description="URL column of a csv/parquet URL list")
-    class_column: str = Field("class", description="class column of a csv/parquet URL list")
-    folder: Optional[Path] = Field(None, description="local image tree <root>/<class>/* for source 'folder'")
     threads: int = Field(8, gt=0, description="download threads")
     rate_limit_per_domain: float = Field(2.0, gt=0, description="max requests per second to one domain")
     retries: int = Field(3, ge=0, description="retries per URL on network errors and 429/5xx")
@@ -100,6 +97,8 @@ class CrawlConfig(_Section):
             raise ValueError("at least one source is needed")
         if len(set(v)) != len(v):
             raise ValueError(f"sources listed twice: {v}")
+        for name in v:
+            _installed(SOURCES, "source", name)
         return v
 
     @field_validator("allowed_networks")
@@ -113,19 +112,18 @@ class CrawlConfig(_Section):
         return v
 
     def target(self) -> Optional[int]:
-        """Images wanted per class: ``per_class``; unset, every file of a folder source (when it is the only
-        source: a local tree is taken whole unless capped explicitly), else DEFAULT_PER_CLASS."""
+        """Images wanted per class: ``per_class``; unset, every image when every source is a local collection
+        taken whole (a folder: ``takes_whole`` on the source) unless capped explicitly, else DEFAULT_PER_CLASS."""
         if self.per_class is not None:
             return self.per_class
-        return None if self.sources == ["folder"] else DEFAULT_PER_CLASS
-
-    def flickr_key(self) -> str | None:
-        if self.flickr_api_key is not None:
-            return self.flickr_api_key.get_secret_value()
-        return os.environ.get("FLICKR_API_KEY") or None
+        whole = all(getattr(plugins.implementation(SOURCES, s), "takes_whole", False) for s in self.sources)
+        return None if whole else DEFAULT_PER_CLASS
 
 
-class CurateConfig(_Section):
+class CurateConfig(PluginFields):
+    """Curation; each embedding backend's own settings (``curate.clip_model``, ...) are keys of this section."""
+
+    plugin_group: ClassVar[str] = EMBEDDERS
     min_side: int = Field(32, gt=0, description="drop images whose shorter side is below this")
     max_aspect: float = Field(4.0, ge=1.0, description="drop images with long/short side ratio above this")
     max_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb cap (width*height)")
@@ -133,10 +131,9 @@ class CurateConfig(_Section):
     phash_max_pixel_diff: float = Field(
         4.0, ge=0, le=255, description="a pHash match is a duplicate only when the 16x16 greyscale thumbnails "
                                       "differ by at most this (mean absolute difference, 0-255)")
-    embed_backend: Literal["clip", "teacher"] = Field("clip", description="embeddings from open_clip or the teacher")
-    clip_model: str = Field("ViT-B-32", description="open_clip model name")
-    clip_pretrained: Optional[str] = Field("laion2b_s34b_b79k", description="open_clip pretrained tag")
-    clip_weights: Optional[Path] = Field(None, description="local open_clip weights file (overrides the tag)")
+    embed_backend: str = Field("clip", description=f"image embeddings from: {', '.join(plugins.names(EMBEDDERS))} "
+                                                   f"(plugins: entry points {EMBEDDERS}; each backend's settings "
+                                                   f"are keys of this section)")
     batch_size: int = Field(256, gt=0, description="embedding batch size")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     workers: int = Field(4, ge=0, description="decode/hash worker threads")
@@ -159,6 +156,11 @@ class CurateConfig(_Section):
     shard_max_bytes: int = Field(1_000_000_000, gt=0, description="bytes per shard")
 
 
+    @field_validator("embed_backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        return _installed(EMBEDDERS, "embedding backend", v)
+
     @field_validator("near_dup_threshold", mode="before")
     @classmethod
     def _near_dup_threshold(cls, v):
@@ -173,77 +175,26 @@ class CurateConfig(_Section):
         return x
 
 
-class Kd3Config(_Section):
-    """KD3 (docs/METHOD.md); the switches are the ablations and the paper-prose options."""
-
-    tau: float = Field(0.95, gt=0, le=1, description="base confidence threshold")
-    ramp_frac: float = Field(2 / 3, gt=0, description="E_ramp as a fraction of epochs")
-    cut_frac: float = Field(1 / 2, ge=0, description="E_cut as a fraction of epochs")
-    lambda_con: float = Field(0.001, ge=0, description="weight of the contrastive loss")
-    con_temperature: float = Field(0.3, gt=0, description="NT-Xent temperature")
-    selection: bool = Field(True, description="dynamic instance selection")
-    weighting: bool = Field(True, description="disagreement weights on the feature loss")
-    sharing: bool = Field(True, description="teacher-classifier sharing")
-    mixdist: bool = Field(True, description="MixDistribution + contrastive alignment")
-    cross_contrastive: bool = Field(False, description="paper-prose option: student x~ <-> teacher x")
-    teacher_contrastive: bool = Field(False, description="the release's teacher NT-Xent term g_T(h_T(x)) <-> "
-                                                          "g_T(h_T(x~)): it trains only g_T, which nothing the "
-                                                          "student computes uses, so off (default) skips the "
-                                                          "teacher's pass on x~ and trains the same student; on "
-                                                          "= the release's loss value")
-    mix_level: Literal["input", "feature"] = Field("input", description="where MixDistribution acts")
-    classifier_align_loss: bool = Field(False, description="paper-prose option: align classifiers by a loss")
-    kd_temperature: float = Field(4.0, gt=0, description="temperature of kd3's KD terms (the no-sharing "
-                                                         "ablation's, and kd_weight's)")
-    # kd3's own parts (docs/METHOD.md "kd3's own parts"; the release's method: selection_rule confidence,
-    # equal_steps false)
-    selection_rule: Literal["bn", "confidence", "bn+confidence"] = Field(
-        "bn", description="what a selection keeps: bn = the images the teacher's BatchNorm statistics call "
-                          "in-distribution (kd3's default); confidence = the release's class-adaptive confidence "
-                          "thresholds on the mixed prediction; bn+confidence = the release's rule over the bn images")
-    id_rule: Literal["gmm", "quantile"] = Field(
-        "gmm", description="bn rules: which images count as in-distribution: gmm = the low component of a 2-Gaussian fit "
-                           "to the pool's log scores; quantile = the id_keep share per predicted class")
-    id_keep: float = Field(0.5, gt=0, le=1, description="id_rule quantile: share kept per predicted class")
-    kd_weight: float = Field(0.0, ge=0, description="weight of a logit KD term on the selected images (0 = off)")
-    equal_steps: bool = Field(True, description="train each epoch for as many steps as a pass over the whole pool "
-                                                 "(the selection cycled), so selecting costs no SGD steps")
-    fused_views: bool = Field(False, description="one student forward on cat(x, x~) instead of two (faster on a "
-                                                 "GPU; BatchNorm then normalises both views together)")
-    view_share: float = Field(1.0, gt=0, le=1, description="share of each batch whose MixDistribution copy x~ "
-                                                            "the student sees and the contrastive terms pair "
-                                                            "(the first rows of the shuffled batch; 1 = the "
-                                                            "release): a cheaper step, other maths")
+def moved_distill_keys() -> dict[str, str]:
+    """Keys of the flat distill section of old -> where they went: each method's settings name theirs
+    (``moved_keys``)."""
+    out: dict[str, str] = {}
+    for s in DistillConfig.plugin_settings().values():
+        out.update(getattr(s, "moved_keys", {}))
+    return out
 
 
-class KdConfig(_Section):
-    """Hinton KD."""
+class DistillConfig(PluginSections):
+    """Trainer settings; each method's own settings are its section (``distill.kd3``, ``distill.kd``, ...),
+    validated by the method's settings class (:mod:`.plugin_settings`)."""
 
-    temperature: float = Field(4.0, gt=0, description="KD temperature")
-
-
-class DfndConfig(_Section):
-    """DFND (Chen et al., CVPR 2021)."""
-
-    keep: float = Field(0.5, gt=0, le=1, description="fraction of the web pool kept")
-    temperature: float = Field(4.0, gt=0, description="KD temperature")
-
-
-# keys of the flat distill section before the per-method sections: each names where it went
-MOVED_DISTILL_KEYS = {
-    **{k: f"kd3.{k}" for k in ("tau", "ramp_frac", "cut_frac", "lambda_con", "con_temperature", "selection",
-                               "weighting", "sharing", "mixdist", "cross_contrastive", "mix_level",
-                               "classifier_align_loss")},
-    "kd_temperature": "kd.temperature (and dfnd.temperature, kd3.kd_temperature)",
-    "dfnd_keep": "dfnd.keep",
-}
-
-
-class DistillConfig(_Section):
-    """Trainer settings; each method's own settings live in its section (``kd3``, ``kd``, ``dfnd``)."""
+    plugin_group: ClassVar[str] = METHODS
 
     method: str = Field("kd3", description="distillation method: kd3, kd or dfnd (plugins: entry points kd3.methods)")
     student: str = Field("resnet18", description="student architecture (registry name, timm:<name>, torchvision:<name>)")
+    student_settings: dict[str, Any] = Field(
+        default_factory=dict, description="the student architecture's own settings (a model plugin's Settings; "
+                                          "the built-in architectures take none)")
     epochs: int = Field(240, gt=0, description="training epochs")
     batch_size: int = Field(256, gt=0, description="training batch size")
     lr: float = Field(0.05, gt=0, description="SGD learning rate")
@@ -268,15 +219,12 @@ class DistillConfig(_Section):
     seed: int = Field(0, description="random seed")
     keys_file: Optional[Path] = Field(None, description="train only on the pool images whose keys this file "
                                                          "lists, one per line (e.g. a hand-vetted subset)")
-    kd3: Kd3Config = Field(default_factory=Kd3Config)
-    kd: KdConfig = Field(default_factory=KdConfig)
-    dfnd: DfndConfig = Field(default_factory=DfndConfig)
 
     @model_validator(mode="before")
     @classmethod
     def _moved_keys(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for old, new in MOVED_DISTILL_KEYS.items():
+            for old, new in moved_distill_keys().items():
                 if old in data:
                     raise ValueError(f"distill.{old} is now distill.{new}")
         return data
@@ -284,22 +232,29 @@ class DistillConfig(_Section):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        if v not in plugins.names("kd3.methods"):
-            raise ValueError(f"unknown distillation method {v!r}; choose one of "
-                             f"{', '.join(plugins.names('kd3.methods'))}")
-        return v
+        return _installed(METHODS, "distillation method", v)
 
     @field_validator("student")
     @classmethod
     def _student(cls, v: str) -> str:
         if v.split(":", 1)[0] in ("timm", "torchvision") and v.split(":", 1)[1:] != [""]:
             return v  # resolved by timm / torchvision when the model is built
-        if v not in plugins.names("kd3.models"):
+        if v not in plugins.names(MODELS):
             raise ValueError(f"unknown student architecture {v!r}; choose one of "
-                             f"{', '.join(plugins.names('kd3.models'))}, timm:<name> or torchvision:<name>")
+                             f"{', '.join(plugins.names(MODELS))}, timm:<name> or torchvision:<name>")
         return v
 
-    def method_config(self) -> Optional[_Section]:
+    @model_validator(mode="after")
+    def _student_settings(self) -> "DistillConfig":
+        """Set student settings are the architecture's to validate (loading it: a model plugin may import torch)."""
+        if self.student_settings:
+            settings = plugins.settings(MODELS, self.student) if self.student in plugins.names(MODELS) else None
+            if settings is None:
+                raise PluginSettingsError([(("student_settings",), f"student {self.student!r} takes no settings")])
+            validate_settings(settings, self.student_settings, ("student_settings",))
+        return self
+
+    def method_config(self) -> Optional[BaseModel]:
         """The section of the chosen method (None for a plugin method without one)."""
         return getattr(self, self.method, None)
 
@@ -420,9 +375,11 @@ class RunConfig(BaseModel):
     def public_dict(self) -> dict[str, Any]:
         """JSON-able dict with secrets removed (for config.yaml snapshots, manifests, logs)."""
         d = json.loads(self.model_dump_json())
-        for key in SECRET_FIELDS:
-            if d["crawl"].get(key) is not None:
-                d["crawl"][key] = None
+        for keys in _secret_paths(self):
+            cur = d
+            for k in keys[:-1]:
+                cur = cur[k]
+            cur[keys[-1]] = None
         return d
 
     def config_hash(self) -> str:
@@ -456,14 +413,24 @@ def _check_class_list(names: list[str], where: str) -> list[str]:
         raise ConfigError(f"{where}: {e}") from None
 
 
+def _secret_paths(model: BaseModel, prefix: tuple = ()) -> list[tuple]:
+    """Where a config holds a secret (a set ``SecretStr``, whichever section or plugin declared it)."""
+    out = []
+    for key, value in {**dict(model), **(model.__pydantic_extra__ or {})}.items():
+        if isinstance(value, SecretStr):
+            out.append(prefix + (key,))
+        elif isinstance(value, BaseModel):
+            out += _secret_paths(value, prefix + (key,))
+    return out
+
+
 def _format_validation_error(e: ValidationError, where: str) -> str:
     parts = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "<root>"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        parts.append(f"{loc}: {msg}")
+        inner = err.get("ctx", {}).get("error")
+        found = inner.errors if isinstance(inner, PluginSettingsError) else [((), error_message(err))]
+        for loc, msg in found:  # a plugin's own errors, at their place inside the section
+            parts.append(f"{'.'.join(str(x) for x in (*err['loc'], *loc)) or '<root>'}: {msg}")
     return f"{where}: " + "; ".join(parts)
 
 
@@ -506,9 +473,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
             raise ConfigError(f"{p}: top level must be a mapping")
     for k, v in (overrides or {}).items():
         set_by_path(data, k, v)
-    moved = [k for k in MOVED_DISTILL_KEYS if isinstance(data.get("distill"), dict) and k in data["distill"]]
-    if moved:
-        raise ConfigError(f"{where}: distill.{moved[0]} is now distill.{MOVED_DISTILL_KEYS[moved[0]]}")
+    moved = moved_distill_keys()
+    old = [k for k in moved if isinstance(data.get("distill"), dict) and k in data["distill"]]
+    if old:
+        raise ConfigError(f"{where}: distill.{old[0]} is now distill.{moved[old[0]]}")
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
@@ -528,20 +496,27 @@ def save_resolved(cfg: RunConfig) -> Path:
     return out
 
 
-PATH_FIELDS = (("runs_root",), ("teacher",), ("classes_file",), ("crawl", "folder"), ("crawl", "url_list"),
-               ("curate", "clip_weights"), ("curate", "decontaminate"), ("distill", "eval_dir"),
-               ("flow", "result_store"))
+def _is_path(ann: Any) -> bool:
+    args = [a for a in (get_args(ann) or (ann,)) if a is not type(None)]
+    return len(args) == 1 and (args[0] is Path or (get_origin(args[0]) is list and get_args(args[0]) == (Path,)))
 
 
 def absolute_config(cfg: RunConfig) -> RunConfig:
-    """The same config with every path made absolute (a served flow or a torchrun rank may run elsewhere)."""
+    """The same config with every path made absolute (a served flow or a torchrun rank may run elsewhere):
+    every field typed as a path (or a list of paths), the plugins' fields included."""
     d = cfg.model_dump()
-    for keys in PATH_FIELDS:
+    for dotted, ann, _ in iter_fields(RunConfig):
+        if not _is_path(ann):
+            continue
+        *keys, last = dotted.split(".")
         cur = d
-        for k in keys[:-1]:
+        for k in keys:
             cur = cur[k]
-        if cur.get(keys[-1]) is not None:
-            cur[keys[-1]] = Path(cur[keys[-1]]).expanduser().resolve()
+        v = cur.get(last)
+        if isinstance(v, list):
+            cur[last] = [Path(p).expanduser().resolve() for p in v]
+        elif v is not None:
+            cur[last] = Path(v).expanduser().resolve()
     return RunConfig.model_validate(d)
 
 
@@ -553,3 +528,10 @@ def iter_fields(model: type[BaseModel] = RunConfig, prefix: str = ""):
             yield from iter_fields(ann, f"{prefix}{name}.")
         else:
             yield f"{prefix}{name}", ann, info
+    if issubclass(model, (PluginFields, PluginSections)):  # the installed plugins' settings (a shared field once)
+        seen = {f"{prefix}{name}" for name in model.model_fields}
+        for sub, settings in model.plugin_fields():
+            for dotted, ann, info in iter_fields(settings, f"{prefix}{sub}"):
+                if dotted not in seen:
+                    seen.add(dotted)
+                    yield dotted, ann, info

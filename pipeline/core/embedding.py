@@ -11,6 +11,7 @@ resizes to; None: unknown, images are decoded in full).
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -19,6 +20,10 @@ from .errors import ConfigError
 
 
 class Embedder:
+    """An embedding backend is a plugin (``kd3.embedders``): its ``Settings`` (keys of the ``curate`` section),
+    ``check(cfg)`` (before any work) and ``from_config(cfg.curate, classes, teacher)``."""
+
+    Settings: Any = None
     backend = "clip"
     key: str
     dim: int
@@ -30,6 +35,15 @@ class Embedder:
 
     _transform = None  # the model's torchvision preprocessing (a Compose), set by use_transform
     _batched: Optional["BatchedPreprocess"] = None
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Fail fast, naming the setting, when the backend cannot work with the run config ``cfg``."""
+
+    @classmethod
+    def from_config(cls, cfg, classes: list[str], teacher: Optional[Path]) -> "Embedder":
+        """The backend for the ``curate`` section ``cfg``."""
+        return cls(teacher, cfg.device, classes)
 
     def use_transform(self, compose) -> None:
         """The backend's preprocessing: ``preprocess`` runs it whole, ``prepare``/``collate`` split it."""

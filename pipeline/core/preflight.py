@@ -11,43 +11,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
+from . import plugins
 from .checkpoint import check_classes, read_checkpoint_meta
-from .config import RunConfig
+from .config import EMBEDDERS, SOURCES, RunConfig
 from .errors import ConfigError, DataError
-from .folder import class_folder, iter_class_files
 
 STAGES = ("crawl", "curate", "distill")
 
 
 def check_sources(cfg: RunConfig) -> None:
-    """Fail fast, naming the setting, when a listed crawl source cannot work."""
-    c = cfg.crawl
-    if "flickr" in c.sources and not c.flickr_key():
-        raise ConfigError("source 'flickr' needs an API key: set crawl.flickr_api_key or env FLICKR_API_KEY")
-    if "urls" in c.sources:
-        if c.url_list is None:
-            raise ConfigError("source 'urls' needs crawl.url_list (a .txt/.csv/.parquet file)")
-        if not Path(c.url_list).is_file():
-            raise ConfigError(f"crawl.url_list {c.url_list} does not exist")
-    if "folder" in c.sources:
-        if c.folder is None:
-            raise ConfigError("source 'folder' needs crawl.folder (a folder <root>/<class>/*)")
-        check_folder(cfg)
-
-
-def check_folder(cfg: RunConfig, classes: Optional[list[str]] = None) -> None:
-    """``crawl.folder`` is a folder and, when it is the only source, holds files for some class."""
-    folder = Path(cfg.crawl.folder)
-    if not folder.is_dir():
-        raise ConfigError(f"crawl.folder {folder} is not a folder")
-    if cfg.crawl.sources != ["folder"]:
-        return
-    names = classes if classes is not None else cfg.resolved_classes()
-    folders = [d for d in (class_folder(folder, c) for c in names) if d is not None]
-    if not any(next(iter_class_files(d), None) for d in folders):
-        subs = sorted(d.name for d in folder.iterdir() if d.is_dir())[:5]
-        raise DataError(f"crawl.folder {folder} holds no files for any class (expected <root>/<class>/*; "
-                        f"sub-folders {subs or 'none'}, classes {names[:5]}{' ...' if len(names) > 5 else ''})")
+    """Fail fast, naming the setting, when a listed crawl source cannot work (each source checks its own)."""
+    for name in cfg.crawl.sources:
+        plugins.implementation(SOURCES, name, "crawl source").check(cfg)
 
 
 def check_teacher(cfg: RunConfig, why: str) -> dict:
@@ -91,10 +66,7 @@ def preflight(cfg: RunConfig, stages: Iterable[str], manifest: Optional[Path] = 
         check_sources(cfg)
     if "curate" in stages:
         cur = cfg.curate
-        if cur.embed_backend == "teacher":
-            check_teacher(cfg, "curate.embed_backend teacher")
-        if cur.clip_weights is not None and not Path(cur.clip_weights).is_file():
-            raise ConfigError(f"curate.clip_weights {cur.clip_weights} does not exist")
+        plugins.implementation(EMBEDDERS, cur.embed_backend, "curate.embed_backend").check(cfg)
         if cur.decontaminate is not None and not Path(cur.decontaminate).is_dir():
             raise ConfigError(f"curate.decontaminate {cur.decontaminate} is not a folder")
     if "distill" in stages:

@@ -5,6 +5,15 @@ embed; cached) -> the facts table (:mod:`.table`) -> each drop policy in :mod:`.
 The algorithms the steps use (validate, hashing, decontam, relevance, neardup, index, shards, embed)
 are modules of their own. Submodules never import this package back.
 """
-from .stage import STEPS, curate
+import importlib
+from typing import Any
 
 __all__ = ["STEPS", "curate"]
+
+
+def __getattr__(name: str) -> Any:
+    """``curate`` and ``STEPS`` load on first use: the config reads the CLIP embedder's settings
+    (:mod:`.embed`) without importing the whole stage."""
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(".stage", __name__), name)

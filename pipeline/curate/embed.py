@@ -19,10 +19,14 @@ from typing import Optional
 
 import numpy as np
 
+from pydantic import Field
+
 from pipeline.core import plugins
+from pipeline.core.config import EMBEDDERS
 from pipeline.core.embedding import Embedder, autocast, normalise, resolve_device
 from pipeline.core.errors import ConfigError, one_line
 from pipeline.core.io import atomic_path, atomic_write_json
+from pipeline.core.plugin_settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +45,29 @@ def register_model_configs() -> None:
     _registered = True
 
 
+class ClipSettings(Settings):
+    """The CLIP backend's settings (keys of the ``curate`` section; relevance and ``crawl.assign: clip`` read
+    them too)."""
+
+    clip_model: str = Field("ViT-B-32", description="open_clip model name")
+    clip_pretrained: Optional[str] = Field("laion2b_s34b_b79k", description="open_clip pretrained tag")
+    clip_weights: Optional[Path] = Field(None, description="local open_clip weights file (overrides the tag)")
+
+
 class ClipEmbedder(Embedder):
+    Settings = ClipSettings
     backend = "clip"
     has_text = True
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        w = cfg.curate.clip_weights
+        if w is not None and not Path(w).is_file():
+            raise ConfigError(f"curate.clip_weights {w} does not exist")
+
+    @classmethod
+    def from_config(cls, cfg, classes: list[str], teacher: Optional[Path]) -> "ClipEmbedder":
+        return cls(cfg.clip_model, cfg.clip_pretrained, cfg.clip_weights, cfg.device)
 
     def __init__(self, model_name: str, pretrained: Optional[str], weights: Optional[Path], device: str):
         import open_clip  # heavy: loaded when a CLIP model is built
@@ -128,11 +152,12 @@ class ClipEmbedder(Embedder):
 
 
 def make_embedder(cfg, classes: list[str], teacher: Optional[Path]) -> Embedder:
-    """``cfg`` is the ``curate`` config section. ``clip`` is built here; any other backend is a plugin
-    (entry points ``kd3.embedders``; ``teacher`` is ``distill.embedder.TeacherEmbedder``)."""
-    if cfg.embed_backend == "clip":
-        return ClipEmbedder(cfg.clip_model, cfg.clip_pretrained, cfg.clip_weights, cfg.device)
-    factory = plugins.load("kd3.embedders", cfg.embed_backend, "curate.embed_backend")
+    """``cfg`` is the ``curate`` config section. Every backend is a plugin found by name (entry points
+    ``kd3.embedders``: ``clip`` is :class:`ClipEmbedder`, ``teacher`` ``distill.embedder.TeacherEmbedder``);
+    one without ``from_config`` is called as ``factory(teacher, device, classes)``."""
+    factory = plugins.implementation(EMBEDDERS, cfg.embed_backend, "curate.embed_backend")
+    if hasattr(factory, "from_config"):
+        return factory.from_config(cfg, classes, teacher)
     return factory(teacher, cfg.device, classes)
 
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 from distill.methods import create_method
 from distill.methods.idscore import BNStatScorer, bn_scores, gmm_low_component, in_distribution_mask
 from distill.models import Backbone
-from pipeline.core.config import Kd3Config
+from distill.methods.settings import Kd3Settings as Kd3Config
 
 torch.set_num_threads(1)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from distill.methods import create_method
 from distill.methods.losses import alpha_schedule, ramp_epochs
 from distill.models import Backbone, Projector, create_model
-from pipeline.core.config import Kd3Config
+from distill.methods.settings import Kd3Settings as Kd3Config
 
 torch.set_num_threads(1)
 
