@@ -37,6 +37,7 @@ COPY_PREFIX = "copy:"
 COPY_CATCH = 0.95         # share of planted copies the cut must catch (when it safely can)
 UNRELATED_Q = 99.8
 TOP_K = 16
+TOP_OF_SCALE = 0.9999     # a cut at or above this only merges images whose features are identical
 
 
 def sample(shas: list[str], n: int) -> list[str]:
@@ -118,4 +119,4 @@ def calibrate(X: np.ndarray, thumbs: np.ndarray, originals: np.ndarray, copies: 
     cut = float(min(1.0, max(known))) if known else 1.0
     return {"threshold": round(cut, 6), "t_copy": t_copy, "t_unrelated": t_unrel, "copies": int(len(cs)),
             "copies_caught": float((cs >= cut).mean()) if len(cs) else None, "neighbours_sampled": int(len(nn)),
-            "unrelated_above": float((nn >= cut).mean()) if len(nn) else None}
+            "unrelated_above": float((nn >= cut).mean()) if len(nn) else None, "at_top": cut >= TOP_OF_SCALE}

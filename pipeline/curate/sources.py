@@ -98,4 +98,14 @@ def load(cfg: RunConfig, rd: RunDir, classes: list[str]) -> Sources:
         raise DataError(f"{rd.records} is missing: run `kd3 crawl` on {rd.root} first (or set crawl.folder)")
     if not src.cands:
         raise DataError(f"{src.where}: no usable images (status ok) for classes {classes}: nothing to curate")
-    return src
+    return canonical(src)
+
+
+def canonical(src: Sources) -> Sources:
+    """The candidates in one order whatever order the crawl recorded them in (class, then sha256, then
+    URL): every tie downstream (which of two duplicates stays, the calibration samples, near-dup
+    representatives) is then decided by the pool itself, so the same pool gives the same decisions."""
+    cands = sorted(src.cands, key=lambda x: (x.label, x.sha, x.url))
+    for i, x in enumerate(cands):
+        x.order = i
+    return Sources(cands, src.records, src.ok, src.collapsed, src.where)

@@ -55,7 +55,12 @@ def _cut(ctx: Context, shas: list[str], X: np.ndarray) -> tuple[float, dict]:
              "sampled images have an unrelated neighbour above it", cal["threshold"],
              "–" if caught is None else f"{caught:.0%}", cal["copies"], 100 * (cal["unrelated_above"] or 0),
              cal["neighbours_sampled"])
-    if caught is not None and caught < 0.5:
+    if cal["at_top"]:
+        log.warning("curate: the near-dup cut sits at the top of the cosine scale (%.4f): unrelated images share "
+                    "identical features under these embeddings, so near-dup only merges feature-identical images "
+                    "(ties go to the first in class, then sha256 order); pHash still removes pixel copies",
+                    cal["threshold"])
+    elif caught is not None and caught < 0.5:
         log.warning("curate: these embeddings barely separate copies from unrelated images: the safe cut %.4f "
                     "catches only %.0f%% of planted re-encodes (pHash still removes pixel copies)",
                     cal["threshold"], 100 * caught)
