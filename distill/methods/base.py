@@ -65,9 +65,6 @@ class Method(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self(x)
-
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """The scalar the trainer minimises: the losses weighted by ``loss_weights`` (default 1)."""
         return sum(self.loss_weights.get(k, 1.0) * v.float() for k, v in losses.items())

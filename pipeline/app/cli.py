@@ -165,22 +165,26 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             base = cand
         elif not Path(args.run).is_dir():
             raise ConfigError(f"run directory {args.run} does not exist")
+    flags: dict[str, str] = {}
     for item in args.set:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
         k, v = item.split("=", 1)
         overrides[k.strip()] = parse_override_value(v)
+        flags[k.strip()] = f"--set {item}"
     for key, val in vars(args).items():
         if key.startswith("ov__") and val is not None:
             dotted = key[4:]
+            given = val[2] if isinstance(val, tuple) and val[:1] == ("raw",) else val
             if isinstance(val, tuple) and val[:1] == ("raw",):
                 val = _convert(val[1], val[2])
             overrides[dotted] = val
+            flags[dotted] = f"--{dotted} {given}"
     if args.run is not None:
         run = Path(args.run)
         overrides["name"] = run.name
         overrides["runs_root"] = str(run.parent)
-    return load_config(base, overrides)
+    return load_config(base, overrides, flags)
 
 
 def add_logging_arguments(p: argparse.ArgumentParser) -> None:

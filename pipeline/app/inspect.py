@@ -38,7 +38,7 @@ from pipeline.curate.validate import inspect_image
 
 from .sheets import ACCENTS, Tile, write_sheet
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kd3.inspect")
 
 COUNT_FIELDS = ("crawled", "downloaded", "errors", "valid", *DROP_REASONS, "kept", "shards", "bytes")
 
@@ -87,6 +87,10 @@ class Run:
         self.manifest_path = p if p.is_file() and p.suffix == ".json" else self.rd.manifest
         if not self.rd.root.is_dir():
             raise DataError(f"run directory {self.rd.root} does not exist")
+        marks = (self.rd.config, self.rd.crawl, self.rd.curate, self.manifest_path)
+        if not any(m.exists() for m in marks):
+            raise DataError(f"{self.rd.root} is not a run directory: it has none of config.yaml, crawl/, curate/, "
+                            f"manifest.json (kd3 writes runs under <runs_root>/<name>/)")
 
     # ---- raw parts ----
     @cached_property

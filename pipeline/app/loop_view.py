@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 import shutil
-from pathlib import Path
 from typing import Optional
 
 from rich.console import Console
@@ -94,7 +93,3 @@ def loop_html(run) -> str:
                      f"<tbody>{body}</tbody></table>")
     return "".join(parts)
 
-
-def has_loop(run) -> bool:
-    rd = getattr(run, "rd", None) or run_dir_of(Path(run))
-    return rd.loop.is_dir()

@@ -28,7 +28,7 @@ from .inspect import Run, fmt_bytes, summarize
 from .loop_view import loop_html
 from .sheets import save_jpeg, thumbnail
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kd3.inspect")
 
 PALETTE = ["#2563eb", "#db2777", "#16a34a", "#ea580c", "#7c3aed", "#0891b2", "#ca8a04", "#dc2626",
            "#4f46e5", "#059669", "#9333ea", "#0d9488"]

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from pipeline.core.io import atomic_path
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kd3.inspect")
 
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 BG = (250, 250, 251)

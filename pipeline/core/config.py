@@ -424,14 +424,19 @@ def _secret_paths(model: BaseModel, prefix: tuple = ()) -> list[tuple]:
     return out
 
 
-def _format_validation_error(e: ValidationError, where: str) -> str:
-    parts = []
+def _format_validation_error(e: ValidationError, where: str, flags: dict[str, str] | None = None) -> str:
+    """One line; a value that came from a command-line flag is blamed on the flag (``flags``: dotted key ->
+    how it was given, e.g. ``--distill.student resnet99``), any other on ``where`` (the config file)."""
+    parts, blamed = [], set()
     for err in e.errors():
         inner = err.get("ctx", {}).get("error")
         found = inner.errors if isinstance(inner, PluginSettingsError) else [((), error_message(err))]
         for loc, msg in found:  # a plugin's own errors, at their place inside the section
-            parts.append(f"{'.'.join(str(x) for x in (*err['loc'], *loc)) or '<root>'}: {msg}")
-    return f"{where}: " + "; ".join(parts)
+            dotted = ".".join(str(x) for x in (*err["loc"], *loc)) or "<root>"
+            flag = (flags or {}).get(dotted)
+            blamed.add(flag or where)
+            parts.append(f"{flag}: {msg}" if flag else f"{dotted}: {msg}")
+    return (f"{where}: " if where in blamed else "") + "; ".join(parts)
 
 
 def set_by_path(d: dict, dotted: str, value: Any) -> None:
@@ -456,8 +461,10 @@ def parse_override_value(text: str) -> Any:
         return text
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Load a YAML config (or defaults), apply dotted ``overrides``, validate."""
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+                flags: dict[str, str] | None = None) -> RunConfig:
+    """Load a YAML config (or defaults), apply dotted ``overrides``, validate. ``flags`` names the command-line
+    flag each override came from, so an error in one names the flag, not the file."""
     data: dict[str, Any] = {}
     where = "config"
     if path is not None:
@@ -480,7 +487,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, where)) from None
+        raise ConfigError(_format_validation_error(e, where, flags)) from None
     cfg.check_teacher_classes(where)
     return cfg
 

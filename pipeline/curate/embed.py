@@ -28,7 +28,7 @@ from pipeline.core.errors import ConfigError, one_line
 from pipeline.core.io import atomic_path, atomic_write_json
 from pipeline.core.plugin_settings import Settings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kd3.curate")
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kd3.curate")
 
 FLAT_MAX = 20_000
 IVF_MAX = 5_000_000

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kd3.curate")
 
 EXACT_MAX = 50_000
 PCA_DIM = 64          # dimension of the projection the cells are built in

@@ -22,7 +22,7 @@ from .shards import Sample, write_shards
 from .sources import Sources
 from .table import Context
 
-log = logging.getLogger("pipeline.curate")
+log = logging.getLogger("kd3.curate")
 
 THRESHOLDS = ("min_side", "max_aspect", "max_pixels", "phash_threshold", "near_dup_threshold", "relevance_filter",
               "relevance_margin", "decontam_threshold", "image_format", "max_side", "jpeg_quality",

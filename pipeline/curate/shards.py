@@ -25,7 +25,7 @@ from pipeline.core.io import atomic_path, atomic_write_json, read_json, sha256_f
 
 from .validate import inspect_image
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kd3.curate")
 
 TAR_MTIME = 1_700_000_000  # fixed: identical content gives identical shards
 BLOCK = 512

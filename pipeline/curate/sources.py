@@ -14,7 +14,7 @@ from pipeline.core.io import sha256_file
 from pipeline.core.records import read_records
 from pipeline.core.runs import RunDir
 
-log = logging.getLogger("pipeline.curate")
+log = logging.getLogger("kd3.curate")
 
 
 @dataclass

@@ -29,7 +29,7 @@ from .scan import FactsCache, cache_key, scan
 from .steps import decontaminate, exact_dedup, near_dedup, phash_dedup, relevance, validate
 from .table import Context, alive, build_rows, score
 
-log = logging.getLogger("pipeline.curate")
+log = logging.getLogger("kd3.curate")
 
 # Decontamination and relevance come before the dedup steps, so a contaminated or off-class image never
 # becomes the representative that hides its duplicates.

@@ -205,3 +205,22 @@ def test_help_shows_readable_metavars(capsys):
     out = capsys.readouterr().out
     for shown in ("--epochs N", "--student ARCH", "--distill.lr X", "--distill.augment {rrc_flip,crop,flip,none}"):
         assert shown in out, shown
+
+
+@pytest.mark.parametrize("argv, blamed", [
+    (["--student", "resnet99"], "--distill.student resnet99: "),
+    (["--distill.epochs", "0"], "--distill.epochs 0: "),
+    (["--set", "distill.epochs=-1"], "--set distill.epochs=-1: "),
+])
+def test_a_bad_flag_is_blamed_not_the_run_config(tmp_path, capsys, argv, blamed):
+    """`kd3 distill --run R --student resnet99`: the flag was wrong, not R/config.yaml (which is fine)."""
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"classes": ["cat", "dog"]}))
+    assert cli.main(["distill", "--run", str(run), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kd3: error: " + blamed), err
+    assert "config.yaml" not in err[0]
+    (run / "config.yaml").write_text(yaml.safe_dump({"classes": ["cat", "dog"], "distill": {"epochs": 0}}))
+    assert cli.main(["distill", "--run", str(run)]) == 2  # ... and a bad value in the file names the file
+    assert f"{run / 'config.yaml'}: distill.epochs" in capsys.readouterr().err

@@ -225,3 +225,12 @@ def test_selection_log_formats(tmp_path):
     (tmp_path / "pool_keys.txt").write_text("\n".join(keys[:4]) + "\n")
     with pytest.raises(DataError, match="mask has"):
         DistillRun("kd3-x", tmp_path, {}, rows).selected_keys(keys)
+
+
+def test_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
+    """`kd3 inspect` on a folder kd3 did not write: says so in one line, exit 2 (not a table of "missing:")."""
+    (tmp_path / "holiday.jpg").write_bytes(b"x")
+    assert main(["inspect", str(tmp_path)]) == 2
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
+    assert len(err) == 1 and f"{tmp_path} is not a run directory" in err[0] and "missing:" not in cap.out

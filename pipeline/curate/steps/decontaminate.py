@@ -12,7 +12,7 @@ from ..decontam import match
 from ..table import Context, Counts, alive
 
 NAME = "decontaminate"
-log = logging.getLogger("pipeline.curate")
+log = logging.getLogger("kd3.curate")
 
 
 def decide(rows, ctx: Context) -> Optional[Counts]:

@@ -24,7 +24,7 @@ from ..neardup import similar_pairs
 from ..table import Context, Counts, alive, duplicate_drops, refuse_mass_drop
 
 NAME = "near_dedup"
-log = logging.getLogger("pipeline.curate")
+log = logging.getLogger("kd3.curate")
 
 
 def check(embedder, c) -> None:
