@@ -412,3 +412,30 @@ def kd3_student(num_classes: int, student: str = "resnet18", teacher_dim: int = 
 
 def count_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
+
+
+def deployed_cost(m: nn.Module, size: int, batches: tuple[int, ...] = (1, 64), repeats: int = 5) -> dict:
+    """What the deployed model costs, for claims made at equal size: parameters, inference FLOPs per image
+    (FlopCounterMode, 2 per multiply-add) and the median CPU latency (fp32, eval, one thread per core torch
+    uses) of a forward at each batch size, in ms. Measured on a CPU copy, so a GPU run reports the same."""
+    import copy
+    import time
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cpu = copy.deepcopy(m).float().cpu().eval()
+    out: dict = {"params": count_params(cpu)}
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as fc:
+            cpu(torch.randn(1, 3, size, size))
+        out["flops_per_image"] = int(fc.get_total_flops())
+        for b in batches:
+            x = torch.randn(b, 3, size, size)
+            cpu(x)  # warm-up
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                cpu(x)
+                times.append(time.perf_counter() - t0)
+            out[f"cpu_latency_ms_b{b}"] = round(1e3 * sorted(times)[len(times) // 2], 3)
+    return out

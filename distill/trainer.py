@@ -26,7 +26,7 @@ from pipeline.core.records import SelectionRow, append_selection, read_manifest,
 
 from .data import LabelledFolder, build_transforms, open_web_data
 from .methods import Selection, create_method
-from .models import count_params, create_model
+from .models import count_params, create_model, deployed_cost
 from .runtime import Runtime, evaluate, fmt_duration, gather_rng, loader, make_scheduler, progress, seed_all, \
     set_progress_every, set_rng_state
 from .teacher import load_teacher
@@ -333,7 +333,7 @@ class Trainer:
             "eval_top1_per_class": last.get("eval_top1_per_class"),
             "val_agreement_per_class": last.get("val_agreement_per_class"),
             "best_val_epoch": best[1] if best else None, "best_val_agreement": best[0] if best else None,
-            "params": count_params(self.exported), "teacher_params": count_params(self.teacher),
+            **deployed_cost(self.exported, self.size), "teacher_params": count_params(self.teacher),
             "throughput_img_s": (self.total_imgs / self.total_train_s) if self.total_train_s > 0 else None,
             "selected_fraction": (last.get("selected", 0) / pool_n) if pool_n else None,
             "student_path": "student.pt", "torchscript_path": ts,

@@ -311,6 +311,8 @@ def _distill_rows(run: Run) -> list[dict]:
             "teacher": teacher_text(dr.metrics.get("teacher"), f.get("teacher_top1")), "epochs": len(dr.epochs),
             "top1": f.get("top1", last.get("eval_top1")), "teacher_top1": f.get("teacher_top1"),
             "agreement": f.get("agreement", last.get("val_agreement")), "params": f.get("params"),
+            "flops_per_image": f.get("flops_per_image"), "cpu_latency_ms_b1": f.get("cpu_latency_ms_b1"),
+            "cpu_latency_ms_b64": f.get("cpu_latency_ms_b64"),
             "throughput_img_s": f.get("throughput_img_s"), "selected_fraction": f.get("selected_fraction"),
             "eval": f.get("eval"), "selection_by": sel["by"], "selected_last": sel["selected"],
             "selected_of": sel["of"], "selection_rate": sel["rate"], "has_selection_log": dr.selects,
@@ -427,15 +429,24 @@ def render_summary(s: dict, console=None) -> None:
     if s["distill"]:
         d = Table(title="distill runs", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD,
                   pad_edge=False)
-        for col in ("run", "method", "student", "epochs", "top-1", "teacher", "agree", "selected"):
+        for col in ("run", "method", "student", "epochs", "top-1", "teacher", "agree", "selected", "params",
+                    "MFLOPs", "ms b1/b64"):
             d.add_column(col, justify="left" if col in ("run", "method", "student") else "right")
         for r in s["distill"]:
             d.add_row(r["name"], fmt(r["method"]), fmt(r["student"]), str(r["epochs"]), _pct(r["top1"]),
-                      _pct(r["teacher_top1"]), _pct(r["agreement"]), _pct(r["selected_fraction"]))
+                      _pct(r["teacher_top1"]), _pct(r["agreement"]), _pct(r["selected_fraction"]), *size_cells(r))
         con.print(d)
         con.print(selection_table(s))
     for line in s["missing"]:
         con.print(f"[yellow]missing:[/yellow] {line}")
+
+
+def size_cells(r: dict) -> tuple[str, str, str]:
+    """A distill run's deployed size beside its top-1: parameters, MFLOPs per image, CPU ms at batch 1 / 64."""
+    lat = [r.get("cpu_latency_ms_b1"), r.get("cpu_latency_ms_b64")]
+    return (f'{r["params"]:,}' if r.get("params") else "–",
+            f'{r["flops_per_image"] / 1e6:.1f}' if r.get("flops_per_image") else "–",
+            "/".join("–" if v is None else f"{v:.1f}" for v in lat))
 
 
 def selection_table(s: dict) -> Table:

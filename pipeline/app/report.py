@@ -24,7 +24,7 @@ from pipeline.core.io import atomic_write_text
 from pipeline.core.records import CrawlRecord, Decision, DropReason
 
 from . import charts
-from .inspect import Run, fmt_bytes, summarize
+from .inspect import Run, fmt_bytes, size_cells, summarize
 from .loop_view import loop_html
 from .sheets import save_jpeg, thumbnail
 
@@ -263,12 +263,11 @@ def _section_compare(s: dict) -> str:
     """Every distill run of the run side by side: a table and a bar chart of the headline numbers."""
     runs = s["distill"]
     cols = ("run", "method", "student", "epochs", "student top-1", "teacher top-1", "agreement", "selected",
-            "params", "evaluated on")
+            "params", "MFLOPs", "CPU ms b1/b64", "evaluated on")
     rows = []
     for d in runs:
         cells = [d["name"], d["method"], d["student"], d["epochs"], _pct(d["top1"]), _pct(d["teacher_top1"]),
-                 _pct(d["agreement"]), _pct(d["selected_fraction"]), f'{d["params"]:,}' if d.get("params") else "–",
-                 d.get("eval") or "–"]
+                 _pct(d["agreement"]), _pct(d["selected_fraction"]), *size_cells(d), d.get("eval") or "–"]
         rows.append("<tr>" + "".join(f"<td>{e(_n(x) if not isinstance(x, str) else x)}</td>" for x in cells)
                     + "</tr>")
     table = (f'<div class="tablewrap"><table class="counts compare"><thead><tr>'

@@ -48,6 +48,14 @@ def test_method_end_to_end(digits_world, run, method):
     assert 0.0 <= f["top1"] <= 1.0 and 0.0 <= f["agreement"] <= 1.0
     assert f["teacher_top1"] > 0.8  # the digits teacher is good on its own test set
     assert f["params"] > 0 and f["throughput_img_s"] > 0
+    # the deployed model's size beside its top-1: what is exported (for kd3 backbone + projector + classifier)
+    from distill.models import count_params, deployed_cost
+    from distill.teacher import load_teacher
+
+    exported, meta = load_teacher(out / "student.pt")  # student.pt is in the teacher checkpoint contract
+    assert f["params"] == count_params(exported)
+    assert f["flops_per_image"] == deployed_cost(exported, meta["input_size"])["flops_per_image"] > 0
+    assert f["cpu_latency_ms_b1"] > 0 and f["cpu_latency_ms_b64"] > 0
     conf = np.array(f["confusion"])  # the student on eval_dir, [true][predicted], for the report
     k = len(read_json(run / "manifest.json")["classes"])
     assert conf.shape == (k, k) and conf.sum() > 0 and np.trace(conf) / conf.sum() == pytest.approx(f["top1"])

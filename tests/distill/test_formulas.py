@@ -167,3 +167,16 @@ def test_dfnd_q_matrix_rows_sum_to_one():
     eye_q = noise_adaptation_matrix(torch.zeros(5, 5), 1.0)
     assert noisy_nll(z, eye_q, torch.tensor([0, 1, 2])).item() == pytest.approx(
         F.cross_entropy(z, torch.tensor([0, 1, 2])).item(), rel=1e-5)
+
+
+def test_deployed_cost_counts_flops_and_times_the_forward():
+    """FLOPs per image of a known net (2 per multiply-add), params, and a CPU latency per batch size."""
+    import torch.nn as nn
+
+    from distill.models import deployed_cost
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
+    c = deployed_cost(net, 4, batches=(1, 8), repeats=3)
+    assert c["params"] == 48 * 10 + 10 and c["flops_per_image"] == 2 * 48 * 10
+    assert c["cpu_latency_ms_b1"] > 0 and c["cpu_latency_ms_b8"] > 0
+    assert next(net.parameters()).requires_grad  # the model itself is untouched (a copy is measured)

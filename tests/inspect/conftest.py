@@ -294,6 +294,7 @@ def make_run(root: Path, name: str = "fixture", *, stages=("crawl", "curate", "d
         "teacher": {"path": "/somewhere/teacher.pt", "format": "kd3-checkpoint-v1", "arch": "cnn_small",
                     "arch_kwargs": {}, "classes": CLASSES, "input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
         "final": {"top1": 0.7, "teacher_top1": 0.85, "agreement": 0.8, "params": 12345,
+                  "flops_per_image": 2_500_000, "cpu_latency_ms_b1": 0.42, "cpu_latency_ms_b64": 3.5,
                   "throughput_img_s": 900.0, "selected_fraction": epochs[-1]["selected"] / len(kept),
                   "eval": "eval_dir", "confusion": [[7, 2, 1], [1, 6, 3], [0, 1, 9]]}})
     write_jsonl_atomic(kd3 / "selection.jsonl", sel_rows)

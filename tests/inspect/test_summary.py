@@ -103,6 +103,8 @@ def test_printed_tables_match_summary(full_run):
     drows = _table_rows(text, [d["name"] for d in s["distill"]])
     kd3 = next(d for d in s["distill"] if d["name"] == "kd3-fixture")
     assert drows["kd3-fixture"][3:6] == [f"{100 * kd3[k]:.1f}%" for k in ("top1", "teacher_top1", "agreement")]
+    assert drows["kd3-fixture"][7:10] == ["12,345", "2.5", "0.4/3.5"]  # deployed size beside top-1
+    assert drows["kd-fixture"][8:10] == ["–", "–/–"]  # a run from before sizes were measured
     assert "selected in the last epoch, per class" in text and "by teacher label" in text
     shares = [float(x) for x in re.findall(r"\((\d+(?:\.\d)?)%\)", text)]
     assert shares and max(shares) <= 100.0
