@@ -57,9 +57,9 @@ class PoolSettings(Settings):
 
 
 class WebdatasetSettings(PoolSettings):
-    webdataset: list[str] = Field(default_factory=list, description="tar shards for source 'webdataset': paths, "
-                                                                    "file:// URLs or brace patterns "
-                                                                    "(pool-{000000..000009}.tar)")
+    webdataset: list[str] = Field(default_factory=list, json_schema_extra={"paths": True},
+                                  description="tar shards for source 'webdataset': paths, file:// URLs or brace "
+                                              "patterns (pool-{000000..000009}.tar)")
 
 
 class ArraysSettings(PoolSettings):

@@ -508,12 +508,18 @@ def _is_path(ann: Any) -> bool:
     return len(args) == 1 and (args[0] is Path or (get_origin(args[0]) is list and get_args(args[0]) == (Path,)))
 
 
+def _absolute(p: Any) -> Any:
+    """A local path made absolute; a URL (``file://...``, ``https://...``) stays as it is."""
+    return p if "://" in str(p) else type(p)(Path(p).expanduser().resolve())
+
+
 def absolute_config(cfg: RunConfig) -> RunConfig:
     """The same config with every path made absolute (a served flow or a torchrun rank may run elsewhere):
-    every field typed as a path (or a list of paths), the plugins' fields included."""
+    every field typed as a path (or a list of paths), or marked ``json_schema_extra={"paths": True}`` (text
+    that names local files, such as brace patterns), the plugins' fields included."""
     d = cfg.model_dump()
-    for dotted, ann, _ in iter_fields(RunConfig):
-        if not _is_path(ann):
+    for dotted, ann, info in iter_fields(RunConfig):
+        if not (_is_path(ann) or (isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("paths"))):
             continue
         *keys, last = dotted.split(".")
         cur = d
@@ -521,9 +527,9 @@ def absolute_config(cfg: RunConfig) -> RunConfig:
             cur = cur[k]
         v = cur.get(last)
         if isinstance(v, list):
-            cur[last] = [Path(p).expanduser().resolve() for p in v]
+            cur[last] = [_absolute(p) for p in v]
         elif v is not None:
-            cur[last] = Path(v).expanduser().resolve()
+            cur[last] = _absolute(v)
     return RunConfig.model_validate(d)
 
 

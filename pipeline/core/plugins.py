@@ -80,6 +80,8 @@ class Registry:
     def __init__(self, group: str, what: str):
         self.group, self.what = group, what
         self.builtin: dict[str, Any] = {}
+        self.loaded: set[str] = set()  # names taken from entry points (forgotten by ``clear``)
+        _REGISTRIES.append(self)
 
     def register(self, name: str):
         def deco(obj):
@@ -95,10 +97,18 @@ class Registry:
     def get(self, name: str) -> Any:
         if name not in self.builtin:
             self.register(name)(implementation(self.group, name, self.what))
+            self.loaded.add(name)
         return self.builtin[name]
+
+
+_REGISTRIES: list[Registry] = []
 
 
 def clear() -> None:
     """Forget what was read (a test that installs a package on ``sys.path`` calls this)."""
     _group.cache_clear()
     _load.cache_clear()
+    for reg in _REGISTRIES:
+        for name in reg.loaded:
+            reg.builtin.pop(name, None)
+        reg.loaded.clear()

@@ -201,3 +201,17 @@ def test_downsampled_imagenet_batches_several_files(digits_world, digit_pixels, 
     r = next(r for r in rows if r["url"].endswith("train_data_batch_2#3"))
     with Image.open(tmp_path / "runs" / "pool" / r["path"]) as im:
         assert np.array_equal(np.asarray(im.convert("RGB")), imgs[43])  # the row, unchanged, as a PNG
+
+
+def test_pool_files_become_absolute_for_a_served_flow(tmp_path, monkeypatch):
+    """absolute_config (a served flow or a torchrun rank may run elsewhere) resolves the pool sources' paths,
+    brace patterns included, and leaves file:// URLs alone."""
+    from pipeline.core.config import absolute_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, {"crawl.sources": ["webdataset", "arrays"],
+                             "crawl.webdataset": ["shards/pool-{000..002}.tar", "file:///data/x.tar"],
+                             "crawl.arrays": ["in32/train_data_batch_{1..2}"]})
+    ab = absolute_config(cfg)
+    assert ab.crawl.webdataset == [f"{tmp_path}/shards/pool-{{000..002}}.tar", "file:///data/x.tar"]
+    assert ab.crawl.arrays == [tmp_path / "in32" / "train_data_batch_{1..2}"]

@@ -3,6 +3,7 @@ in the downsampled-ImageNet batch layout, with a teacher from ``kd3 teacher trai
 teacher): crawl (read + assign by the teacher), curate, distill."""
 from __future__ import annotations
 
+import json
 import pickle
 import re
 from pathlib import Path
@@ -11,7 +12,8 @@ import numpy as np
 import yaml
 from testlib import TESTS, load_module
 
-prefect_env = load_module(TESTS / "flows" / "conftest.py", "kd3_flows_conftest").prefect_env
+_pools = load_module(TESTS / "pools" / "conftest.py", "kd3_pools_conftest")  # one Prefect harness: this folder's
+digits_world, digit_pixels = _pools.digits_world, _pools.digit_pixels
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
@@ -23,7 +25,7 @@ def readme_config() -> dict:
 
 
 def test_the_readme_paper_config_runs_end_to_end_on_a_small_batch_file(prefect_env, digits_world, digit_pixels,
-                                                                       tmp_path):
+                                                                       tmp_path, capsys):
     from pipeline.app.cli import main
     from pipeline.core.io import read_json
 
@@ -41,8 +43,15 @@ def test_the_readme_paper_config_runs_end_to_end_on_a_small_batch_file(prefect_e
     path = tmp_path / "paper.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", "--config", str(path)]) == 0
+    capsys.readouterr()
     run = tmp_path / "runs" / "paper"
     man = read_json(run / "manifest.json")
     assert man["classes"] == ["digit0", "digit1", "digit2", "digit3"] and man["nsamples"] > 40
     metrics = next((run / "distill").glob("kd3-*/metrics.json"))
     assert read_json(metrics)["final"]["done"]
+    assert main(["inspect", str(run), "--json"]) == 0  # inspect reads the assigned classes like query classes
+    summary = json.loads(capsys.readouterr().out)
+    per = summary["per_class"]
+    assert set(per) == set(man["classes"]) and sum(row["downloaded"] for row in per.values()) == 80
+    assert sum(row["kept"] for row in per.values()) == man["nsamples"]
+    assert main(["inspect", str(run), "--html"]) == 0 and (run / "report" / "index.html").is_file()
