@@ -41,7 +41,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Optional
@@ -225,35 +224,32 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def kill_tree(pid: int) -> list[int]:
-    """SIGKILL a process group and every process below its leader, also those in sessions of their own
-    (a process worker starts each flow run in its own session): what a container's death does."""
-    victims = descendants(pid)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-    for v in victims:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(v, signal.SIGKILL)
-    _reap(pid)
-    return victims
-
-
-def stop_group(pgid: Optional[int], grace_s: float = 15.0, sig: int = signal.SIGTERM) -> None:
-    """Signal the whole process group; SIGKILL what is still there after ``grace_s``."""
+def stop_group(pgid: Optional[int], grace_s: float = 15.0, sig: int = signal.SIGTERM) -> list[int]:
+    """Signal a process group and every process below its leader (a process worker starts each flow run in
+    a session of its own, which a group signal misses); SIGKILL what is left after ``grace_s``. Returns the
+    processes still alive after that (none)."""
     if not group_alive(pgid):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < grace_s:
-        if not group_alive(pgid):
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
-    t0 = time.monotonic()
-    while group_alive(pgid) and time.monotonic() - t0 < 10:
-        time.sleep(0.1)
+        return []
+    below = descendants(pgid)
+
+    def signal_all(s: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, s)
+        for v in below:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(v, s)
+
+    def gone() -> bool:
+        return not group_alive(pgid) and not any(leader_alive(v) for v in below)
+
+    for s, wait_s in ((sig, grace_s), (signal.SIGKILL, 10.0)):
+        signal_all(s)
+        t0 = time.monotonic()
+        while not gone() and time.monotonic() - t0 < wait_s:
+            time.sleep(0.2)
+        if gone():
+            return []
+    return [p for p in [pgid, *below] if leader_alive(p)]
 
 
 def http_ok(url: str, auth: Optional[str] = None, timeout: float = 3.0) -> bool:
@@ -420,9 +416,9 @@ def worker_start(st: dict, kind: str, extra_env: Optional[dict] = None, wait: bo
     return wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), pid, f"the {kind} worker", log)
 
 
-def worker_stop(st: dict, kind: str, sig: int = signal.SIGTERM, grace_s: float = 15.0) -> None:
+def worker_stop(st: dict, kind: str, sig: int = signal.SIGTERM, grace_s: float = 15.0) -> list[int]:
     w = st["workers"].get(kind) or {}
-    stop_group(w.get("pid"), grace_s=grace_s, sig=sig)
+    return stop_group(w.get("pid"), grace_s=grace_s, sig=sig)
 
 
 def up(d: Path, config: Path, workers: list[str], pg_port: Optional[int] = None,
@@ -460,13 +456,15 @@ def _pids(st: dict) -> list[int]:
 
 
 def down(d: Path) -> list[int]:
-    """Stop the workers, the server, then Postgres; returns the process groups still alive (none)."""
+    """Stop the workers (and any flow run below them), the server, then Postgres; returns the processes
+    still alive (none)."""
     st = load_state(d.resolve())
+    left = []
     for kind in list(st.get("workers", {})):
-        worker_stop(st, kind)
-    stop_group((st.get("server") or {}).get("pid"))
+        left += worker_stop(st, kind)
+    left += stop_group((st.get("server") or {}).get("pid"))
     pg_down(st)
-    left = [p for p in _pids(st) if group_alive(p)]
+    left += [p for p in _pids(st) if group_alive(p)]
     if not left:
         _state_path(d.resolve()).unlink(missing_ok=True)
     return left
