@@ -171,15 +171,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
         k, v = item.split("=", 1)
         overrides[k.strip()] = parse_override_value(v)
-        flags[k.strip()] = f"--set {item}"
+        flags[k.strip()] = f"--set {k.strip()}"
     for key, val in vars(args).items():
         if key.startswith("ov__") and val is not None:
             dotted = key[4:]
-            given = val[2] if isinstance(val, tuple) and val[:1] == ("raw",) else val
             if isinstance(val, tuple) and val[:1] == ("raw",):
                 val = _convert(val[1], val[2])
             overrides[dotted] = val
-            flags[dotted] = f"--{dotted} {given}"
+            flags[dotted] = f"--{dotted}"
     if args.run is not None:
         run = Path(args.run)
         overrides["name"] = run.name

@@ -426,7 +426,7 @@ def _secret_paths(model: BaseModel, prefix: tuple = ()) -> list[tuple]:
 
 def _format_validation_error(e: ValidationError, where: str, flags: dict[str, str] | None = None) -> str:
     """One line; a value that came from a command-line flag is blamed on the flag (``flags``: dotted key ->
-    how it was given, e.g. ``--distill.student resnet99``), any other on ``where`` (the config file)."""
+    how it was given, e.g. ``--distill.student`` or ``--set distill.epochs``), any other on ``where``."""
     parts, blamed = [], set()
     for err in e.errors():
         inner = err.get("ctx", {}).get("error")

@@ -81,10 +81,12 @@ def plant_copies(items: list[tuple[str, Path]], embedder, emb_cache, c) -> int:
     return len(ids)
 
 
-def _unrelated_neighbours(X: np.ndarray, thumbs: np.ndarray, max_pixel_diff: float, chunk: int = 16384) -> np.ndarray:
-    """For a fixed sample of rows, the cosine of the most similar other row that is not a pixel copy."""
+def _unrelated_neighbours(X: np.ndarray, thumbs: np.ndarray, max_pixel_diff: float, ids: list[str],
+                          chunk: int = 16384) -> np.ndarray:
+    """For a fixed sample of rows (those whose ``ids`` come first in sorted order: chosen by content, not by
+    the rows' order), the cosine of the most similar other row that is not a pixel copy."""
     n = len(X)
-    q = np.sort(np.random.default_rng(0).permutation(n)[:NEIGHBOUR_N])
+    q = np.sort(np.argsort(np.asarray(ids), kind="stable")[:NEIGHBOUR_N])
     k = min(TOP_K, n - 1)
     best_s = np.full((len(q), k), -np.inf, np.float32)
     best_i = np.zeros((len(q), k), np.int64)
@@ -108,12 +110,13 @@ def _unrelated_neighbours(X: np.ndarray, thumbs: np.ndarray, max_pixel_diff: flo
 
 
 def calibrate(X: np.ndarray, thumbs: np.ndarray, originals: np.ndarray, copies: np.ndarray,
-              max_pixel_diff: float) -> dict:
-    """The cut for pool embeddings ``X`` (rows L2-normalised, ``thumbs`` their thumbnails) given planted
-    (original, copy) embedding pairs; returns the cut and what it rests on (stored in the manifest)."""
+              max_pixel_diff: float, ids: list[str]) -> dict:
+    """The cut for pool embeddings ``X`` (rows L2-normalised, ``thumbs`` their thumbnails, ``ids`` their
+    sha256s, which pick the neighbour sample) given planted (original, copy) embedding pairs; returns the
+    cut and what it rests on (stored in the manifest)."""
     cs = (originals * copies).sum(1) if len(copies) else np.zeros(0, np.float32)
     t_copy = float(np.percentile(cs, 100 * (1 - COPY_CATCH))) if len(cs) else None
-    nn = _unrelated_neighbours(X, thumbs, max_pixel_diff) if len(X) > 1 else np.zeros(0, np.float32)
+    nn = _unrelated_neighbours(X, thumbs, max_pixel_diff, ids) if len(X) > 1 else np.zeros(0, np.float32)
     t_unrel = float(np.percentile(nn, UNRELATED_Q)) if len(nn) else None
     known = [x for x in (t_copy, t_unrel) if x is not None]
     cut = float(min(1.0, max(known))) if known else 1.0

@@ -39,7 +39,9 @@ class Sources:
 
 def from_records(rd: RunDir, classes: list[str]) -> Sources:
     rows = read_records(rd.records)
-    ok = [r for r in rows if r.status == "ok" and r.sha256 and r.path]
+    # in crawl-time order, not line order: records appended by concurrent workers, or a file that was
+    # rewritten or merged, give the same candidates; ties (same time) by content, then URL
+    ok = sorted((r for r in rows if r.status == "ok" and r.sha256 and r.path), key=lambda r: (r.time, r.sha256, r.url))
     cidx = {c: i for i, c in enumerate(classes)}
     seen: set[tuple[str, str]] = set()
     out: list[Candidate] = []
@@ -98,14 +100,4 @@ def load(cfg: RunConfig, rd: RunDir, classes: list[str]) -> Sources:
         raise DataError(f"{rd.records} is missing: run `kd3 crawl` on {rd.root} first (or set crawl.folder)")
     if not src.cands:
         raise DataError(f"{src.where}: no usable images (status ok) for classes {classes}: nothing to curate")
-    return canonical(src)
-
-
-def canonical(src: Sources) -> Sources:
-    """The candidates in one order whatever order the crawl recorded them in (class, then sha256, then
-    URL): every tie downstream (which of two duplicates stays, the calibration samples, near-dup
-    representatives) is then decided by the pool itself, so the same pool gives the same decisions."""
-    cands = sorted(src.cands, key=lambda x: (x.label, x.sha, x.url))
-    for i, x in enumerate(cands):
-        x.order = i
-    return Sources(cands, src.records, src.ok, src.collapsed, src.where)
+    return src

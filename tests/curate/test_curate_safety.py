@@ -203,8 +203,9 @@ def test_unrelated_neighbour_search_matches_brute_force(monkeypatch):
     thumbs = rng.integers(0, 256, size=(700, 256)).astype(np.float32)
     thumbs[1::7] = thumbs[0::7][: len(thumbs[1::7])]  # pixel copies: never "unrelated"
     monkeypatch.setattr(calibrate, "NEIGHBOUR_N", 300)
-    got = calibrate._unrelated_neighbours(X, thumbs, 4.0, chunk=128)
-    q = np.sort(np.random.default_rng(0).permutation(700)[:300])
+    ids = [f"{i:064x}" for i in rng.permutation(700)]  # the sample is picked by id, not by row
+    got = calibrate._unrelated_neighbours(X, thumbs, 4.0, ids, chunk=128)
+    q = np.sort(np.argsort(ids)[:300])
     S = X[q] @ X.T
     S[np.arange(len(q)), q] = -np.inf
     diff = np.abs(thumbs[q][:, None, :] - thumbs[None, :, :]).mean(2)

@@ -1,6 +1,6 @@
-"""Curate is a function of its input (issue 21, part 5): the same pool gives the same decisions, the same
-near-dup cut and the same shard bytes whatever order the crawl recorded the images in, and whatever the
-run is called."""
+"""Curate is a function of its input (issue 21, part 5): the same crawl gives the same decisions, the same
+near-dup cut and the same shard bytes whatever order its records are in (they are read in crawl-time
+order) and whatever the run is called."""
 from __future__ import annotations
 
 import json
@@ -73,9 +73,10 @@ def test_a_cut_at_the_top_of_the_scale_says_so():
     rng = np.random.default_rng(0)
     thumbs = rng.integers(0, 255, (40, 256)).astype(np.float32)  # 40 unrelated 16x16 thumbnails
     collapsed = np.tile(np.eye(8, dtype=np.float32)[:1], (40, 1))     # ... on one and the same feature
-    top = calibrate(collapsed, thumbs, np.zeros((0, 8), np.float32), np.zeros((0, 8), np.float32), 4.0)
+    ids = [f"{i:064x}" for i in range(40)]
+    top = calibrate(collapsed, thumbs, np.zeros((0, 8), np.float32), np.zeros((0, 8), np.float32), 4.0, ids)
     assert top["threshold"] == 1.0 and top["at_top"] is True
     spread = rng.normal(size=(40, 8)).astype(np.float32)
     spread /= np.linalg.norm(spread, axis=1, keepdims=True)
-    low = calibrate(spread, thumbs, np.zeros((0, 8), np.float32), np.zeros((0, 8), np.float32), 4.0)
+    low = calibrate(spread, thumbs, np.zeros((0, 8), np.float32), np.zeros((0, 8), np.float32), 4.0, ids)
     assert low["threshold"] < 0.9999 and low["at_top"] is False

@@ -49,7 +49,7 @@ def _cut(ctx: Context, shas: list[str], X: np.ndarray) -> tuple[float, dict]:
     orig = ctx.emb.matrix([s[len(COPY_PREFIX):] for s in planted]) if planted else np.zeros((0, 1), np.float32)
     copies = ctx.emb.matrix(planted) if planted else np.zeros((0, 1), np.float32)
     thumbs = thumbs_array([ctx.facts.rows.get(s, {}).get("thumb") for s in shas])
-    cal = calibrate(X, thumbs, orig, copies, c.phash_max_pixel_diff)
+    cal = calibrate(X, thumbs, orig, copies, c.phash_max_pixel_diff, shas)
     caught = cal["copies_caught"]
     log.info("curate: near-dup cut %.4f calibrated on the pool: catches %s of %d planted re-encodes, %.1f%% of %d "
              "sampled images have an unrelated neighbour above it", cal["threshold"],
@@ -58,7 +58,7 @@ def _cut(ctx: Context, shas: list[str], X: np.ndarray) -> tuple[float, dict]:
     if cal["at_top"]:
         log.warning("curate: the near-dup cut sits at the top of the cosine scale (%.4f): unrelated images share "
                     "identical features under these embeddings, so near-dup only merges feature-identical images "
-                    "(ties go to the first in class, then sha256 order); pHash still removes pixel copies",
+                    "(ties go to the earliest crawled); pHash still removes pixel copies",
                     cal["threshold"])
     elif caught is not None and caught < 0.5:
         log.warning("curate: these embeddings barely separate copies from unrelated images: the safe cut %.4f "
