@@ -144,8 +144,12 @@ def test_bad_pool_files_are_one_line_errors_before_any_work(digits_world, tmp_pa
     line = _one_line(capsys, [*base, "--crawl.sources", "webdataset", "--crawl.webdataset", str(not_tar)])
     assert str(not_tar) in line and "is not a tar file" in line
     for name, arr, what in (("gray.npy", np.zeros((4, 16, 16), np.uint8), "shape (4, 16, 16)"),
-                            ("float.npy", np.zeros((4, 16, 16, 3), np.float32), "dtype float32")):
-        np.save(tmp_path / name, arr)
+                            ("float.npy", np.zeros((4, 16, 16, 3), np.float32), "dtype float32"),
+                            ("rgba.npz", np.zeros((4, 16, 16, 4), np.uint8), "shape (4, 16, 16, 4)")):
+        if name.endswith(".npz"):
+            np.savez(tmp_path / name, images=arr)
+        else:
+            np.save(tmp_path / name, arr)
         line = _one_line(capsys, [*base, "--crawl.sources", "arrays", "--crawl.arrays", str(tmp_path / name)])
         assert str(tmp_path / name) in line and what in line and "N x H x W x 3 uint8" in line
     ok = tmp_path / "ok.npy"
