@@ -395,18 +395,44 @@ def load_array(path: Path) -> np.ndarray:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         elif suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
-                name = next((n for n in ("data", "images", "x") if n in z.files), z.files[0] if len(z.files) == 1 else None)
-                if name is None:
-                    raise DataError(f"crawl.arrays {path}: .npz has arrays {z.files}; name the images data, images or x")
-                arr = z[name]
+                arr = z[_npz_member(path, z.files)]
         else:
             arr = _batch_array(path, restricted_load(path))
     except (ValueError, OSError, zipfile.BadZipFile) as e:
         raise DataError(f"crawl.arrays {path}: unreadable ({str(e).splitlines()[0][:120]})") from None
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3:
-        raise DataError(f"crawl.arrays {path}: expected N x H x W x 3 uint8 images, got shape "
-                        f"{tuple(arr.shape)} dtype {arr.dtype}")
+    _check_images(path, arr.shape, arr.dtype)
     return arr
+
+
+def array_header(path: Path) -> None:
+    """The shape and dtype check of :func:`load_array` from the headers only (.npy, .npz): before any work."""
+    try:
+        if path.suffix.lower() == ".npy":
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            _check_images(path, arr.shape, arr.dtype)
+        elif path.suffix.lower() == ".npz":
+            with zipfile.ZipFile(path) as zf:
+                names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+                with zf.open(_npz_member(path, names) + ".npy") as fh:
+                    read = {(1, 0): np.lib.format.read_array_header_1_0}.get(np.lib.format.read_magic(fh),
+                                                                             np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(fh)
+            _check_images(path, shape, dtype)
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise DataError(f"crawl.arrays {path}: unreadable ({str(e).splitlines()[0][:120]})") from None
+
+
+def _npz_member(path: Path, names: list[str]) -> str:
+    name = next((n for n in ("data", "images", "x") if n in names), names[0] if len(names) == 1 else None)
+    if name is None:
+        raise DataError(f"crawl.arrays {path}: .npz has arrays {names}; name the images data, images or x")
+    return name
+
+
+def _check_images(path: Path, shape: tuple, dtype) -> None:
+    if np.dtype(dtype) != np.uint8 or len(shape) != 4 or shape[3] != 3:
+        raise DataError(f"crawl.arrays {path}: expected N x H x W x 3 uint8 images, got shape "
+                        f"{tuple(shape)} dtype {np.dtype(dtype)}")
 
 
 def _batch_array(path: Path, obj) -> np.ndarray:
@@ -439,8 +465,7 @@ class Arrays(Pool):
 
     @classmethod
     def check_file(cls, path: Path) -> None:
-        if path.suffix.lower() == ".npy":
-            load_array(path)  # memory-mapped: the header is read, not the pixels
+        array_header(path)  # .npy/.npz: the headers, not the pixels (a pickled batch is checked when read)
 
     @classmethod
     def read(cls, path: Path) -> Iterator[Sample]:

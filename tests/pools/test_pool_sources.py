@@ -144,8 +144,12 @@ def test_bad_pool_files_are_one_line_errors_before_any_work(digits_world, tmp_pa
     line = _one_line(capsys, [*base, "--crawl.sources", "webdataset", "--crawl.webdataset", str(not_tar)])
     assert str(not_tar) in line and "is not a tar file" in line
     for name, arr, what in (("gray.npy", np.zeros((4, 16, 16), np.uint8), "shape (4, 16, 16)"),
-                            ("float.npy", np.zeros((4, 16, 16, 3), np.float32), "dtype float32")):
-        np.save(tmp_path / name, arr)
+                            ("float.npy", np.zeros((4, 16, 16, 3), np.float32), "dtype float32"),
+                            ("rgba.npz", np.zeros((4, 16, 16, 4), np.uint8), "shape (4, 16, 16, 4)")):
+        if name.endswith(".npz"):
+            np.savez(tmp_path / name, images=arr)
+        else:
+            np.save(tmp_path / name, arr)
         line = _one_line(capsys, [*base, "--crawl.sources", "arrays", "--crawl.arrays", str(tmp_path / name)])
         assert str(tmp_path / name) in line and what in line and "N x H x W x 3 uint8" in line
     ok = tmp_path / "ok.npy"
@@ -215,3 +219,36 @@ def test_pool_files_become_absolute_for_a_served_flow(tmp_path, monkeypatch):
     ab = absolute_config(cfg)
     assert ab.crawl.webdataset == [f"{tmp_path}/shards/pool-{{000..002}}.tar", "file:///data/x.tar"]
     assert ab.crawl.arrays == [tmp_path / "in32" / "train_data_batch_{1..2}"]
+
+
+def test_clip_assignment_with_trained_weights_is_the_zero_shot_argmax(digit_pixels, tmp_path):
+    """crawl.assign clip: each image goes to the class whose prompt its CLIP embedding is closest to (a tiny
+    open_clip with a weights file whose logit scale is a trained one's; no teacher needed)."""
+    import open_clip
+    from PIL import Image
+
+    from crawlers.stage import crawl
+    from pipeline.curate.embed import ClipEmbedder, register_model_configs
+
+    register_model_configs()
+    torch.manual_seed(1)
+    model = open_clip.create_model("kd3-tiny-clip", pretrained=None)
+    with torch.no_grad():
+        model.logit_scale.fill_(np.log(100.0))
+    weights = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), weights)
+    imgs, _ = digit_pixels
+    np.save(tmp_path / "pool.npy", imgs[:24])
+    cfg = load_config(None, {"name": "pool", "runs_root": str(tmp_path / "runs"), "classes": CLASSES,
+                             "crawl.sources": ["arrays"], "crawl.arrays": [str(tmp_path / "pool.npy")],
+                             "crawl.assign": "clip", "curate.clip_model": "kd3-tiny-clip",
+                             "curate.clip_weights": str(weights), "curate.device": "cpu"})
+    crawl(cfg)
+    rows = [r for r in _records(tmp_path) if r["status"] == "ok"]
+    assert len(rows) == 24 and {r["query"] for r in rows} == {"assign:clip"}
+    emb = ClipEmbedder("kd3-tiny-clip", None, weights, "cpu")
+    text = emb.text_embeddings([f"a photo of a {c}." for c in CLASSES])
+    for r in rows:
+        with Image.open(tmp_path / "runs" / "pool" / r["path"]) as im:
+            feat, _ = emb.embed(torch.stack([emb.preprocess(im.convert("RGB"))]))
+        assert r["class"] == CLASSES[int((feat @ text.T).argmax())]
