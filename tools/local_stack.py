@@ -176,18 +176,14 @@ def spawn(cmd: list[str], env: dict[str, str], log: Path) -> int:
 def group_alive(pgid: Optional[int]) -> bool:
     if not pgid:
         return False
+    _reap(pgid)  # a leader that is our exited child would otherwise linger as a zombie
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    _reap(pgid)
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+        pass
+    return True
 
 
 def _reap(pid: int) -> None:
@@ -195,7 +191,8 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def leader_alive(pid: Optional[int]) -> bool:
+def alive(pid: Optional[int]) -> bool:
+    """The process exists and is not a zombie."""
     if not pid:
         return False
     _reap(pid)
@@ -240,7 +237,7 @@ def stop_group(pgid: Optional[int], grace_s: float = 15.0, sig: int = signal.SIG
                 os.kill(v, s)
 
     def gone() -> bool:
-        return not group_alive(pgid) and not any(leader_alive(v) for v in below)
+        return not group_alive(pgid) and not any(alive(v) for v in below)
 
     for s, wait_s in ((sig, grace_s), (signal.SIGKILL, 10.0)):
         signal_all(s)
@@ -249,7 +246,7 @@ def stop_group(pgid: Optional[int], grace_s: float = 15.0, sig: int = signal.SIG
             time.sleep(0.2)
         if gone():
             return []
-    return [p for p in [pgid, *below] if leader_alive(p)]
+    return [p for p in [pgid, *below] if alive(p)]
 
 
 def http_ok(url: str, auth: Optional[str] = None, timeout: float = 3.0) -> bool:
@@ -268,7 +265,7 @@ def wait_until(ready, pid: Optional[int], what: str, log: Path, timeout: float =
     while time.monotonic() - t0 < timeout:
         if ready():
             return time.monotonic() - t0
-        if pid is not None and not leader_alive(pid):
+        if pid is not None and not alive(pid):
             tail = _log_tail(log)
             raise StackError(f"{what} exited before it was ready{': ' + tail if tail else ''} (log: {log})")
         time.sleep(0.3)
@@ -475,7 +472,7 @@ def status(d: Path) -> dict:
     url = api_env(st)["PREFECT_API_URL"]
     return {"api": url, "api_healthy": http_ok(url + "/health"),
             "postgres": Path(st["pg"].get("data", "/nonexistent"), "postmaster.pid").exists(),
-            **{f"worker-{k}": leader_alive(w.get("pid")) for k, w in st.get("workers", {}).items()}}
+            **{f"worker-{k}": alive(w.get("pid")) for k, w in st.get("workers", {}).items()}}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

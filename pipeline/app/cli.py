@@ -144,9 +144,9 @@ def add_config_arguments(p: argparse.ArgumentParser, sections: tuple[str, ...]) 
             groups[section].add_argument(flag, dest="ov__" + dotted, default=None, metavar=_metavar(ann),
                                          type=lambda raw, ann=ann: ("raw", ann, raw), help=help_)
     if "distill" in sections:  # the flat keys of old: accepted here so the config names their new place
-        sections = [s for _, s in DistillConfig.plugin_fields()]
+        method_settings = [s for _, s in DistillConfig.plugin_fields()]
         for old in moved_distill_keys():
-            info = next((s.model_fields[old] for s in sections if old in s.model_fields), None)
+            info = next((s.model_fields[old] for s in method_settings if old in s.model_fields), None)
             kind = argparse.BooleanOptionalAction if info is not None and info.annotation is bool else "store"
             g.add_argument("--distill." + old, dest="ov__distill." + old, action=kind, default=None,
                            help=argparse.SUPPRESS)

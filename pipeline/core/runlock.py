@@ -89,7 +89,7 @@ def run_lock(run_dir: str | os.PathLike, holder: Optional[str] = None) -> Iterat
     holder = holder or default_holder()
     root = Path(run_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    path = root / LOCK_NAME
+    path = lock_path(root)
     with _GUARD:
         mine = _HELD.get(path)
         if mine is not None:  # re-entered by this process (a subflow of the holder)

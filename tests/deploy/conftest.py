@@ -7,7 +7,6 @@ next, and the last fixture teardown checks that ``down`` leaves no process behin
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -48,19 +47,17 @@ def world_web(tmp_path_factory):
 def stack(world_web, tmp_path_factory):
     """Postgres + Prefect server + the kd3-cpu and kd3-gpu workers, down (and checked gone) at the end."""
     d = tmp_path_factory.mktemp("stack")
-    env = {"KD3_UNRESPONSIVE_S": str(UNRESPONSIVE_S), "KD3_WORKER_LIMIT": "2", "KD3_GPUS": "1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    st = ls.up(d, world_web["config"], ["cpu", "gpu"])
-    try:
-        yield st
-    finally:
-        left = ls.down(d)
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        assert not left, f"process groups left after down: {left}"
-        assert all(not ls.group_alive(p) for p in ls._pids(st))
-        assert not Path(st["pg"]["home"]).exists()
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"KD3_UNRESPONSIVE_S": str(UNRESPONSIVE_S), "KD3_WORKER_LIMIT": "2", "KD3_GPUS": "1"}.items():
+            mp.setenv(k, v)
+        st = ls.up(d, world_web["config"], ["cpu", "gpu"])
+        try:
+            yield st
+        finally:
+            left = ls.down(d)
+    assert not left, f"processes left after down: {left}"
+    assert all(not ls.group_alive(p) for p in ls._pids(st))
+    assert not Path(st["pg"]["home"]).exists()
 
 
 @pytest.fixture(scope="session")
