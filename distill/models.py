@@ -242,15 +242,26 @@ def mobilenetv2(num_classes: int, width: float = 1.0, **kw):
 
 
 # ---------------------------------------------------------------- small CNN
-class SmallCNN(Backbone):
-    """Four conv-BN-ReLU stages (32-64-128-192), max-pool between; ~0.3M parameters."""
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of each position of a (B,C,H,W) map (ConvNeXt's): no running statistics."""
 
-    def __init__(self, num_classes: int, widths=(32, 64, 128, 192)):
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class SmallCNN(Backbone):
+    """Four conv-norm-ReLU stages (32-64-128-192), max-pool between; ~0.3M parameters. ``norm``: ``bn``
+    (BatchNorm) or ``ln`` (LayerNorm over channels, as ConvNeXt and the ViT family: a teacher without
+    running statistics)."""
+
+    def __init__(self, num_classes: int, widths=(32, 64, 128, 192), norm: str = "bn"):
         super().__init__()
         layers: list[nn.Module] = []
         cin = 3
+        make_norm = {"bn": nn.BatchNorm2d, "ln": LayerNorm2d}[norm]
         for i, w in enumerate(widths):
-            layers += [nn.Conv2d(cin, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(cin, w, 3, 1, 1, bias=False), make_norm(w), nn.ReLU(inplace=True)]
             if i < len(widths) - 1:
                 layers.append(nn.MaxPool2d(2))
             cin = w
@@ -278,6 +289,24 @@ def cnn_mini(num_classes: int, **kw):
 def cnn_tiny(num_classes: int, **kw):
     """A few thousand parameters: for tests and benchmarks on a shared CPU."""
     return SmallCNN(num_classes, widths=(8, 16, 32))
+
+
+@register("cnn_small_ln")
+def cnn_small_ln(num_classes: int, **kw):
+    """cnn_small with LayerNorm instead of BatchNorm."""
+    return SmallCNN(num_classes, norm="ln")
+
+
+@register("cnn_mini_ln")
+def cnn_mini_ln(num_classes: int, **kw):
+    """cnn_mini with LayerNorm instead of BatchNorm."""
+    return SmallCNN(num_classes, widths=(16, 32, 64, 96), norm="ln")
+
+
+@register("cnn_tiny_ln")
+def cnn_tiny_ln(num_classes: int, **kw):
+    """cnn_tiny with LayerNorm: no batch statistics, so several ranks compute what one process does."""
+    return SmallCNN(num_classes, widths=(8, 16, 32), norm="ln")
 
 
 # ---------------------------------------------------------------- timm / torchvision wrappers

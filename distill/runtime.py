@@ -64,6 +64,18 @@ class Runtime:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def sum_across(self, part: tuple[dict, int]) -> tuple[dict, int]:
+        """(per-key sums, count) added up over the ranks (as they are, outside torchrun)."""
+        if not self.ddp:
+            return part
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, part)
+        sums: dict = {}
+        for d, _ in parts:
+            for k, v in d.items():
+                sums[k] = sums.get(k, 0.0) + v
+        return sums, sum(n for _, n in parts)
+
     def barrier(self):
         if self.ddp:
             dist.barrier()

@@ -1,4 +1,4 @@
-"""The distill stage: ``distill(cfg)`` for flows and tests, ``distill_cli(cfg, args)`` for ``kd3 distill``.
+"""The distill stage: ``distill(cfg)`` for flows and tests (``distill.launch`` runs it on several ranks).
 
 Light to import (torch loads when a run starts); the training itself is :class:`distill.trainer.Trainer`."""
 from __future__ import annotations
@@ -79,10 +79,3 @@ def summary_line(metrics: dict) -> str:
         parts.append(f"agreement {pct(f.get('agreement'))}")
     parts += [f"{size} params", f"{f.get('throughput_img_s') or 0:.0f} img/s"]
     return ", ".join(parts)
-
-
-def distill_cli(cfg, args) -> int:
-    metrics = distill(cfg, out_id=getattr(args, "out_id", None), resume=bool(getattr(args, "resume", False)),
-                      manifest=getattr(args, "manifest", None))
-    print(summary_line(metrics))
-    return 0

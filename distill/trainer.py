@@ -10,6 +10,7 @@ import logging
 import math
 import shutil
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from pipeline.core.records import SelectionRow, append_selection, read_manifest,
 from .data import LabelledFolder, build_transforms, open_web_data
 from .methods import Selection, create_method
 from .models import count_params, create_model, deployed_cost
+from .ranks import RankWatch, record_failure
 from .runtime import Runtime, evaluate, fmt_duration, gather_rng, loader, make_scheduler, progress, seed_all, \
     set_progress_every, set_rng_state
 from .teacher import load_teacher
@@ -218,6 +220,7 @@ class Trainer:
         t_train = time.perf_counter() - t1
         self.total_imgs += n_img * rt.world
         self.total_train_s += t_train
+        sums, nb = rt.sum_across((sums, nb))  # the epoch's loss over every rank's batches
         return {"losses": {k: v / max(1, nb) for k, v in sums.items()}, "lr": lr, "n_img": n_img, "time": t_train}
 
     def evaluate(self) -> dict:
@@ -371,6 +374,7 @@ def run_training(cfg, manifest_path: Path, teacher_path: Path, out_dir: Path, *,
         logging.getLogger("kd3").addHandler(handler)
         if logging.getLogger("kd3").getEffectiveLevel() > logging.INFO:
             logging.getLogger("kd3").setLevel(logging.INFO)
+    watch = _watch_ranks(cfg, rt, out_dir)
     try:
         trainer = Trainer(cfg, manifest_path, teacher_path, out_dir, rt)
         start = trainer.resume() if resume and trainer.ck_path.is_file() else 0
@@ -378,13 +382,26 @@ def run_training(cfg, manifest_path: Path, teacher_path: Path, out_dir: Path, *,
             trainer.warm_start(Path(init_from))
         trainer.prepare(start)
         return trainer.fit(start, on_epoch_end)
-    except BaseException:
+    except BaseException as e:
+        if watch is not None:
+            record_failure(e)
         _remove_if_unstarted(out_dir, created and rt.main, handler)
         raise
     finally:
+        if watch is not None:
+            watch.finish()
         if handler is not None:
             logging.getLogger("kd3").removeHandler(handler)
             handler.close()
+
+
+def _watch_ranks(cfg, rt: Runtime, out_dir: Path) -> Optional[RankWatch]:
+    """Under torchrun: this rank's heartbeat, so a dead rank is named (distill.ranks)."""
+    if not rt.ddp:
+        return None
+    token = [uuid.uuid4().hex[:12] if rt.main else None]
+    dist.broadcast_object_list(token, src=0)  # after rank 0 made the output folder
+    return RankWatch(out_dir, token[0], rt.rank, rt.world, cfg.flow.rank_timeout_s).start()
 
 
 def _remove_if_unstarted(out_dir: Path, ours: bool, handler) -> None:

@@ -18,12 +18,13 @@ from prefect import flow, task, unmapped
 
 from crawlers.source import source_inputs
 from crawlers.stage import check_found_images, crawl_class
-from distill.launch import launch
+from distill.launch import launch, rendezvous_id, several_ranks
 from distill.stage import distill as distill_fn
 from distill.stage import output_dir
 from pipeline.core.config import RunConfig, save_resolved
 from pipeline.core.errors import Kd3Error
 from pipeline.core.records import CrawlSummary, read_crawl_summary
+from pipeline.core.runlock import allow_join
 from pipeline.core.runs import RunDir
 from pipeline.curate import curate as curate_fn
 
@@ -253,6 +254,7 @@ def _distill_key_parts(inputs: dict) -> dict:
     return {
         "distill": section_json(cfg, "distill"),
         "gpus": cfg.flow.gpus,
+        "nodes": cfg.flow.nodes,
         "run_dir": str(Path(cfg.run_dir).resolve()),
         "manifest": file_fingerprint(rd.manifest),
         "teacher": file_fingerprint(cfg.teacher),
@@ -263,13 +265,15 @@ def _distill_key_parts(inputs: dict) -> dict:
 @task(name="distill", cache_key_fn=make_cache_key_fn(_distill_key_parts, ("distill", "pipeline/core")),
       result_serializer="json")
 def distill_task(config: RunConfig) -> dict:
-    """Distill the student (in-process on one device, torchrun for ``flow.gpus > 1``).
+    """Distill the student (in-process on one device, torchrun for ``flow.gpus > 1`` or ``flow.nodes > 1``).
 
     An unfinished output folder (a crash mid-training) is resumed from its last epoch checkpoint.
     """
     RunDir(config.run_dir).require(RunDir(config.run_dir).manifest, "curate")
     out_dir = output_dir(config)
-    if config.flow.gpus > 1:
+    if several_ranks(config):
+        if config.flow.nodes > 1:  # the other nodes' `kd3 distill --nnodes N --rdzv H:P` join the flow's lock
+            allow_join(config.run_dir, rendezvous_id(config, out_dir))
         metrics = launch(config, out_dir)
     else:
         metrics = distill_fn(config, resume=True)

@@ -18,7 +18,7 @@ import sys
 import threading
 import typing
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from distill.teacher_cli import add_teacher_arguments, teacher_cli
 from pipeline.core import interrupt, plugins
@@ -174,11 +174,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         flags[k.strip()] = f"--set {k.strip()}"
     for key, val in vars(args).items():
         if key.startswith("ov__") and val is not None:
-            dotted = key[4:]
+            dotted, _, typed = key[4:].partition("#")  # a shortcut's dest names its flag: errors blame it
             if isinstance(val, tuple) and val[:1] == ("raw",):
                 val = _convert(val[1], val[2])
             overrides[dotted] = val
-            flags[dotted] = f"--{dotted}"
+            flags[dotted] = typed or f"--{dotted}"
     if args.run is not None:
         run = Path(args.run)
         overrides["name"] = run.name
@@ -209,12 +209,13 @@ def _leaf_parsers(p: argparse.ArgumentParser):
 # ---- subcommand handlers: each imports its stage when it runs, so `kd3 --help` and config errors
 # stay fast (the stages bring requests/icrawler, open_clip/FAISS, torch, Prefect) ----
 
-def _locked(cfg: RunConfig, stage: str):
-    """A stage run from the CLI writes its run directory alone, like a flow (pipeline.core.runlock); a run
-    directory that is not there yet is left for the stage to create or to report missing."""
+def _locked(cfg: RunConfig, stage: str, join: Optional[str] = None):
+    """A stage run from the CLI writes its run directory alone, like a flow (pipeline.core.runlock), with the
+    other nodes of its multi-node distill (``join``); a run directory that is not there yet is left for the
+    stage to create or to report missing."""
     if stage != "crawl" and not Path(cfg.run_dir).is_dir():
         return contextlib.nullcontext()
-    return run_lock(cfg.run_dir, f"kd3 {stage}")
+    return run_lock(cfg.run_dir, f"kd3 {stage}" + (f" {join}" if join else ""), join)
 
 
 def _cmd_crawl(args: argparse.Namespace) -> int:
@@ -239,9 +240,13 @@ def _cmd_curate(args: argparse.Namespace) -> int:
 
 def _cmd_distill(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    from distill.stage import distill_cli  # heavy: see above
+    from distill.launch import distill_cli, rendezvous_id  # heavy: see above
+    from distill.stage import output_dir
 
-    with _locked(cfg, "distill"):
+    join = None
+    if cfg.flow.nodes > 1:
+        join = rendezvous_id(cfg, output_dir(cfg, args.out_id))
+    with _locked(cfg, "distill", join):
         return distill_cli(cfg, args)
 
 
@@ -291,16 +296,26 @@ def build_parser() -> argparse.ArgumentParser:
     def distill_extra(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("distill shortcuts")
         g.add_argument("--manifest", type=Path, metavar="MANIFEST.JSON", help="manifest.json of a curated run (sets --run)")
-        g.add_argument("--student", dest="ov__distill.student", type=lambda s: ("raw", str, s), metavar="ARCH",
+        g.add_argument("--student", dest="ov__distill.student#--student",
+                       type=lambda s: ("raw", str, s), metavar="ARCH",
                        help="student architecture (= --distill.student)")
-        g.add_argument("--method", dest="ov__distill.method", type=lambda s: ("raw", str, s), metavar="METHOD",
+        g.add_argument("--method", dest="ov__distill.method#--method", type=lambda s: ("raw", str, s), metavar="METHOD",
                        help="kd3, kd or dfnd (= --distill.method)")
-        g.add_argument("--epochs", dest="ov__distill.epochs", type=lambda s: ("raw", int, s), metavar="N",
+        g.add_argument("--epochs", dest="ov__distill.epochs#--epochs", type=lambda s: ("raw", int, s), metavar="N",
                        help="epochs (= --distill.epochs)")
-        g.add_argument("--eval-dir", dest="ov__distill.eval_dir", type=lambda s: ("raw", str, s), metavar="PATH",
+        g.add_argument("--eval-dir", dest="ov__distill.eval_dir#--eval-dir",
+                       type=lambda s: ("raw", str, s), metavar="PATH",
                        help="labelled ImageFolder of original-domain images (= --distill.eval_dir)")
         g.add_argument("--out-id", metavar="ID", help="name of the output folder distill/<method>-<id> (default: derived)")
         g.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
+        m = p.add_argument_group("several processes or machines (torchrun; the same command on every node)")
+        m.add_argument("--nproc-per-node", dest="ov__flow.gpus#--nproc-per-node",
+                       type=lambda s: ("raw", int, s), metavar="G",
+                       help="ranks on this node, one per GPU (= --set flow.gpus=G)")
+        m.add_argument("--nnodes", dest="ov__flow.nodes#--nnodes", type=lambda s: ("raw", int, s), metavar="N",
+                       help="machines taking part (= --set flow.nodes=N); needs --rdzv")
+        m.add_argument("--rdzv", dest="ov__flow.rdzv#--rdzv", type=lambda s: ("raw", str, s), metavar="HOST:PORT",
+                       help="rendezvous every node reaches, on one of them (= --set flow.rdzv=HOST:PORT)")
 
     add("distill", _cmd_distill, "distill a student from the teacher on the curated shards", distill_extra)
 

@@ -269,7 +269,28 @@ class FlowConfig(_Section):
     crawl_retry_delay_s: float = Field(30.0, ge=0, description="delay before a per-class crawl task is retried")
     cache: bool = Field(True, description="reuse stage results across runs when inputs and code are unchanged")
     result_store: Optional[Path] = Field(None, description="Prefect result/cache store (default: runs/<name>/.prefect)")
-    gpus: int = Field(1, ge=0, description="GPUs for distill; >1 launches torchrun")
+    gpus: int = Field(1, ge=0, description="GPUs for distill (per node); >1 launches torchrun")
+    nodes: int = Field(1, ge=1, description="machines for distill; >1 runs torchrun's multi-node rendezvous at "
+                                            "`rdzv` (start the same distill on every node; run dir on shared storage)")
+    rdzv: Optional[str] = Field(None, description="HOST:PORT of the rendezvous (a c10d store on one of the nodes)")
+    rank_timeout_s: float = Field(60.0, gt=0, description="a distill rank whose heartbeat stops this long is "
+                                                          "declared dead and the others stop")
+
+    @field_validator("rdzv")
+    @classmethod
+    def _rdzv(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{v!r} is not HOST:PORT")
+        return v
+
+    @model_validator(mode="after")
+    def _nodes_need_rdzv(self) -> "FlowConfig":
+        if self.nodes > 1 and not self.rdzv:
+            raise ValueError("nodes > 1 needs rdzv: HOST:PORT (the rendezvous every node reaches)")
+        return self
 
 
 class LoopConfig(_Section):

@@ -12,6 +12,9 @@ hand; the holder text left behind is only a note.
 - A flow that the holder hands work to in *another* process (the end-to-end flow's distill on the GPU
   pool) joins the lock by naming the holder's id (``KD3_RUN_LOCK_HOLDER``); it is let in only while the
   lock is held by that very holder, which waits for it.
+- The nodes of one multi-node distill all write the same output folder: the holder lists the
+  rendezvous id it takes part in (``run_lock(..., join=ID)`` or :func:`allow_join`), and another process
+  that comes with the same ``join`` id is let in.
 
 ``flock`` works across containers that share a volume on one host and on NFSv4 (Linux maps it to
 POSIX locks), where kd3's run directories live on shared storage.
@@ -67,7 +70,7 @@ def _describe(info: dict) -> str:
     return f"{info.get('holder', '?')} (pid {info.get('pid', '?')} on {info.get('host', '?')}, since {info.get('since', '?')})"
 
 
-def _take(path: Path, holder: str) -> int:
+def _take(path: Path, holder: str, join: Optional[str] = None) -> int:
     fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -75,17 +78,35 @@ def _take(path: Path, holder: str) -> int:
         os.close(fd)
         raise
     info = {"holder": holder, "host": socket.gethostname(), "pid": os.getpid(),
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-    os.fsync(fd)
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **({"join": [join]} if join else {})}
+    _write(fd, info)
     return fd
 
 
+def _write(fd: int, info: dict) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    os.fsync(fd)
+
+
+def allow_join(run_dir: str | os.PathLike, join: str) -> None:
+    """Let the processes that come with ``join`` (a multi-node distill's rendezvous id) into the lock this
+    process holds."""
+    with _GUARD:
+        mine = _HELD.get(lock_path(run_dir))
+        if mine is None:
+            raise RuntimeError(f"allow_join: this process does not hold the lock of {run_dir}")
+        info = read_holder(run_dir)
+        if join not in info.get("join", []):
+            info["join"] = [*info.get("join", []), join]
+            _write(mine[0], info)
+
+
 @contextlib.contextmanager
-def run_lock(run_dir: str | os.PathLike, holder: Optional[str] = None) -> Iterator[str]:
+def run_lock(run_dir: str | os.PathLike, holder: Optional[str] = None, join: Optional[str] = None) -> Iterator[str]:
     """Hold ``run_dir``'s lock inside; yields the holder id. Raises :class:`RunLocked` (one line naming the
-    holder) when another run holds it, unless that run is ``KD3_RUN_LOCK_HOLDER``, which this one joins."""
+    holder) when another run holds it, unless that run is ``KD3_RUN_LOCK_HOLDER`` or lets ``join`` in, which
+    this one joins."""
     holder = holder or default_holder()
     root = Path(run_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -96,10 +117,12 @@ def run_lock(run_dir: str | os.PathLike, holder: Optional[str] = None) -> Iterat
             mine[2] += 1
         else:
             try:
-                _HELD[path] = mine = [_take(path, holder), holder, 1]
+                _HELD[path] = mine = [_take(path, holder, join), holder, 1]
             except BlockingIOError:
                 info = read_holder(root)
                 joined = os.environ.get(HOLDER_ENV)
+                if join and join in info.get("join", []):
+                    joined = info.get("holder")
                 if not joined or info.get("holder") != joined:
                     raise RunLocked(f"run directory {root} is in use by {_describe(info)}: one run writes it "
                                     f"at a time; wait for that run to end") from None

@@ -208,7 +208,8 @@ def test_help_shows_readable_metavars(capsys):
 
 
 @pytest.mark.parametrize("argv, blamed", [
-    (["--student", "resnet99"], "--distill.student: Value error, unknown student architecture 'resnet99'"),
+    (["--student", "resnet99"], "--student: Value error, unknown student architecture 'resnet99'"),
+    (["--rdzv", "nohost"], "--rdzv: Value error, 'nohost' is not HOST:PORT"),
     (["--distill.epochs", "0"], "--distill.epochs: "),
     (["--set", "distill.epochs=-1"], "--set distill.epochs: "),
 ])

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core.runlock import HOLDER_ENV, RunLocked, read_holder, run_lock
+from pipeline.core.runlock import HOLDER_ENV, RunLocked, allow_join, read_holder, run_lock
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def hold(run_dir: Path, holder: str) -> subprocess.Popen:
+def hold(run_dir: Path, holder: str, join: str | None = None) -> subprocess.Popen:
     """A second process that takes the lock, says so, and sleeps until killed."""
     code = textwrap.dedent(f"""
         import sys, time
         from pipeline.core.runlock import run_lock
-        with run_lock({str(run_dir)!r}, {holder!r}):
+        with run_lock({str(run_dir)!r}, {holder!r}, {join!r}):
             print("held", flush=True)
             time.sleep(600)
     """)
@@ -101,3 +101,35 @@ def test_cli_stage_refused_while_a_run_writes(tmp_path, capsys):
     finally:
         p.kill()
         p.wait()
+
+
+def test_the_nodes_of_one_multinode_distill_share_the_lock(tmp_path):
+    """Every node runs `kd3 distill --nnodes N --rdzv H:P`: the first takes the lock naming the rendezvous,
+    the others come with the same id and are let in; a run with another id is still refused."""
+    p = hold(tmp_path / "run", "kd3 distill kd3-web-kd-1", join="kd3-web-kd-1")
+    try:
+        with run_lock(tmp_path / "run", "kd3 distill kd3-web-kd-1", join="kd3-web-kd-1") as who:
+            assert who == "kd3 distill kd3-web-kd-1"
+        with pytest.raises(RunLocked, match="in use by kd3 distill kd3-web-kd-1"):
+            with run_lock(tmp_path / "run", "kd3 distill kd3-web-kd-2", join="kd3-web-kd-2"):
+                pass
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_a_flow_lets_the_other_nodes_of_its_distill_in(tmp_path):
+    with run_lock(tmp_path / "run", "flow run e2e (42)"):
+        code = ("from pipeline.core.runlock import run_lock\n"
+                f"with run_lock({str(tmp_path / 'run')!r}, 'node', join='kd3-web-kd-1') as who: print(who)")
+
+        def node() -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(REPO)})
+
+        assert "in use by flow run e2e (42)" in node().stderr  # not yet announced
+        allow_join(tmp_path / "run", "kd3-web-kd-1")
+        assert node().stdout.strip() == "flow run e2e (42)"
+        assert read_holder(tmp_path / "run")["holder"] == "flow run e2e (42)"
+    with pytest.raises(RuntimeError, match="does not hold the lock"):
+        allow_join(tmp_path / "run", "x")
