@@ -1,4 +1,4 @@
-"""Curate benchmarks (numbers for the README; no assertions).
+"""Curate benchmarks (numbers for docs/BENCHMARKS.md; no assertions).
 
 (a) ``throughput``: curate's decode+hash+embed pass vs the raw embedding throughput of the same
     open_clip model in the same process (pre-decoded tensors, model only). Ratio = overhead of

@@ -1,5 +1,5 @@
 """Curate on a planted pool (kd3demo.planted): how many distinct images it keeps and how many planted
-copies it removes, per step. Numbers for the README's curate section; no assertions (the test suite
+copies it removes, per step. Numbers for docs/BENCHMARKS.md (Curate); no assertions (the test suite
 runs a smaller pool: tests/curate/test_curate_safety.py).
 
     .venv/bin/python -m kd3demo.world --out /tmp/w --size small

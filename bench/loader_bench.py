@@ -1,4 +1,4 @@
-"""Loader bench: can the CPU feed a GPU? (numbers for the README; no assertions)
+"""Loader bench: can the CPU feed a GPU? (numbers for docs/BENCHMARKS.md; no assertions)
 
 Webdataset shards written by curate's own shard writer (``pipeline.curate.shards.write_shards``: JPEG q95,
 longer side <= 512) are read through kd3's distill data path exactly as training reads them

@@ -40,7 +40,7 @@ from benchlib import format_machine, interleave, machine, quiet_logging  # noqa:
 PARTS = ("curate", "distill", "neardup", "loader")
 
 
-# kd3's cost options (off by default: they change the maths; accuracy effect in README), timed by default
+# kd3's cost options (off by default: they change the maths; accuracy effect in docs/BENCHMARKS.md), timed by default
 COST_OPTIONS = ("view_share=0.5", "view_share=0.25", 'mix_level="feature"')
 
 

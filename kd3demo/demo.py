@@ -67,7 +67,7 @@ class DemoSettings:
     report: bool = True
 
 
-# Per-size defaults, chosen to fit the budgets measured on 2 shared CPU cores (README).
+# Per-size defaults, chosen to fit the budgets measured on 2 shared CPU cores (docs/BENCHMARKS.md).
 SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
     # Students: cnn_mini (~80k params) is cnn_small (the teacher, ~0.3M) at half width. cnn_tiny
     # (~6k) was measured too small to learn anything that transfers (every method at chance), and

@@ -1,6 +1,6 @@
 """The demo's web as a folder tree ``<class>/<file>`` (``demo-out/world/web-tree/``).
 
-What the fake web serves under each query, as a local folder source reads it, so the README's
+What the fake web serves under each query, as a local folder source reads it, so docs/GUIDE.md's
 folder-source recipe can be tried on the demo's own web::
 
     kd3 crawl --set name=tree --classes zero,one,two,three,four,five,six,seven,eight,nine \\

@@ -3,7 +3,7 @@ with kd3's own selection by default.
 
 Defaults (``distill.kd3``): ``selection_rule: bn`` (train on the images the teacher's BatchNorm statistics
 call in-distribution, :mod:`.idscore`) and ``equal_steps: true`` (an epoch keeps a whole-pool pass's step
-count) are kd3's own, chosen on the ranked benchmark (README); ``selection_rule: confidence`` with
+count) are kd3's own, chosen on the ranked benchmark (docs/BENCHMARKS.md); ``selection_rule: confidence`` with
 ``equal_steps: false`` is the release's method. Ablations: ``selection``, ``weighting``, ``sharing``,
 ``mixdist``; paper-prose options (off): ``cross_contrastive``, ``mix_level: feature``,
 ``classifier_align_loss``; others (off): ``kd_weight`` (a logit KD term), ``fused_views``, ``view_share`` < 1

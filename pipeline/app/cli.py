@@ -246,6 +246,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     join = None
     if cfg.flow.nodes > 1:
         join = rendezvous_id(cfg, output_dir(cfg, args.out_id))
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("TORCHELASTIC_RUN_ID"):
+        join = "torchrun-" + os.environ["TORCHELASTIC_RUN_ID"]  # the ranks of a torchrun the user started
     with _locked(cfg, "distill", join):
         return distill_cli(cfg, args)
 

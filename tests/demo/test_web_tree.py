@@ -1,4 +1,4 @@
-"""`kd3 demo` exports its web as a `<class>/*` tree (demo-out/world/web-tree/), so the README's folder-source
+"""`kd3 demo` exports its web as a `<class>/*` tree (demo-out/world/web-tree/), so the guide's folder-source
 recipe can be tried on the demo's own web (issue 13, item 12)."""
 from collections import Counter
 

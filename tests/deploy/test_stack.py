@@ -2,7 +2,7 @@
 Postgres, workers polling their pools, and the faults a deployment meets (issue 20).
 
 Every time this module measures (seconds to recover, runs completed) is printed in one ``deploy:`` line
-per test (``pytest -s``) for README's table; no assertion is on a time.
+per test (``pytest -s``) for docs/BENCHMARKS.md's table; no assertion is on a time.
 """
 from __future__ import annotations
 

@@ -136,3 +136,20 @@ def test_nodes_need_a_rendezvous(digits_world, run, tmp_path, capsys):
     assert main(["distill", "--config", str(cfg_path), "--nnodes", "2", "--rdzv", "nohost"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--rdzv" in err and "HOST:PORT" in err
+
+
+@pytest.mark.parametrize("how", ["kd3 --nproc-per-node 2", "a torchrun of your own"])
+def test_two_ranks_on_one_machine_share_the_run_lock(digits_world, run, tmp_path, how):
+    """`kd3 distill --nproc-per-node 2` runs torchrun --standalone itself; a user's own `torchrun ... -m
+    pipeline.app.cli distill` starts two CLIs, whose ranks join one lock instead of refusing each other."""
+    cfg_path = _config(digits_world, run, tmp_path, epochs=1)
+    if how.startswith("kd3"):
+        cmd = [*KD3, "distill", "--config", str(cfg_path), "--nproc-per-node", "2", "--out-id", "two"]
+    else:
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m",
+               "pipeline.app.cli", "distill", "--config", str(cfg_path), "--out-id", "two"]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((run / "distill" / "kd-two" / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["final"]["done"]
+    assert "in use by" not in p.stderr

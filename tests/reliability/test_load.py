@@ -1,6 +1,6 @@
 """Load (slow; `make test-slow`): a 200-class x 50-image crawl against 8 fake image hosts + a fake
 engine with a per-domain rate limit, and a 20k-image curate. Each runs in a child process that reports
-its own peak RSS and thread counts; the numbers are printed (README "What kd3 guarantees")."""
+its own peak RSS and thread counts; the numbers are printed (docs/BENCHMARKS.md "Load")."""
 from __future__ import annotations
 
 import hashlib
