@@ -37,7 +37,7 @@ from kd3demo.demo import (DIGIT_AUGMENT, DIGIT_KINDS, DemoSettings, kind_by_key,
 from kd3demo.world import SHIFTS, load_world  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.core.io import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
-from pipeline.core.records import read_pool_keys  # noqa: E402
+from pipeline.core.records import read_metrics, read_pool_keys  # noqa: E402
 
 BASE = "kd"
 ORACLE = "oracle: kd on real digits"
@@ -61,6 +61,9 @@ ROWS: dict[str, dict] = {
     "kd3 feature mix": {"method": "kd3", "kd3.mix_level": "feature"},  # paper-prose option, no 2nd student pass
     "kd3 no mixdist/contrastive": {"method": "kd3", "kd3.mixdist": False},
     "kd3 no weighting": {"method": "kd3", "kd3.weighting": False},
+    # KD with a student at least as large as kd3's deployed one (backbone + projector + the teacher's
+    # classifier: 192,474 parameters with cnn_mini on the demo): cnn_mini at width 1.56, 194,085 parameters
+    "kd at kd3's size": {"method": "kd", "student_settings": {"width": 1.56}},
     "dfnd": {"method": "dfnd"},
     ORACLE: {"method": "kd"},
     ORIGINAL: {},
@@ -127,7 +130,7 @@ def run_seed(level: str, seed: int, rows: list[str], a) -> dict:
     results = {}
     for label, m in zip([first] + rest, summary["methods"]):  # the flow's method first, then the variants
         results[label] = {"top1": m["top1"], "selected_fraction": m["selected_fraction"],
-                          "quality": selection_quality(Path(m["dir"]), truth)}
+                          "quality": selection_quality(Path(m["dir"]), truth), **deployed(Path(m["dir"]))}
     if ORACLE in rows:
         cfg = load_config(run_dir / "config.yaml")
         kf = oracle_keys(world, Path(summary["methods"][0]["dir"]), Path(s.out) / "oracle_keys.txt")
@@ -142,6 +145,20 @@ def run_seed(level: str, seed: int, rows: list[str], a) -> dict:
                              "selected_fraction": None, "quality": []}
     return {"teacher_top1": summary["teacher_top1"], "rows": results, "student": summary["student"],
             "epochs": summary["epochs"], "teacher_arch": summary["teacher_arch"]}
+
+
+def deployed(method_dir: Path) -> dict:
+    """The exported model's size as the run recorded it (metrics.json final: params, FLOPs per image)."""
+    f = read_metrics(method_dir / "metrics.json").get("final") or {}
+    return {"params": f.get("params"), "flops_per_image": f.get("flops_per_image")}
+
+
+def _size(per_seed: dict[int, dict], r: str) -> str:
+    vals = [per_seed[s]["rows"][r].get("params") for s in per_seed]
+    fl = [per_seed[s]["rows"][r].get("flops_per_image") for s in per_seed]
+    if not vals or any(v is None for v in vals + fl):
+        return "–"
+    return f"{vals[0]:,} / {fl[0] / 1e6:.1f}"
 
 
 def _run_pair(level: str, seed: int, rows: list[str], a) -> dict:
@@ -161,10 +178,11 @@ def report_level(level: str, per_seed: dict[int, dict], rows: list[str], vs: str
     refs = [BASE] + ([vs] if vs != BASE else [])
     out = [f"## shift {level} ({SHIFTS[level]}), seeds {','.join(map(str, seeds))}, student {first['student']}, "
            f"{first['epochs']} epochs, teacher {first['teacher_arch']}", "",
-           "| row | top-1 (mean ± std) | " + " | ".join(f"paired Δ to {r} [95% CI]" for r in refs) + " | selected |",
-           "|---|---|" + "---|" * len(refs) + "---|"]
+           "| row | top-1 (mean ± std) | " + " | ".join(f"paired Δ to {r} [95% CI]" for r in refs) +
+           " | deployed params / MFLOPs | selected |",
+           "|---|---|" + "---|" * len(refs) + "---|---|"]
     tm, ts = mean_std([per_seed[s]["teacher_top1"] for s in seeds])
-    out.append(f"| teacher | {100 * tm:.2f} ± {100 * ts:.2f} | " + "– | " * len(refs) + "– |")
+    out.append(f"| teacher | {100 * tm:.2f} ± {100 * ts:.2f} | " + "– | " * len(refs) + "– | – |")
     top1 = {r: [per_seed[s]["rows"][r]["top1"] for s in seeds] for r in rows}
     for r in rows:
         m, sd = mean_std(top1[r])
@@ -174,7 +192,7 @@ def report_level(level: str, per_seed: dict[int, dict], rows: list[str], vs: str
             deltas.append("–" if r == ref else f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]")
         sel = [per_seed[s]["rows"][r]["selected_fraction"] for s in seeds]
         sel_s = "–" if any(v is None for v in sel) else f"{100 * statistics.fmean(sel):.1f}%"
-        out.append(f"| {r} | {100 * m:.2f} ± {100 * sd:.2f} | {' | '.join(deltas)} | {sel_s} |")
+        out.append(f"| {r} | {100 * m:.2f} ± {100 * sd:.2f} | {' | '.join(deltas)} | {_size(per_seed, r)} | {sel_s} |")
     if ORACLE in rows and len(seeds) > 1:
         _, lo, _ = paired(top1[ORACLE], top1[BASE])
         verdict = ("the oracle beats kd beyond the noise: this world can rank selection methods" if lo > 0 else

@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field
 
 from pipeline.core import plugins
 from pipeline.core.errors import ConfigError
-from pipeline.core.plugin_settings import PluginSettingsError, validate_settings
+from pipeline.core.plugin_settings import PluginSettingsError, Settings, validate_settings
 
 MODELS = plugins.Registry("kd3.models", "architecture")
 register = MODELS.register
@@ -279,10 +280,18 @@ def cnn_small(num_classes: int, widths=(32, 64, 128, 192), **kw):
     return SmallCNN(num_classes, widths=tuple(widths))
 
 
+class CnnMiniSettings(Settings):
+    width: float = Field(1.0, gt=0, le=4, description="cnn_mini: channels x this (parameters grow ~ width^2)")
+
+
 @register("cnn_mini")
-def cnn_mini(num_classes: int, **kw):
-    """cnn_small at half width (~80k parameters): a 4x-compressed student of cnn_small."""
-    return SmallCNN(num_classes, widths=(16, 32, 64, 96))
+def cnn_mini(num_classes: int, width: float = 1.0, **kw):
+    """cnn_small at half width (~80k parameters): a 4x-compressed student of cnn_small. ``width`` scales its
+    channels (``distill.student_settings: {width: 1.56}`` is KD's student at KD³'s deployed size on the demo)."""
+    return SmallCNN(num_classes, widths=tuple(max(1, round(c * width)) for c in (16, 32, 64, 96)))
+
+
+cnn_mini.Settings = CnnMiniSettings
 
 
 @register("cnn_tiny")

@@ -180,3 +180,27 @@ def test_deployed_cost_counts_flops_and_times_the_forward():
     assert c["params"] == 48 * 10 + 10 and c["flops_per_image"] == 2 * 48 * 10
     assert c["cpu_latency_ms_b1"] > 0 and c["cpu_latency_ms_b8"] > 0
     assert next(net.parameters()).requires_grad  # the model itself is untouched (a copy is measured)
+
+
+def test_cnn_mini_width_reaches_kd3s_deployed_size_and_ln_models_have_no_batch_statistics():
+    """`distill.student_settings: {width: 1.56}` gives KD a student at least as large as KD³'s export on the
+    demo (backbone + projector + the teacher's classifier: 192,474 parameters); the *_ln models normalise
+    without running statistics (a teacher whose selection cannot read BN statistics)."""
+    import torch.nn as nn
+
+    from distill.models import count_params, create_model
+    from pipeline.core.config import load_config
+    from pipeline.core.errors import ConfigError
+
+    assert count_params(create_model("cnn_mini", 10)) == 80_154
+    assert count_params(create_model("cnn_mini", 10, width=1.56)) >= 192_474
+    cfg = load_config(None, {"name": "x", "classes": ["a", "b"],
+                             "distill": {"student": "cnn_mini", "student_settings": {"width": 1.56}}})
+    assert cfg.distill.student_settings == {"width": 1.56}
+    with pytest.raises(ConfigError, match="distill.student_settings.width"):
+        load_config(None, {"name": "x", "classes": ["a", "b"],
+                           "distill": {"student": "cnn_mini", "student_settings": {"width": 0}}})
+    ln = create_model("cnn_small_ln", 10)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ln.modules())
+    x = torch.randn(4, 3, 32, 32)
+    assert ln(x).shape == (4, 10) and count_params(ln) == count_params(create_model("cnn_small", 10))
