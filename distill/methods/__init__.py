@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_WHERE = {"create_method": "._registry", "list_methods": "._registry", "register_method": "._registry",
+_WHERE = {"create_method": "._registry", "register_method": "._registry",
           "Method": ".base", "Selection": ".base"}
 
 __all__ = sorted(_WHERE)

@@ -18,10 +18,6 @@ METHODS = plugins.Registry("kd3.methods", "distillation method")
 register_method = METHODS.register
 
 
-def list_methods() -> list[str]:
-    return METHODS.names()
-
-
 def create_method(name: str, student: nn.Module, teacher: nn.Module, cfg, num_classes: int,
                   student_arch: str = "", student_kwargs: dict | None = None) -> Method:
     """``cfg``: the method's own settings (``RunConfig.distill.method_config()``). Built-ins are registered

@@ -143,11 +143,11 @@ def test_per_method_sections_and_plugin_names():
     cfg = load_config(None, {"distill.method": "dfnd", "distill.dfnd.keep": 0.25, "distill.student": "timm:resnet18"})
     assert cfg.distill.method_config() is cfg.distill.dfnd and cfg.distill.dfnd.keep == 0.25
     assert load_config(None, {"distill.kd3.selection": False}).distill.kd3.selection is False
-    from distill.methods import list_methods
+    from distill.methods._registry import METHODS
     from distill.models import list_models
     from pipeline.core import plugins
 
-    assert plugins.names("kd3.methods") == list_methods() == ["dfnd", "kd", "kd3"]
+    assert plugins.names("kd3.methods") == METHODS.names() == ["dfnd", "kd", "kd3"]
     registered = [m for m in list_models() if ":" not in m]  # timm:<name>, torchvision:<name> pass through
     assert plugins.names("kd3.models") == registered  # every registered model is declared, and only those
 
