@@ -32,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kd3demo.demo import (DIGIT_AUGMENT, DIGIT_KINDS, DemoSettings, kind_by_key, run_demo,  # noqa: E402
-                          selection_quality)
+from kd3demo.demo import DIGIT_AUGMENT, DemoSettings, run_demo  # noqa: E402
+from kd3demo.scoring import DIGIT_KINDS, kind_by_key, selection_quality  # noqa: E402
 from kd3demo.world import SHIFTS, load_world  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.core.io import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402

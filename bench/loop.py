@@ -46,8 +46,8 @@ from crawlers.stage import crawl_planned  # noqa: E402
 from distill.stage import distill, output_dir  # noqa: E402
 from flows.loop import measure, round_config, run_loop  # noqa: E402
 from kd3demo import world as dw  # noqa: E402
-from kd3demo.demo import DemoSettings, _key_values, _resolved, _truth_by_sha, demo_config, \
-    train_demo_teacher  # noqa: E402
+from kd3demo.demo import DemoSettings, _key_values, _resolved, demo_config, train_demo_teacher  # noqa: E402
+from kd3demo.scoring import truth_by_sha  # noqa: E402
 from kd3demo.fakeweb import FakeWeb  # noqa: E402
 from pipeline.core.config import RunConfig  # noqa: E402
 from pipeline.core.io import atomic_write_json, read_jsonl  # noqa: E402
@@ -142,7 +142,7 @@ def run_seed(seed: int, a) -> dict:
     world = dw.generate_world(out / "world", dw.spec_for(a.size, seed=seed, query_world=a.query_world))
     teacher = train_demo_teacher(world, out, s.teacher_arch, s.teacher_epochs, seed, s.batch_size)
     truth_rows = read_jsonl(world.truth_path)
-    truth = _truth_by_sha(truth_rows)
+    truth = truth_by_sha(truth_rows)
     plain = dw.composition(truth_rows)
     per_query = max(sum(plain[c].values()) for c in dw.DIGIT_NAMES)
     res: dict = {"seed": seed, "rounds": []}
