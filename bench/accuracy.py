@@ -64,6 +64,7 @@ ROWS: dict[str, dict] = {
     # KD with a student at least as large as kd3's deployed one (backbone + projector + the teacher's
     # classifier: 192,474 parameters with cnn_mini on the demo): cnn_mini at width 1.56, 194,085 parameters
     "kd at kd3's size": {"method": "kd", "student_settings": {"width": 1.56}},
+    "kd3 compact": {"method": "kd3", "kd3.export": "compact"},  # exported at the plain student's size
     "dfnd": {"method": "dfnd"},
     ORACLE: {"method": "kd"},
     ORIGINAL: {},

@@ -7,7 +7,8 @@ count) are kd3's own, chosen on the ranked benchmark (docs/BENCHMARKS.md); ``sel
 ``equal_steps: false`` is the release's method. Ablations: ``selection``, ``weighting``, ``sharing``,
 ``mixdist``; paper-prose options (off): ``cross_contrastive``, ``mix_level: feature``,
 ``classifier_align_loss``; others (off): ``kd_weight`` (a logit KD term), ``fused_views``, ``view_share`` < 1
-(x~ for the first rows of a batch only: a cheaper step);
+(x~ for the first rows of a batch only: a cheaper step), ``export: compact`` (student.pt at the student's own
+size: its own classifier fitted alongside to the full head's logits);
 ``teacher_contrastive`` (off) keeps the release's teacher NT-Xent term, which trains only g_T and so cannot
 change the student: off, the teacher skips x~. With ``sharing``
 off and no ``classifier_align_loss`` the student keeps its own classifier, trained by a KD term (``kd``)
@@ -50,9 +51,11 @@ class KD3(Method):
         self.align = bool(cfg.classifier_align_loss)
         self.share = bool(cfg.sharing) and not self.align
         self.own_head = not self.share and not self.align  # ablation: the student's own classifier + KD
+        # export compact: the student's own classifier learns the full head's logits on detached features
+        self.compact = cfg.export == "compact" and not self.own_head
         if self.align:
             self.cls_s = nn.Linear(c_t, self.num_classes)
-        if not self.own_head:
+        if not self.own_head and not self.compact:
             # the student's own classifier is never used: freeze it (also keeps DDP free of unused grads)
             for p in self.student.classifier.parameters():
                 p.requires_grad_(False)
@@ -110,7 +113,15 @@ class KD3(Method):
         fs_p = self.projector(pool_to(fs, self._teacher_hw(x)))
         return self.head_logits(fs_p, fs)
 
+    def compact_logits(self, fs: torch.Tensor) -> torch.Tensor:
+        """The compact export's head: the student's own classifier on its pooled features (no gradient
+        reaches the backbone through it)."""
+        return self.student.classifier(self.student.pool(fs).detach())
+
     def predict(self, x):
+        """The exported model's logits (what the metrics measure)."""
+        if self.compact:
+            return self.compact_logits(self.student.forward_features(x))
         return self.student_logits(x)
 
     # ------------------------------------------------------------ §2 selection
@@ -188,6 +199,8 @@ class KD3(Method):
         z_s = self.head_logits(fs_p, fs)
         if self.kd_term:  # the own-head ablation's only logit signal, or the kd_weight option
             out["kd"] = kd_loss(z_s, z_t, cfg.kd_temperature)
+        if self.compact:  # trains the own classifier only: the features and z_S are detached
+            out["compact"] = kd_loss(self.compact_logits(fs), z_s.detach(), cfg.kd_temperature)
         a = fs_p
         w = disagreement_weights(z_s, z_t) if cfg.weighting else None
         out["feat"] = weighted_feature_mse(a, t, w)
@@ -219,7 +232,7 @@ class KD3(Method):
 
     # ------------------------------------------------------------ export
     def export(self):
-        if self.own_head:
+        if self.own_head or self.compact:
             return self.student_arch, dict(self.student_kwargs), self.student
         kwargs = {"student": self.student_arch, "teacher_dim": int(self.c_t), "student_kwargs": self.student_kwargs}
         if self.t_hw is not None and self.s_hw is not None and self.s_hw[0] * self.s_hw[1] > self.t_hw[0] * self.t_hw[1]:

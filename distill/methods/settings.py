@@ -53,6 +53,11 @@ class Kd3Settings(Settings):
                                                  "(the selection cycled), so selecting costs no SGD steps")
     fused_views: bool = Field(False, description="one student forward on cat(x, x~) instead of two (faster on a "
                                                  "GPU; BatchNorm then normalises both views together)")
+    export: Literal["full", "compact"] = Field(
+        "full", description="what student.pt holds: full = backbone + projector + the teacher's classifier (the "
+                            "release); compact = the student architecture alone, at its own size: its own "
+                            "classifier is trained alongside, on the pooled backbone features (detached, so the "
+                            "backbone learns exactly as under full), to reproduce the full head's logits by KD")
     view_share: float = Field(1.0, gt=0, le=1, description="share of each batch whose MixDistribution copy x~ "
                                                             "the student sees and the contrastive terms pair "
                                                             "(the first rows of the shuffled batch; 1 = the "

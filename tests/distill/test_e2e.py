@@ -271,3 +271,30 @@ def test_kd3_default_selects_by_bn_statistics_once(digits_world, run):
     assert 0 < len(rows[0]["selected_keys"]) < pool
     assert all(pool - 1 <= e["trained"] <= pool for e in m["epochs"])
     assert all(e["time_select_s"] < m["epochs"][0]["time_select_s"] for e in m["epochs"][1:])  # no pass after epoch 0
+
+
+def test_kd3_compact_export_is_the_plain_student_and_trains_the_backbone_as_full(digits_world, run):
+    """`distill.kd3.export: compact` writes the student architecture at its own size, its own classifier
+    fitted to the full head's logits on detached features: the backbone and the projector learn exactly what
+    they learn under `full` (same KD³ losses, same weights), only the exported head differs."""
+    from distill.models import count_params, create_model
+    from distill.teacher import load_teacher
+
+    full = distill(_cfg(digits_world, run, "kd3", epochs=2), out_id="full")
+    comp = distill(_cfg(digits_world, run, "kd3", epochs=2, kd3={"export": "compact"}), out_id="compact")
+    for a, b in zip(full["epochs"], comp["epochs"]):
+        assert set(b["losses"]) == set(a["losses"]) | {"compact"}
+        for k in ("feat", "con"):
+            assert b["losses"][k] == pytest.approx(a["losses"][k], rel=1e-6, abs=1e-9), k
+        assert b["selected"] == a["selected"]
+    plain = count_params(create_model("cnn_tiny", 4))
+    assert comp["final"]["params"] == plain < full["final"]["params"]
+    model, meta = load_teacher(run / "distill" / "kd3-compact" / "student.pt")
+    assert meta["arch"] == "cnn_tiny" and count_params(model) == plain
+    assert comp["epochs"][1]["losses"]["compact"] < comp["epochs"][0]["losses"]["compact"]  # the head learns
+    assert comp["final"]["top1"] is not None  # measured on the exported (compact) model
+    full_model, _ = load_teacher(run / "distill" / "kd3-full" / "student.pt")
+    backbone = full_model.backbone.state_dict()
+    for k, v in model.state_dict().items():
+        if not k.startswith("classifier."):
+            torch.testing.assert_close(v, backbone[k], msg=k)  # the same backbone, trained the same way
