@@ -1,8 +1,9 @@
 """Which rank of a multi-process distill died: heartbeats in the output folder (on shared storage).
 
-Each rank of a torchrun launch (one node or many) writes ``distill/.ranks/<out>/<session>/<rank>.json`` (host, pid,
-a beat counter, its state: running | done | failed: <error>) every ``BEAT_S`` seconds from a thread (beside
-the output folder, which a launch that fails before its first checkpoint removes). The session is a token rank 0 broadcasts once the process group is up, so files of an earlier launch of the
+Each rank of a torchrun launch (one node or many) writes ``distill/.ranks/<out>/<session>/<rank>.json``
+(host, pid, a beat counter, its state: running | done | failed: <error>) every ``BEAT_S`` seconds from a
+thread, beside the output folder (which a launch that fails before its first checkpoint removes). The
+session is a token rank 0 broadcasts once the process group is up, so files of an earlier launch of the
 same folder (a resume) are never read as this one's.
 
 - A rank that raises writes ``failed: <first line>`` before it exits (:func:`record_failure`).

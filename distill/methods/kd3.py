@@ -1,5 +1,8 @@
 """KD³ (Tang et al., ICCV 2023) as docs/METHOD.md describes it: the release's formulas and initialisation,
-with kd3's own selection by default.
+with kd3's own selection by default. The class reads in the doc's order: part 1, which web images to learn
+from (``select``); part 2, the teacher's features through the teacher's classifier (``_align``); part 3,
+MixDistribution and the contrastive term (``_input_views``, ``_contrast``); then the step that joins them
+(``forward``) and the export.
 
 Defaults (``distill.kd3``): ``selection_rule: bn`` (train on the images the teacher's BatchNorm statistics
 call in-distribution, :mod:`.idscore`) and ``equal_steps: true`` (an epoch keeps a whole-pool pass's step
@@ -83,48 +86,7 @@ class KD3(Method):
         self.t_hw: tuple[int, int] | None = None  # the teacher map's H x W (seen at the first forward)
         self.s_hw: tuple[int, int] | None = None  # the student map's
 
-    # ------------------------------------------------------------ the student's logits
-    def _t_cls(self):
-        c = self.teacher.classifier
-        return c.weight.detach(), (c.bias.detach() if c.bias is not None else None)
-
-    def head_logits(self, fs_p: torch.Tensor, fs: torch.Tensor) -> torch.Tensor:
-        """z_S: through the shared frozen teacher classifier (default), the aligned own
-        classifier (option), or the student's own classifier (sharing ablation)."""
-        if self.own_head:
-            return self.student.classifier(self.student.pool(fs))
-        h = F.adaptive_avg_pool2d(fs_p, 1).flatten(1)
-        if self.align:
-            return self.cls_s(h)
-        w, b = self._t_cls()
-        return F.linear(h, w.to(h.dtype), None if b is None else b.to(h.dtype))
-
-    def _teacher_hw(self, x: torch.Tensor) -> tuple[int, int]:
-        if self.t_hw is None:
-            with torch.no_grad():
-                self.t_hw = tuple(self.teacher.forward_features(x[:1]).shape[-2:])
-        return self.t_hw
-
-    def student_logits(self, x: torch.Tensor) -> torch.Tensor:
-        fs = self.student.forward_features(x)
-        if self.own_head:
-            return self.head_logits(None, fs)
-        self.s_hw = tuple(fs.shape[-2:])
-        fs_p = self.projector(pool_to(fs, self._teacher_hw(x)))
-        return self.head_logits(fs_p, fs)
-
-    def compact_logits(self, fs: torch.Tensor) -> torch.Tensor:
-        """The compact export's head: the student's own classifier on its pooled features (no gradient
-        reaches the backbone through it)."""
-        return self.student.classifier(self.student.pool(fs).detach())
-
-    def predict(self, x):
-        """The exported model's logits (what the metrics measure)."""
-        if self.compact:
-            return self.compact_logits(self.student.forward_features(x))
-        return self.student_logits(x)
-
-    # ------------------------------------------------------------ §2 selection
+    # -------------------------------- part 1: choosing which web images to learn from (docs/METHOD.md)
     def select(self, epoch, epochs, infer):
         """§2 with ``selection_rule``: the release's confidence rule, the in-distribution images by the
         teacher's BN statistics (one teacher pass, then fixed), or the release's rule over those."""
@@ -168,29 +130,51 @@ class KD3(Method):
         logits = infer(mixed_logits)
         return mixed_probs(logits, logits, 1.0), alpha  # logits are already mixed: q = softmax(mix)
 
-    # ------------------------------------------------------------ §3–§5 losses
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
-        use_mix = bool(cfg.mixdist)
-        feature_mix = use_mix and cfg.mix_level == "feature"
-        b = x.shape[0]
-        k = view_rows(b, cfg.view_share)  # rows with a copy x~ (all of them unless the view_share option)
-        input_mix = use_mix and not feature_mix
-        x_aug = mix_distribution(x)[:k] if input_mix else None  # mixed over the whole batch: the same draws
-        # the student sees the two views in two calls (own BN batch statistics each, as the release);
-        # the frozen teacher (eval-mode BN) takes both in one batch when its own contrastive term needs x~
-        if input_mix and cfg.fused_views:  # option: one student call on both views (BN statistics shared)
-            fs, fs_aug = self.student.forward_features(torch.cat([x, x_aug])).split([b, k])
-        else:
-            fs = self.student.forward_features(x)
-            fs_aug = self.student.forward_features(x_aug) if input_mix else None
-        with torch.no_grad():
-            ft_all = self.teacher.forward_features(torch.cat([x, x_aug]) if input_mix and self.teacher_term else x)
-            ft = ft_all[:b]
-            ht_all = self.teacher.pool(ft_all)  # pooled once: z_T and the teacher's contrastive head share it
-            z_t = self.teacher.classifier(ht_all[:b])
-        out: dict[str, torch.Tensor] = {}
+    # -------------------------------- part 2: learning the teacher's features, through the teacher's classifier
+    def _t_cls(self):
+        c = self.teacher.classifier
+        return c.weight.detach(), (c.bias.detach() if c.bias is not None else None)
 
+    def head_logits(self, fs_p: torch.Tensor, fs: torch.Tensor) -> torch.Tensor:
+        """z_S: through the shared frozen teacher classifier (default), the aligned own
+        classifier (option), or the student's own classifier (sharing ablation)."""
+        if self.own_head:
+            return self.student.classifier(self.student.pool(fs))
+        h = F.adaptive_avg_pool2d(fs_p, 1).flatten(1)
+        if self.align:
+            return self.cls_s(h)
+        w, b = self._t_cls()
+        return F.linear(h, w.to(h.dtype), None if b is None else b.to(h.dtype))
+
+    def _teacher_hw(self, x: torch.Tensor) -> tuple[int, int]:
+        if self.t_hw is None:
+            with torch.no_grad():
+                self.t_hw = tuple(self.teacher.forward_features(x[:1]).shape[-2:])
+        return self.t_hw
+
+    def student_logits(self, x: torch.Tensor) -> torch.Tensor:
+        fs = self.student.forward_features(x)
+        if self.own_head:
+            return self.head_logits(None, fs)
+        self.s_hw = tuple(fs.shape[-2:])
+        fs_p = self.projector(pool_to(fs, self._teacher_hw(x)))
+        return self.head_logits(fs_p, fs)
+
+    def compact_logits(self, fs: torch.Tensor) -> torch.Tensor:
+        """The compact export's head: the student's own classifier on its pooled features (no gradient
+        reaches the backbone through it)."""
+        return self.student.classifier(self.student.pool(fs).detach())
+
+    def predict(self, x):
+        """The exported model's logits (what the metrics measure)."""
+        if self.compact:
+            return self.compact_logits(self.student.forward_features(x))
+        return self.student_logits(x)
+
+    def _align(self, fs: torch.Tensor, ft: torch.Tensor, z_t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """P(F_S) against F_T, weighted by sigmoid(||z_S - z_T||), z_S through the teacher's frozen
+        classifier; and the terms of the options (kd, classifier alignment, the compact export's head)."""
+        cfg, out = self.cfg, {}
         self.t_hw, self.s_hw = tuple(ft.shape[-2:]), tuple(fs.shape[-2:])
         # spatial matching as the release: a larger student map is pooled BEFORE the projector, a larger
         # teacher map is pooled to the student's size
@@ -201,36 +185,72 @@ class KD3(Method):
             out["kd"] = kd_loss(z_s, z_t, cfg.kd_temperature)
         if self.compact:  # trains the own classifier only: the features and z_S are detached
             out["compact"] = kd_loss(self.compact_logits(fs), z_s.detach(), cfg.kd_temperature)
-        a = fs_p
         w = disagreement_weights(z_s, z_t) if cfg.weighting else None
-        out["feat"] = weighted_feature_mse(a, t, w)
+        out["feat"] = weighted_feature_mse(fs_p, t, w)
         if self.align:
             w_t, b_t = self._t_cls()
             out["cls_align"] = F.mse_loss(self.cls_s.weight, w_t) + (
                 F.mse_loss(self.cls_s.bias, b_t) if b_t is not None else 0.0)
-
-        if use_mix:
-            if feature_mix:
-                lam = torch.distributions.Beta(0.1, 0.1).sample((b,)).to(x.device)
-                perm = torch.randperm(b).to(x.device)
-                fs_aug = mix_distribution(fs, lam=lam, perm=perm)[:k]
-                if self.teacher_term:
-                    ht_all = torch.cat([ht_all[:b], self.teacher.pool(mix_distribution(ft, lam=lam, perm=perm)[:k])])
-            # each head runs once on both views (rows: the k images, then their x~); the NT-Xent terms in
-            # one batched call
-            g_s = self.g_s(torch.cat([self.student.pool(fs[:k]), self.student.pool(fs_aug)]))
-            views = [g_s]  # student x <-> x~
-            if self.teacher_term or cfg.cross_contrastive:
-                # rows x, then x~ only when the teacher term needs them
-                g_t = self.g_t(torch.cat([ht_all[:k], ht_all[b:]]).detach())
-                if self.teacher_term:
-                    views.append(g_t)  # teacher x <-> x~
-                if cfg.cross_contrastive:
-                    views.append(torch.cat([g_s[k:], g_t[:k]]))  # student x~ <-> teacher x
-            out["con"] = nt_xent_views(torch.stack(views), cfg.con_temperature)
         return out
 
-    # ------------------------------------------------------------ export
+    # -------------------------------- part 3: MixDistribution and a contrastive term
+    def _input_views(self, x: torch.Tensor, k: int):
+        """x~ = MixDistribution(x) for the first ``k`` rows (drawn over the whole batch: the same draws
+        whatever ``k``); None when there is no input-level copy."""
+        if not self.cfg.mixdist or self.cfg.mix_level == "feature":
+            return None
+        return mix_distribution(x)[:k]
+
+    def _student_features(self, x: torch.Tensor, x_aug, b: int, k: int):
+        """F_S(x) and F_S(x~): two calls, each view its own BN batch statistics (the release), or one call on
+        both (``fused_views``)."""
+        if x_aug is not None and self.cfg.fused_views:
+            fs, fs_aug = self.student.forward_features(torch.cat([x, x_aug])).split([b, k])
+            return fs, fs_aug
+        return self.student.forward_features(x), (self.student.forward_features(x_aug) if x_aug is not None
+                                                  else None)
+
+    def _contrast(self, fs, fs_aug, ft, ht_all, b: int, k: int) -> torch.Tensor:
+        """NT-Xent between g_S(h_S(x)) and g_S(h_S(x~)) (+ the teacher's and the cross terms where set); with
+        ``mix_level: feature`` x~ is the student's mixed feature map (no second student pass)."""
+        cfg = self.cfg
+        if cfg.mix_level == "feature":
+            lam = torch.distributions.Beta(0.1, 0.1).sample((b,)).to(fs.device)
+            perm = torch.randperm(b).to(fs.device)
+            fs_aug = mix_distribution(fs, lam=lam, perm=perm)[:k]
+            if self.teacher_term:
+                ht_all = torch.cat([ht_all[:b], self.teacher.pool(mix_distribution(ft, lam=lam, perm=perm)[:k])])
+        # each head runs once on both views (rows: the k images, then their x~); the NT-Xent terms in one
+        # batched call
+        g_s = self.g_s(torch.cat([self.student.pool(fs[:k]), self.student.pool(fs_aug)]))
+        views = [g_s]  # student x <-> x~
+        if self.teacher_term or cfg.cross_contrastive:
+            g_t = self.g_t(torch.cat([ht_all[:k], ht_all[b:]]).detach())  # rows x, then x~ when the term needs them
+            if self.teacher_term:
+                views.append(g_t)  # teacher x <-> x~
+            if cfg.cross_contrastive:
+                views.append(torch.cat([g_s[k:], g_t[:k]]))  # student x~ <-> teacher x
+        return nt_xent_views(torch.stack(views), cfg.con_temperature)
+
+    # -------------------------------- the step: the three parts' losses
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One training step's losses on the selected batch ``x``: part 3's second view, both nets' features,
+        part 2's alignment, part 3's contrastive term (the randomness drawn in the release's order)."""
+        b = x.shape[0]
+        k = view_rows(b, self.cfg.view_share)  # rows with a copy x~ (all of them unless the view_share option)
+        x_aug = self._input_views(x, k)
+        fs, fs_aug = self._student_features(x, x_aug, b, k)
+        with torch.no_grad():  # the frozen teacher (eval-mode BN) takes x~ only when its own term needs it
+            ft_all = self.teacher.forward_features(torch.cat([x, x_aug]) if x_aug is not None and self.teacher_term
+                                                   else x)
+            ht_all = self.teacher.pool(ft_all)  # pooled once: z_T and the teacher's contrastive head share it
+            z_t = self.teacher.classifier(ht_all[:b])
+        out = self._align(fs, ft_all[:b], z_t)
+        if self.cfg.mixdist:
+            out["con"] = self._contrast(fs, fs_aug, ft_all[:b], ht_all, b, k)
+        return out
+
+    # -------------------------------- export
     def export(self):
         if self.own_head or self.compact:
             return self.student_arch, dict(self.student_kwargs), self.student
