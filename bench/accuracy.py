@@ -65,6 +65,11 @@ ROWS: dict[str, dict] = {
     # classifier: 192,474 parameters with cnn_mini on the demo): cnn_mini at width 1.56, 194,085 parameters
     "kd at kd3's size": {"method": "kd", "student_settings": {"width": 1.56}},
     "kd3 compact": {"method": "kd3", "kd3.export": "compact"},  # exported at the plain student's size
+    # options whose accuracy is not measured yet (docs/METHOD.md, "Every distill.kd3 option")
+    "kd3 id quantile": {"method": "kd3", "kd3.id_rule": "quantile"},
+    "kd3 no sharing": {"method": "kd3", "kd3.sharing": False},
+    "kd3 classifier align": {"method": "kd3", "kd3.classifier_align_loss": True},
+    "kd3 cross contrastive": {"method": "kd3", "kd3.cross_contrastive": True},
     "dfnd": {"method": "dfnd"},
     ORACLE: {"method": "kd"},
     ORIGINAL: {},
