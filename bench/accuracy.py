@@ -17,6 +17,8 @@ junk kept = share of the pool's junk selected).
     .venv/bin/python bench/accuracy.py --jobs 2              # levels far,near; seeds 0-4 (~90 min, 2 cores)
     .venv/bin/python bench/accuracy.py --quick               # seeds 0,1, the key rows (~25 min)
     .venv/bin/python bench/accuracy.py --levels far --seeds 0 --rows kd,kd3 --epochs 5   # a smoke look
+    .venv/bin/python bench/accuracy.py --jobs 2 --teacher-arch cnn_small_ln --rows "kd,kd3,kd3 anchors"
+                                         # a LayerNorm teacher: the fallback rule against KD and the anchors rule
 """
 from __future__ import annotations
 
@@ -63,8 +65,11 @@ ROWS: dict[str, dict] = {
     "kd3 no weighting": {"method": "kd3", "kd3.weighting": False},
     # KD with a student at least as large as kd3's deployed one (backbone + projector + the teacher's
     # classifier: 192,474 parameters with cnn_mini on the demo): cnn_mini at width 1.56, 194,085 parameters
-    "kd at kd3's size": {"method": "kd", "student_settings": {"width": 1.56}},
+    "kd at kd3's size": {"method": "kd", "student": "cnn_mini", "student_settings": {"width": 1.56}},
     "kd3 compact": {"method": "kd3", "kd3.export": "compact"},  # exported at the plain student's size
+    # a teacher without BatchNorm (--teacher-arch cnn_small_ln): the BN rule's fallback is the release's rule;
+    # the anchors rule reads the teacher's statistics on --anchors N original train images per class
+    "kd3 anchors": {"method": "kd3", "kd3.selection_rule": "anchors"},
     # options whose accuracy is not measured yet (docs/METHOD.md, "Every distill.kd3 option")
     "kd3 id quantile": {"method": "kd3", "kd3.id_rule": "quantile"},
     "kd3 no sharing": {"method": "kd3", "kd3.sharing": False},
@@ -125,8 +130,10 @@ def run_seed(level: str, seed: int, rows: list[str], a) -> dict:
 
     distill_rows = [r for r in rows if r not in (ORACLE, ORIGINAL)]
     first, rest = distill_rows[0], distill_rows[1:]
-    s = DemoSettings(out=a.out / f"{a.size}-{level}-seed{seed}", size=a.size, seed=seed, epochs=a.epochs,
-                     student=a.student, methods=[ROWS[first]["method"]], world=dict(SHIFTS[level]), report=False,
+    tag = f"-{a.teacher_arch}" if a.teacher_arch else ""  # another teacher: another world folder
+    s = DemoSettings(out=a.out / f"{a.size}-{level}-seed{seed}{tag}", size=a.size, seed=seed, epochs=a.epochs,
+                     student=a.student, teacher_arch=a.teacher_arch, anchors_per_class=a.anchors,
+                     methods=[ROWS[first]["method"]], world=dict(SHIFTS[level]), report=False,
                      overrides={f"distill.{k}": v for k, v in ROWS[first].items()},
                      variants={r: ROWS[r] for r in rest})
     summary = run_demo(s)
@@ -235,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
                                                 "measure an option's effect); added to the rows if missing")
     ap.add_argument("--epochs", type=int, help="student epochs (default: the size's)")
     ap.add_argument("--student", help="student architecture (default: the size's)")
+    ap.add_argument("--teacher-arch", help="teacher architecture (default: the size's, cnn_small; cnn_small_ln: a "
+                                           "LayerNorm teacher, no BatchNorm statistics)")
+    ap.add_argument("--anchors", type=int, default=0, help="original train images per class as distill.anchor_dir "
+                                                           "(default: 10 when a row uses the anchors rule)")
     ap.add_argument("--out", type=Path, default=Path("bench-out/accuracy"))
     ap.add_argument("--jobs", type=int, default=1,
                     help="(level, seed) pairs run at once, one CPU thread each (2 on a 2-core machine)")
@@ -248,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown rows {bad}; choose from {list(ROWS)}")
     if a.vs not in ROWS:
         ap.error(f"unknown --vs row {a.vs!r}; choose from {list(ROWS)}")
+    if a.anchors == 0 and any(ROWS[r].get("kd3.selection_rule") == "anchors" for r in rows):
+        a.anchors = 10
     rows = [BASE] + [r for r in rows if r != BASE]
     if a.vs not in rows:
         rows.insert(1, a.vs)

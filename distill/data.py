@@ -227,10 +227,10 @@ class WebPool(Dataset):
 class LabelledFolder(Dataset):
     """ImageFolder (``root/<class>/*``) mapped onto the teacher's class indices."""
 
-    def __init__(self, root, classes: list[str], transform):
+    def __init__(self, root, classes: list[str], transform, what: str = "eval_dir"):
         root = Path(root)
         if not root.is_dir():
-            raise DataError(f"eval_dir {root} does not exist")
+            raise DataError(f"{what} {root} does not exist")
         by_name = {c: i for i, c in enumerate(classes)}
         by_slug = {slugify(c): i for i, c in enumerate(classes)}
         self.items: list[tuple[Path, int]] = []
@@ -244,9 +244,9 @@ class LabelledFolder(Dataset):
                 if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTS:
                     self.items.append((f, idx))
         if unknown:
-            raise DataError(f"eval_dir {root}: folders {unknown[:10]} are not teacher classes")
+            raise DataError(f"{what} {root}: folders {unknown[:10]} are not teacher classes")
         if not self.items:
-            raise DataError(f"eval_dir {root} holds no images in <class>/ folders")
+            raise DataError(f"{what} {root} holds no images in <class>/ folders")
         self.transform = transform
 
     def __len__(self):

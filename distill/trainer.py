@@ -139,6 +139,11 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP  # only under torchrun
 
             self.model = DDP(self.method, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        if self.dc.anchor_dir is not None and hasattr(self.method, "anchor_batches"):
+            anchors = LabelledFolder(self.dc.anchor_dir, self.classes,
+                                     build_transforms(self.size, self.mean, self.std, train=False), "distill.anchor_dir")
+            self.method.anchor_batches = lambda: (rt.to_input(x) for x, _ in
+                                                  loader(anchors, self.bs_local * 2, self.dc.workers, rt))
         self.eval_ds, self.eval_kind = None, "web-holdout"
         if self.dc.eval_dir is not None:
             self.eval_ds = LabelledFolder(self.dc.eval_dir, self.classes,

@@ -66,6 +66,7 @@ class DemoSettings:
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted RunConfig overrides (--set)
     world: dict[str, Any] = field(default_factory=dict)      # WorldSpec overrides (--world), e.g. scan_fraction
     report: bool = True
+    anchors_per_class: int = 0  # > 0: distill.anchor_dir = that many original train images per class
 
 
 # Per-size defaults, chosen to fit the budgets measured on 2 shared CPU cores (docs/BENCHMARKS.md).
@@ -120,6 +121,19 @@ def train_demo_teacher(world, out: Path, arch: str, epochs: int, seed: int, batc
     return path
 
 
+def write_anchors(world, out: Path, per_class: int) -> Path:
+    """``out/<class>/``: the first ``per_class`` images of each class of the original train split (the images a
+    user who kept a few originals would give as distill.anchor_dir; never the test split)."""
+    import shutil
+
+    for d in sorted(p for p in world.train_dir.iterdir() if p.is_dir()):
+        (out / d.name).mkdir(parents=True, exist_ok=True)
+        for f in sorted(d.iterdir())[:per_class]:
+            if not (out / d.name / f.name).exists():
+                shutil.copy(f, out / d.name / f.name)
+    return out
+
+
 def demo_config(s: DemoSettings, world, teacher: Path, bing_url: str, crawl_per_class: int) -> RunConfig:
     clip = local_clip_weights(s.clip_weights)
     data: dict[str, Any] = {
@@ -167,6 +181,8 @@ def demo_config(s: DemoSettings, world, teacher: Path, bing_url: str, crawl_per_
         },
         "flow": {"task_runner": "thread", "crawl_concurrency": 2},
     }
+    if s.anchors_per_class > 0:
+        data["distill"]["anchor_dir"] = str(write_anchors(world, s.out / "anchors", s.anchors_per_class))
     for k, v in s.overrides.items():
         set_by_path(data, k, v)
     try:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..models import Kd3Student, Projector, pool_to
 from ._registry import register_method
 from .base import Method, Selection
-from .idscore import bn_scores, has_bn_statistics, in_distribution_mask
+from .idscore import anchor_reference, bn_scores, has_bn_statistics, in_distribution_mask, norm_layers
 from .losses import (alpha_schedule, disagreement_weights, kd_loss, match_spatial, mix_distribution, mixed_probs,
                      nt_xent_views, ramp_epochs, select_confident, view_rows, weighted_feature_mse)
 from .settings import Kd3Settings
@@ -78,8 +78,13 @@ class KD3(Method):
         self.rule = cfg.selection_rule
         if "bn" in self.rule and not has_bn_statistics(self.teacher):
             log.warning("kd3: the teacher has no BatchNorm statistics (e.g. a TorchScript or LayerNorm model): "
-                        "selection_rule %s falls back to the release's confidence rule", self.rule)
+                        "selection_rule %s falls back to the release's confidence rule (selection_rule anchors "
+                        "with distill.anchor_dir reads any architecture)", self.rule)
             self.rule = "confidence"
+        if self.rule == "anchors":
+            norm_layers(self.teacher)  # refused now, in one line, when there is nothing to compare
+        # selection_rule anchors: the trainer sets this to the anchor images' batches (distill.anchor_dir)
+        self.anchor_batches = None
         # per pool image, from one teacher pass (the teacher is frozen): the bn score and the teacher's logits
         self.id_scores: torch.Tensor | None = None
         self.id_logits: torch.Tensor | None = None
@@ -88,22 +93,25 @@ class KD3(Method):
 
     # -------------------------------- part 1: choosing which web images to learn from (docs/METHOD.md)
     def select(self, epoch, epochs, infer):
-        """§2 with ``selection_rule``: the release's confidence rule, the in-distribution images by the
-        teacher's BN statistics (one teacher pass, then fixed), or the release's rule over those."""
+        """Part 1 with ``selection_rule``: the release's confidence rule, the in-distribution images by the
+        teacher's BN statistics or by its statistics on the anchor images (one teacher pass, then fixed),
+        or the release's rule over the BN-kept ones."""
         cfg = self.cfg
         if not cfg.selection:
             return Selection(None, None, {"alpha": None})
         log: dict = {"alpha": None}
-        if "bn" in self.rule:
+        scored = "bn" in self.rule or self.rule == "anchors"
+        if scored:
             if self.id_scores is None:  # again after a resume: the pass must not move the RNG streams
                 with torch.random.fork_rng(devices=[]):
-                    self.id_scores, self.id_logits = bn_scores(self.teacher, infer)
+                    refs = None if self.rule != "anchors" else anchor_reference(self.teacher, self.anchor_batches())
+                    self.id_scores, self.id_logits = bn_scores(self.teacher, infer, refs)
             pred = self.id_logits.argmax(dim=1)
             keep, log["id"] = in_distribution_mask(self.id_scores, cfg.id_rule, cfg.id_keep, pred, self.num_classes)
         if "confidence" in self.rule:
             q, log["alpha"] = self._mixed_probs(epoch, epochs, infer)
             pred = q.argmax(dim=1)
-            cand = keep if "bn" in self.rule else torch.ones(len(q), dtype=torch.bool)
+            cand = keep if scored else torch.ones(len(q), dtype=torch.bool)
             # the release's rule over the candidates: class-adaptive thresholds from their predicted counts
             idx_c = torch.nonzero(cand).flatten()
             k, _, thr = select_confident(q[idx_c], cfg.tau)

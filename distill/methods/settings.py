@@ -40,10 +40,12 @@ class Kd3Settings(Settings):
                                                          "ablation's, and kd_weight's)")
     # kd3's own parts (docs/METHOD.md "kd3's own parts"; the release's method: selection_rule confidence,
     # equal_steps false)
-    selection_rule: Literal["bn", "confidence", "bn+confidence"] = Field(
+    selection_rule: Literal["bn", "confidence", "bn+confidence", "anchors"] = Field(
         "bn", description="what a selection keeps: bn = the images the teacher's BatchNorm statistics call "
                           "in-distribution (kd3's default); confidence = the release's class-adaptive confidence "
-                          "thresholds on the mixed prediction; bn+confidence = the release's rule over the bn images")
+                          "thresholds on the mixed prediction; bn+confidence = the release's rule over the bn images; "
+                          "anchors = as bn, the reference being the teacher's activation statistics on "
+                          "distill.anchor_dir (a few original images per class; any architecture, LayerNorm too)")
     id_rule: Literal["gmm", "quantile"] = Field(
         "gmm", description="bn rules: which images count as in-distribution: gmm = the low component of a 2-Gaussian fit "
                            "to the pool's log scores; quantile = the id_keep share per predicted class")

@@ -210,6 +210,9 @@ class DistillConfig(PluginSections):
     augment: Augment = Field(
         "rrc_flip", description="training augmentation: rrc_flip (release), crop (pad+crop, no flip), flip, none")
     eval_dir: Optional[Path] = Field(None, description="labelled ImageFolder of original-domain images")
+    anchor_dir: Optional[Path] = Field(None, description="a few original images per class (<class>/*, e.g. 5-20, "
+                                                          "never the eval set): the reference of selection_rule "
+                                                          "anchors, for a teacher of any architecture")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="held-out slice of the web pool for validation")
     device: str = Field("auto", description="auto, cpu, cuda, ...")
     amp: Literal["auto", "bf16", "off"] = Field("auto", description="bf16 autocast (auto = on GPU)")
@@ -252,6 +255,14 @@ class DistillConfig(PluginSections):
             if settings is None:
                 raise PluginSettingsError([(("student_settings",), f"student {self.student!r} takes no settings")])
             validate_settings(settings, self.student_settings, ("student_settings",))
+        return self
+
+    @model_validator(mode="after")
+    def _anchors_need_a_folder(self) -> "DistillConfig":
+        sec = self.method_config()
+        if getattr(sec, "selection_rule", None) == "anchors" and self.anchor_dir is None:
+            raise ValueError(f"distill.{self.method}.selection_rule anchors needs distill.anchor_dir (a few original "
+                             f"images per class, <class>/*)")
         return self
 
     def method_config(self) -> Optional[BaseModel]:

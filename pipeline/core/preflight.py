@@ -37,9 +37,14 @@ def check_teacher(cfg: RunConfig, why: str) -> dict:
 def check_distill_inputs(cfg: RunConfig, manifest: Optional[Path] = None) -> None:
     """Teacher, eval_dir and (once curated) the manifest: classes equal the teacher's, every shard there."""
     meta = check_teacher(cfg, "distill")
-    ev = cfg.distill.eval_dir
+    ev, an = cfg.distill.eval_dir, cfg.distill.anchor_dir
     if ev is not None and not Path(ev).is_dir():
         raise ConfigError(f"distill.eval_dir {ev} is not a folder")
+    if an is not None and not Path(an).is_dir():
+        raise ConfigError(f"distill.anchor_dir {an} is not a folder")
+    if an is not None and ev is not None and Path(an).resolve() == Path(ev).resolve():
+        raise ConfigError(f"distill.anchor_dir is distill.eval_dir ({ev}): the images selection learns from must "
+                          f"not be the ones the student is measured on")
     if manifest is None or not Path(manifest).is_file():
         return
     from .records import read_manifest, shard_path  # records pulls numpy; only needed once a manifest exists

@@ -298,3 +298,41 @@ def test_kd3_compact_export_is_the_plain_student_and_trains_the_backbone_as_full
     for k, v in model.state_dict().items():
         if not k.startswith("classifier."):
             torch.testing.assert_close(v, backbone[k], msg=k)  # the same backbone, trained the same way
+
+
+def test_layernorm_teacher_warns_of_its_fallback_and_selects_by_anchors(digits_world, run, tmp_path, caplog):
+    """A LayerNorm teacher has no BN statistics: the default rule says, in a warning, which rule it falls back
+    to; with a few original images per class (distill.anchor_dir) `selection_rule: anchors` selects by the
+    teacher's statistics on them, and a folder that is the eval set is refused."""
+    import logging
+
+    from pipeline.app.cli import main
+    from pipeline.core.errors import ConfigError
+
+    teacher = tmp_path / "ln_teacher.pt"
+    assert main(["teacher", "train", "--data", str(digits_world["base"] / "train"), "--arch", "cnn_small_ln",
+                 "--out", str(teacher), "--epochs", "4", "--img-size", "16", "--batch-size", "32", "--lr", "0.05",
+                 "--device", "cpu"]) == 0
+    anchors = tmp_path / "anchors"
+    for d in sorted((digits_world["base"] / "train").iterdir()):
+        (anchors / d.name).mkdir(parents=True)
+        for f in sorted(d.iterdir())[:5]:
+            shutil.copy(f, anchors / d.name / f.name)
+
+    def cfg(**kd3):
+        c = _cfg(digits_world, run, "kd3", epochs=1, kd3=kd3, anchor_dir=str(anchors))
+        return c.model_copy(update={"teacher": teacher})
+
+    with caplog.at_level(logging.WARNING, logger="kd3"):
+        m = distill(cfg(), out_id="ln-default")
+    assert "falls back to the release's confidence rule" in caplog.text and "selection_rule anchors" in caplog.text
+    first = json.loads((run / "distill" / "kd3-ln-default" / "selection.jsonl").read_text().splitlines()[0])
+    assert m["final"]["done"] and first["alpha"] is not None and "id" not in first  # the release's rule ran
+    m = distill(cfg(selection_rule="anchors"), out_id="ln-anchors")
+    sel = [json.loads(ln) for ln in (run / "distill" / "kd3-ln-anchors" / "selection.jsonl").read_text().splitlines()]
+    n_pool = len((run / "distill" / "kd3-ln-anchors" / "pool_keys.txt").read_text().split())
+    assert sel[0]["id"]["rule"] == "gmm" and 0 < m["epochs"][0]["selected"] < n_pool
+    assert m["final"]["done"]
+    with pytest.raises(ConfigError, match="anchor_dir is distill.eval_dir"):
+        distill(_cfg(digits_world, run, "kd3", epochs=1, anchor_dir=str(digits_world["eval_dir"]),
+                     kd3={"selection_rule": "anchors"}), out_id="same")

@@ -136,3 +136,49 @@ def test_bn_rule_falls_back_to_the_release_rule_without_batchnorm(caplog):
     teacher = NoBN().eval()
     m = create_method("kd3", OneBN().train(), teacher, Kd3Config(mixdist=False), 2, student_arch="x")
     assert m.rule == "confidence" and "falls back to the release's confidence rule" in caplog.text
+
+
+def test_anchor_reference_is_what_a_bn_layer_would_have_learnt_and_scores_like_the_bn_rule():
+    """The anchors rule's reference is the mean and variance of each normalisation layer's input over the
+    anchor images: on anchors drawn from the BN layer's own statistics it equals the running statistics, so
+    both rules score a pool alike; a LayerNorm over channels-last tokens is read on its last dim."""
+    from distill.methods.idscore import anchor_reference
+
+    net = OneBN()
+    anchors = torch.cat([_image([1.0, -2.0], [2.0, 0.5], seed=s) for s in range(64)])
+    (m, v), = anchor_reference(net, [anchors[:32], anchors[32:]])
+    assert torch.allclose(m, torch.tensor([1.0, -2.0]), atol=1e-5) and torch.allclose(v, torch.tensor([4.0, 0.25]),
+                                                                                       atol=1e-4)
+    pool = torch.cat([_image([1.0, -2.0], [2.0, 0.5], seed=100), _image([3.0, 0.0], [1.0, 1.0], seed=101)])
+
+    def infer(fn, augment=False):
+        return fn(pool)
+
+    bn, _ = bn_scores(net, infer)
+    anc, _ = bn_scores(net, infer, anchor_reference(net, [anchors]))
+    assert torch.allclose(bn, anc, rtol=1e-3, atol=1e-5) and anc[0] < anc[1]
+    ln = nn.LayerNorm(3)  # tokens (B, N, C): statistics per channel over the tokens
+    toks = torch.randn(4, 10, 3) * torch.tensor([1.0, 2.0, 3.0]) + torch.tensor([0.0, 5.0, -5.0])
+    (m, v), = anchor_reference(nn.Sequential(ln), [toks])
+    assert torch.allclose(m, toks.reshape(-1, 3).mean(0), atol=1e-5)
+    assert torch.allclose(v, toks.reshape(-1, 3).var(0, unbiased=False), atol=1e-4)
+
+
+def test_anchors_rule_needs_a_folder_and_a_normalisation_layer():
+    from pipeline.core.config import load_config
+    from pipeline.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="selection_rule anchors needs distill.anchor_dir"):
+        load_config(None, {"name": "x", "classes": ["a", "b"], "distill": {"kd3": {"selection_rule": "anchors"}}})
+
+    class NoNorm(Backbone):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.feature_dim, self.classifier = nn.Conv2d(3, 4, 3), 4, nn.Linear(4, 2)
+
+        def forward_features(self, x):
+            return self.conv(x)
+
+    cfg = Kd3Config(selection_rule="anchors")
+    with pytest.raises(ConfigError, match="no normalisation layer"):
+        create_method("kd3", NoNorm(), NoNorm().eval(), cfg, 2, student_arch="s")
