@@ -28,7 +28,6 @@ COPY pipeline ./pipeline
 COPY crawlers ./crawlers
 COPY distill ./distill
 COPY flows ./flows
-COPY kd3demo ./kd3demo
 COPY docker ./docker
 RUN pip install -c /etc/kd3-torch.txt -e .[server]
 

@@ -20,11 +20,12 @@ export DO_NOT_TRACK := 1
 
 .PHONY: venv lint test test-slow test-deploy demo bench clean
 
-$(VENV)/.installed: pyproject.toml
+# kd3 and, beside it, kd3-demo (demo/: the demo world, the fake web, `kd3 demo`; not in a production install)
+$(VENV)/.installed: pyproject.toml demo/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=68" wheel
 	$(PIP) install -q $(TORCH_REQ)
-	$(PIP) install -q -e ".[dev,server]"
+	$(PIP) install -q -e ".[dev,server]" -e ./demo
 	touch $@
 
 venv: $(VENV)/.installed

@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="small", choices=sorted(dw.SIZES))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--query-world", default="loop", choices=sorted(dw.QUERY_WORLDS),
-                    help="the demo's query world (kd3demo/world.py QUERY_WORLDS): which classes are rare on the web")
+                    help="the demo's query world (demo/kd3demo/world.py QUERY_WORLDS): which classes are rare on the web")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budget", type=int, default=40, help="downloads per loop round")
     ap.add_argument("--method", default="kd3")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("pipeline", "crawlers", "distill", "flows", "kd3demo", "bench", "tools")
+PACKAGES = ("pipeline", "crawlers", "distill", "flows", "demo/kd3demo", "bench", "tools")
 
 
 def lengths(path: Path):

@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("pipeline", "crawlers", "distill", "flows", "kd3demo")
+PACKAGES = ("pipeline", "crawlers", "distill", "flows", "demo/kd3demo")  # folders, each a top-level package
 
 
-def module_of(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def module_of(path: Path, base: Path = ROOT) -> str:
+    parts = list(path.relative_to(base).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -44,7 +44,8 @@ def imported(node: ast.AST, mod: str, is_pkg: bool, known: set[str]) -> list[str
 
 
 def graph() -> dict[str, set[str]]:
-    files = {module_of(p): p for pkg in PACKAGES if (ROOT / pkg).is_dir() for p in (ROOT / pkg).rglob("*.py")}
+    files = {module_of(p, (ROOT / pkg).parent): p for pkg in PACKAGES if (ROOT / pkg).is_dir()
+             for p in (ROOT / pkg).rglob("*.py")}
     known = set(files)
     g: dict[str, set[str]] = {m: set() for m in files}
     for mod, path in files.items():
