@@ -39,12 +39,14 @@ def _shard_path(manifest_path: Path, url: str) -> Path:
     return p
 
 
-def verify_shards(manifest_path, manifest: dict | None = None) -> list[Path]:
-    """Check every shard exists and matches its manifest sha256/filesize. Returns the paths."""
+def verify_shards(manifest_path, manifest: dict | None = None, part: tuple[int, int] = (0, 1)) -> list[Path]:
+    """Check every shard exists and matches its manifest filesize and sha256. Returns the paths. ``part``
+    ``(rank, world)``: this process hashes every world-th shard only (the ranks of one run share the
+    reading; each still checks every shard's presence and size)."""
     mp = Path(manifest_path)
     man = manifest or read_manifest(mp)
     paths = []
-    for s in man["shardlist"]:
+    for i, s in enumerate(man["shardlist"]):
         sp = _shard_path(mp, s["url"])
         if not sp.is_file():
             raise DataError(f"shard {s['url']} listed in {mp} is missing ({sp})")
@@ -53,6 +55,9 @@ def verify_shards(manifest_path, manifest: dict | None = None) -> list[Path]:
         want = s.get("sha256")
         if not want:
             raise DataError(f"shard {s['url']}: manifest {mp} lists no sha256, cannot verify it")
+        if i % part[1] != part[0]:
+            paths.append(sp)
+            continue
         got = sha256_file(sp)
         if got != want:
             raise DataError(f"shard {s['url']} is corrupt: sha256 {got[:12]}... does not match the manifest's {want[:12]}...")
@@ -277,10 +282,13 @@ def read_keys_file(path) -> set[str]:
 
 
 def open_web_data(manifest_path, size: int, mean, std, augment: str = "rrc_flip",
-                  val_fraction: float = 0.0, keys_file=None) -> WebData:
+                  val_fraction: float = 0.0, keys_file=None, manifest: dict | None = None,
+                  part: tuple[int, int] = (0, 1)) -> WebData:
+    """The pool and the held-out slice of a manifest (``manifest``: its dict, when the caller read it
+    already); ``part``: which shards this rank hashes (:func:`verify_shards`)."""
     mp = Path(manifest_path)
-    man = read_manifest(mp)
-    shards = verify_shards(mp, man)
+    man = manifest if manifest is not None else read_manifest(mp)
+    shards = verify_shards(mp, man, part)
     classes = list(man["classes"])
     samples: list[Sample] = []
     for i, sp in enumerate(shards):

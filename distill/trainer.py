@@ -53,7 +53,8 @@ class Trainer:
         dc = self.dc = cfg.distill
         self.cfg, self.rt, self.out_dir = cfg, rt, Path(out_dir)
         seed_all(dc.seed + rt.rank)
-        self.classes = list(read_manifest(manifest_path)["classes"])
+        manifest = read_manifest(manifest_path)  # read once: classes, shards, keys
+        self.classes = list(manifest["classes"])
         self.teacher, self.tmeta = load_teacher(teacher_path, rt.device, classes=self.classes,
                                                 classes_from=f"manifest {Path(manifest_path).name}")
         if rt.channels_last:
@@ -61,7 +62,7 @@ class Trainer:
         self.size = int(dc.img_size or self.tmeta["input_size"])
         self.mean, self.std = self.tmeta["mean"], self.tmeta["std"]
         self.data = open_web_data(manifest_path, self.size, self.mean, self.std, dc.augment, dc.val_fraction,
-                                  keys_file=dc.keys_file)
+                                  keys_file=dc.keys_file, manifest=manifest, part=(rt.rank, rt.world))
         self.pool = self.data.pool
         self.pool_labels = torch.tensor(self.pool.labels, dtype=torch.long)  # query labels, for per-class counts
         self.pool_plain = self.pool.subset(list(range(len(self.pool))),

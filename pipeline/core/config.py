@@ -529,9 +529,16 @@ def dump_config(cfg: RunConfig) -> str:
 
 
 def save_resolved(cfg: RunConfig) -> Path:
-    """Write ``runs/<name>/config.yaml`` (atomically, secrets removed)."""
+    """Write ``runs/<name>/config.yaml`` (atomically, secrets removed), once: every stage and per-class task
+    of a run calls this, and a file that already says the same is left alone."""
     out = cfg.run_dir / "config.yaml"
-    atomic_write_text(out, dump_config(cfg))
+    text = dump_config(cfg)
+    try:
+        if out.read_text(encoding="utf-8") == text:
+            return out
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_text(out, text)
     return out
 
 

@@ -122,6 +122,10 @@ def test_shard_sha_mismatch_refused(digits_world, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError, match=rf"shard shards/{shard.name} is corrupt: sha256"):
         open_web_data(man, 16, [0] * 3, [1] * 3)
+    # two ranks share the hashing: the rank that hashes shard 1 refuses it, the other checks only its size
+    with pytest.raises(DataError, match=rf"shard shards/{shard.name} is corrupt: sha256"):
+        verify_shards(man, part=(1, 2))
+    assert len(verify_shards(man, part=(0, 2))) == len(load_manifest(man)["shardlist"])
     shard.unlink()
     with pytest.raises(DataError, match=rf"shard shards/{shard.name} listed in .* is missing"):
         verify_shards(man)

@@ -225,3 +225,18 @@ def test_a_bad_flag_is_blamed_not_the_run_config(tmp_path, capsys, argv, blamed)
     (run / "config.yaml").write_text(yaml.safe_dump({"classes": ["cat", "dog"], "distill": {"epochs": 0}}))
     assert cli.main(["distill", "--run", str(run)]) == 2  # ... and a bad value in the file names the file
     assert f"{run / 'config.yaml'}: distill.epochs" in capsys.readouterr().err
+
+
+def test_config_yaml_is_written_once_per_run(tmp_path):
+    """Every stage and per-class task saves the resolved config; the file is written the first time and left
+    alone while it says the same (same inode, same bytes), rewritten when the config changes."""
+    from pipeline.core.config import save_resolved
+
+    cfg = load_config(None, {"name": "once", "runs_root": str(tmp_path), "classes": ["a", "b"]})
+    path = save_resolved(cfg)
+    ino = path.stat().st_ino
+    for _ in range(3):
+        assert save_resolved(cfg) == path and path.stat().st_ino == ino
+    cfg2 = load_config(path, {"crawl.per_class": 7})
+    save_resolved(cfg2)
+    assert path.stat().st_ino != ino and load_config(path).crawl.per_class == 7
