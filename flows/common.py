@@ -193,10 +193,11 @@ def lock_holder() -> Optional[str]:
     return f"flow run {fr.name} ({fr.id})" if fr is not None else None
 
 
-def locked(cfg: RunConfig):
+def locked(cfg: RunConfig, join: Optional[str] = None):
     """Inside a flow: hold ``runs/<name>/.lock`` (pipeline.core.runlock); a second run of the same config
-    fails at once naming the first, a subflow of the holder enters it again."""
-    return run_lock(cfg.run_dir, lock_holder())
+    fails at once naming the first, a subflow of the holder enters it again. ``join``: the rendezvous id of
+    a multi-node distill, whose other nodes may hold the lock already (and let this one in)."""
+    return run_lock(cfg.run_dir, lock_holder(), join)
 
 
 # ---------------------------------------------------------------- artifacts

@@ -307,7 +307,8 @@ def _distill_artifact(cfg: RunConfig, result: dict, cached: bool) -> None:
 def distill(config: RunConfig, run_name: Optional[str] = None, force: bool = False) -> dict:
     """Distill a student on this run's manifest (one coarse, cached task)."""
     cfg = with_run_name(config, run_name)
-    with locked(cfg):
+    join = rendezvous_id(cfg, output_dir(cfg)) if cfg.flow.nodes > 1 else None  # the other nodes' id
+    with locked(cfg, join):
         return _run_coarse(distill_task, cfg, force, _distill_outputs_ok, _distill_artifact,
                            "cached distill result points at a missing student; distilling again")
 

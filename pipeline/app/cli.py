@@ -16,6 +16,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -26,7 +27,7 @@ from pipeline.core.config import DistillConfig, RunConfig, iter_fields, load_con
 from pipeline.core.errors import ConfigError, Kd3Error, report
 from pipeline.core.logs import setup_logging
 from pipeline.core.preflight import STAGES, preflight
-from pipeline.core.runlock import run_lock
+from pipeline.core.runlock import RunLocked, run_lock
 
 from .inspect_cli import add_inspect_arguments, inspect_cli
 
@@ -243,13 +244,37 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     from distill.launch import distill_cli, rendezvous_id  # heavy: see above
     from distill.stage import output_dir
 
+    if cfg.flow.nodes > 1:  # one node of several: the lock may be another node's, or a flow's not yet at distill
+        with _node_lock(cfg, rendezvous_id(cfg, output_dir(cfg, args.out_id))):
+            return distill_cli(cfg, args)
     join = None
-    if cfg.flow.nodes > 1:
-        join = rendezvous_id(cfg, output_dir(cfg, args.out_id))
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("TORCHELASTIC_RUN_ID"):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("TORCHELASTIC_RUN_ID"):
         join = "torchrun-" + os.environ["TORCHELASTIC_RUN_ID"]  # the ranks of a torchrun the user started
     with _locked(cfg, "distill", join):
         return distill_cli(cfg, args)
+
+
+NODE_WAIT_S = 600.0  # as long as torchrun's rendezvous waits for the other nodes
+
+
+@contextlib.contextmanager
+def _node_lock(cfg: RunConfig, join: str):
+    """The run lock for one node of a multi-node distill: taken, or joined once its holder (another node, or
+    the flow that reaches distill later) lets this rendezvous in; until then it waits, up to NODE_WAIT_S."""
+    deadline, said = time.monotonic() + NODE_WAIT_S, False
+    with contextlib.ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(_locked(cfg, "distill", join))
+                break
+            except RunLocked as e:
+                if time.monotonic() > deadline:
+                    raise
+                if not said:
+                    log.info("%s; waiting up to %.0f s for it to let distill %s in", e, NODE_WAIT_S, join)
+                    said = True
+                time.sleep(2.0)
+        yield
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

@@ -95,6 +95,8 @@ def allow_join(run_dir: str | os.PathLike, join: str) -> None:
     with _GUARD:
         mine = _HELD.get(lock_path(run_dir))
         if mine is None:
+            if join in read_holder(run_dir).get("join", []):
+                return  # this process joined the holder under that very id: it is let in already
             raise RuntimeError(f"allow_join: this process does not hold the lock of {run_dir}")
         info = read_holder(run_dir)
         if join not in info.get("join", []):

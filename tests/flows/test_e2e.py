@@ -177,3 +177,39 @@ def test_crawl_fans_out_on_dask_local_cluster(prefect_env, make_cfg):
     rows = read_jsonl(Path(cfg.run_dir) / "crawl" / "records.jsonl")
     ok = Counter(r["class"] for r in rows if r["status"] == "ok")
     assert ok == Counter({"zero": 10, "one": 10, "two": 10})
+
+
+def test_distill_flow_on_two_nodes_with_a_node_that_came_first(first_run, make_cfg, tmp_path):
+    """`flow.nodes: 2`: the other machine's `kd3 distill --nnodes 2 --rdzv ...` may start before the flow
+    reaches distill; it takes the run lock, lets the flow's rendezvous in, and the two train one student."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from distill.launch import rendezvous_id
+    from distill.stage import output_dir
+    from flows.stages import distill
+    from pipeline.core.config import dump_config
+    from pipeline.core.runlock import read_holder
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = make_cfg("e2e", **{"flow.nodes": 2, "flow.rdzv": f"127.0.0.1:{port}", "distill.seed": 11})
+    (tmp_path / "run.yaml").write_text(dump_config(cfg))
+    repo = Path(__file__).resolve().parents[2]
+    node = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "distill", "--config", str(tmp_path / "run.yaml")],
+                            env=dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    join = rendezvous_id(cfg, output_dir(cfg))
+    deadline = time.time() + 120
+    while join not in read_holder(cfg.run_dir).get("join", []) and time.time() < deadline:
+        time.sleep(0.2)  # the node holds the lock first
+    assert join in read_holder(cfg.run_dir).get("join", []), node.communicate(timeout=60)
+    result = distill(cfg)
+    out, err = node.communicate(timeout=300)
+    assert node.returncode == 0, err[-3000:]
+    m = json.loads((Path(result["out_dir"]) / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["final"]["done"] and "kd3 distill: kd3 cnn_tiny" in out
