@@ -158,7 +158,8 @@ def diagnose(out_dir: Path, world: int, settle_s: float = 3 * BEAT_S) -> Optiona
     for r, info in first.items():
         now = read_rank(session, r)
         if info and now.get("state") == "running" and now.get("beat") == info.get("beat"):
-            silent.append(f"{describe(now, r)} died without an error (killed by a signal or out of memory)")
+            silent.append(f"{describe(now, r)} stopped answering without an error (killed by a signal, out of "
+                          f"memory, or hung)")
         elif not info:
             silent.append(f"rank {r} never started")
     if silent:
