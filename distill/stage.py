@@ -30,6 +30,14 @@ def default_out_id(cfg, teacher_path: Path) -> str:
     return h[:8]
 
 
+def reads(cfg) -> dict[str, Optional[Path]]:
+    """Every file and folder a distill run reads besides its config (the flows' cache key fingerprints each:
+    a folder by its tree, a file by its bytes)."""
+    d = cfg.distill
+    return {"manifest": RunDir(cfg.run_dir).manifest, "teacher": cfg.teacher, "eval_dir": d.eval_dir,
+            "anchor_dir": d.anchor_dir, "keys_file": d.keys_file}
+
+
 def output_dir(cfg, out_id: str | None = None) -> Path:
     if cfg.teacher is None:
         raise ConfigError("distill needs a teacher: set `teacher` (or --teacher / --set teacher=PATH)")

@@ -66,6 +66,12 @@ def tree_fingerprint(root: Optional[str | os.PathLike]) -> Optional[str]:
     return _sha(rows)
 
 
+def fingerprints(reads: dict) -> dict:
+    """What a stage declares it reads, fingerprinted: a folder by its tree, a file by its bytes."""
+    return {k: tree_fingerprint(p) if p is not None and Path(p).is_dir() else file_fingerprint(p)
+            for k, p in reads.items()}
+
+
 @lru_cache(maxsize=None)
 def code_fingerprint(*packages: str) -> str:
     """sha256 over the ``*.py`` sources of the named package folders (``crawlers``, ``pipeline/core``, ...)."""

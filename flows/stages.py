@@ -21,6 +21,7 @@ from crawlers.stage import check_found_images, crawl_class
 from distill.launch import launch, rendezvous_id, several_ranks
 from distill.stage import distill as distill_fn
 from distill.stage import output_dir
+from distill.stage import reads as distill_reads
 from pipeline.core.config import RunConfig, save_resolved
 from pipeline.core.errors import Kd3Error
 from pipeline.core.records import CrawlSummary, read_crawl_summary
@@ -30,6 +31,7 @@ from pipeline.curate import curate as curate_fn
 
 from flows.common import (
     file_fingerprint,
+    fingerprints,
     locked,
     make_cache_key_fn,
     md_table,
@@ -76,8 +78,7 @@ def _configured(task_, cfg: RunConfig, *, refresh: bool, **extra):
 
 def source_fingerprints(cfg: RunConfig) -> dict:
     """The local files and folders the configured crawl sources read (each source names its own)."""
-    return {k: tree_fingerprint(p) if p is not None and Path(p).is_dir() else file_fingerprint(p)
-            for k, p in source_inputs(cfg).items()}
+    return fingerprints(source_inputs(cfg))
 
 
 def _crawl_key_parts(inputs: dict) -> dict:
@@ -250,15 +251,12 @@ def curate(config: RunConfig, run_name: Optional[str] = None, force: bool = Fals
 
 def _distill_key_parts(inputs: dict) -> dict:
     cfg: RunConfig = with_run_name(inputs["config"], None)
-    rd = RunDir(cfg.run_dir)
     return {
         "distill": section_json(cfg, "distill"),
         "gpus": cfg.flow.gpus,
         "nodes": cfg.flow.nodes,
         "run_dir": str(Path(cfg.run_dir).resolve()),
-        "manifest": file_fingerprint(rd.manifest),
-        "teacher": file_fingerprint(cfg.teacher),
-        "eval_dir": tree_fingerprint(cfg.distill.eval_dir),
+        **fingerprints(distill_reads(cfg)),  # what the stage declares it reads (distill.stage.reads)
     }
 
 
