@@ -147,6 +147,7 @@ class Chunk:
     cache: str          # absolute path of curate/cache
     classes: list[str]  # what the embedder is built for (the teacher backend maps its classes)
     items: list[tuple[str, str, bool]] = field(default_factory=list)
+    kind: str = "images"  # or "planted": embed the planted copies of these images (:mod:`.calibrate`)
 
     def facts_path(self) -> Path:
         return Path(self.cache) / FACTS_PARTS / f"{self.id}.jsonl"
@@ -177,12 +178,17 @@ def _chunk_done(item, rows: dict, own_emb, tag: str) -> bool:
     return not (embed and r.get("ok")) or sha in own_emb
 
 
-def scan_chunk(chunk: Chunk, c, embedder, progress: Optional[Callable[[int], None]] = None) -> dict:
-    """Decode, hash and embed one chunk into its own files; what an earlier try of it finished is kept."""
+def check_key(chunk: Chunk, embedder) -> None:
+    """A worker must embed with the model the plan was made for (its cache is keyed by it)."""
     if cache_key(embedder) != chunk.key:
         raise DataError(f"scan chunk {chunk.index + 1}/{chunk.total}: this worker's embedder is "
                         f"{cache_key(embedder)!r}, the plan's {chunk.key!r}: every worker needs the same "
                         f"model files (curate.clip_weights / teacher) and settings")
+
+
+def scan_chunk(chunk: Chunk, c, embedder, progress: Optional[Callable[[int], None]] = None) -> dict:
+    """Decode, hash and embed one chunk into its own files; what an earlier try of it finished is kept."""
+    check_key(chunk, embedder)
     tag = decode_tag(embedder)
     path = chunk.facts_path()
     own = EmbeddingCache(Path(chunk.cache), chunk.key, part_prefix=f"part-{chunk.id}-")

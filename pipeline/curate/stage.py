@@ -14,6 +14,8 @@ the same: the chunks, their batches and everything decided after them do not dep
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -26,12 +28,12 @@ from pipeline.core.errors import DataError
 from pipeline.core.runs import RunDir
 
 from . import sources
-from .calibrate import plant_copies
+from .calibrate import COPY_PREFIX, plant_copies, planted_sample
 from .decontam import eval_files
 from .embed import EmbeddingCache, make_embedder
 from .outputs import print_summary, write_all
 from .relevance import check_filter_allowed
-from .scan import Chunk, FactsCache, absorb_parts, cache_key, decode_tag, plan_chunks, scan_chunk
+from .scan import Chunk, FactsCache, absorb_parts, cache_key, check_key, decode_tag, plan_chunks, scan_chunk
 from .steps import decontaminate, exact_dedup, near_dedup, phash_dedup, relevance, validate
 from .table import Context, alive, build_rows, score
 
@@ -132,13 +134,31 @@ def run_scan(job: Job, map_chunks: Optional[MapChunks] = None) -> dict:
     return stats
 
 
+def plant(job: Job, map_chunks: Optional[MapChunks] = None) -> int:
+    """Embed the planted copies the calibrated near-dup cut measures (here, or as one more chunk where the
+    scan's chunks ran: the copies and their originals are embedded on the same kind of device)."""
+    ctx = job.ctx
+    ok = [x for x in job.items[:job.pool] if ctx.facts.rows.get(x[0], {}).get("ok")]
+    if map_chunks is None:
+        return plant_copies(ok, job.embedder, ctx.emb, job.cfg.curate)
+    todo = planted_sample(ok)
+    if all(COPY_PREFIX + s in ctx.emb for s, _ in todo):
+        return 0
+    key = cache_key(job.embedder)
+    cid = hashlib.sha256(json.dumps(["planted", key, [s for s, _ in todo]]).encode()).hexdigest()[:16]
+    chunk = Chunk(0, 1, cid, key, str(job.cache.absolute()), list(ctx.classes),
+                  [(s, str(Path(p).absolute()), True) for s, p in todo], kind="planted")
+    (result,) = map_chunks([chunk])
+    ctx.emb.refresh()
+    if not all(COPY_PREFIX + s in ctx.emb for s, _ in todo):
+        raise DataError(f"curate: the planted-copies chunk left no results under {job.cache.absolute()}: every "
+                        f"worker must see the run directory at the same path (shared storage)")
+    return int(result.get("planted", 0))
+
+
 def decide(job: Job, embed_stats: dict, t_start: float) -> dict[str, Any]:
-    """The reduce: planted copies, the facts table, every step, the outputs; returns the manifest."""
+    """The reduce: the facts table, every step, the outputs; returns the manifest."""
     cfg, ctx, src, embedder = job.cfg, job.ctx, job.src, job.embedder
-    c = cfg.curate
-    if near_dedup.wants_planted_copies(c):
-        ok = [x for x in job.items[:job.pool] if ctx.facts.rows.get(x[0], {}).get("ok")]
-        embed_stats["planted_copies"] = plant_copies(ok, embedder, ctx.emb, c)
     rows = build_rows(src.cands, ctx.facts)
     stats: dict[str, Any] = {"records": {"in": src.records, "out": src.ok,
                                          "dropped": {"not_ok": src.records - src.ok}}}
@@ -159,7 +179,10 @@ def curate(cfg: RunConfig, map_chunks: Optional[MapChunks] = None) -> dict[str, 
     chunks elsewhere (each through :func:`run_chunk`); by default they run here."""
     t_start = time.perf_counter()
     job = prepare(cfg)
-    return decide(job, run_scan(job, map_chunks), t_start)
+    embed_stats = run_scan(job, map_chunks)
+    if near_dedup.wants_planted_copies(cfg.curate):
+        embed_stats["planted_copies"] = plant(job, map_chunks)
+    return decide(job, embed_stats, t_start)
 
 
 # ---------------------------------------------------------------- a chunk on another process or machine
@@ -187,6 +210,10 @@ def run_chunk(cfg: RunConfig, chunk: Chunk) -> dict:
         if embedder is None:
             _BUILT.clear()  # one model per process
             embedder = _BUILT[want] = make_embedder(c, chunk.classes, cfg.teacher)
-    log.info("curate: scan chunk %d/%d (%d images) on %s", chunk.index + 1, chunk.total, len(chunk.items),
-             getattr(embedder, "device", "?"))
+    log.info("curate: %s chunk %d/%d (%d images) on %s", chunk.kind, chunk.index + 1, chunk.total,
+             len(chunk.items), getattr(embedder, "device", "?"))
+    if chunk.kind == "planted":
+        check_key(chunk, embedder)
+        own = EmbeddingCache(Path(chunk.cache), chunk.key, part_prefix=f"part-{chunk.id}-")
+        return {"chunk": chunk.id, "planted": plant_copies([(s, Path(p)) for s, p, _ in chunk.items], embedder, own, c)}
     return scan_chunk(chunk, c, embedder)

@@ -1,6 +1,7 @@
 """Curate across machines (issue 21, part 3): the curate flow on a Dask LocalCluster of 2 worker processes,
-its scan in several chunk tasks, gives what one process gives: the same decisions, manifest (but for its
-timings), shards, index and embeddings; a rerun is a cache hit that starts no chunk."""
+its scan in several chunk tasks (and the near-dup calibration's planted copies in one more), gives what one
+process gives: the same decisions, manifest (but for its timings), shards, index and embeddings; a rerun
+is a cache hit that starts no chunk."""
 from __future__ import annotations
 
 import hashlib
@@ -44,7 +45,8 @@ def _scan_chunk_runs() -> Counter:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as c:
-        return Counter(t.state_name for t in c.read_task_runs(limit=200) if t.name.startswith("scan-chunk"))
+        return Counter((t.name.rsplit("-", 1)[0], t.state_name) for t in c.read_task_runs(limit=200)
+                       if t.name.startswith("scan-"))
 
 
 def test_curate_on_two_dask_processes_equals_one_process(prefect_env, make_cfg, digits_folder, tmp_path):
@@ -53,7 +55,7 @@ def test_curate_on_two_dask_processes_equals_one_process(prefect_env, make_cfg, 
 
     folder = _pool(digits_folder, tmp_path / "pool")
     over = {"crawl.folder": str(folder), "curate.scan_chunk": 8, "curate.workers": 1, "flow.task_runner": "dask",
-            "flow.dask_workers": 2, "flow.dask_processes": True}
+            "curate.near_dup_threshold": "auto", "flow.dask_workers": 2, "flow.dask_processes": True}
     one = make_cfg("fanout", runs_root=str(tmp_path / "one"), **over)
     fan = make_cfg("fanout", runs_root=str(tmp_path / "dask"), **over)
     for cfg in (one, fan):
@@ -61,10 +63,12 @@ def test_curate_on_two_dask_processes_equals_one_process(prefect_env, make_cfg, 
 
     m1 = curate(one)                      # `kd3 curate`: every chunk in this process
     before = _scan_chunk_runs()
-    r = curate_flow(fan)                  # the flow: 5 chunk tasks on 2 worker processes, the reduce here
+    r = curate_flow(fan)                  # the flow: 5 + 1 chunk tasks on 2 worker processes, the reduce here
     ran = _scan_chunk_runs() - before
     assert r["cached"] is False
-    assert m1["stats"]["embed"]["chunks"] == 5 and ran == Counter({"Completed": 5})
+    assert m1["stats"]["embed"]["chunks"] == 5
+    assert ran == Counter({("scan-images", "Completed"): 5, ("scan-planted", "Completed"): 1})
+    assert m1["stats"]["embed"]["planted_copies"] == 36 and m1["stats"]["near_dedup"]["calibration"]["copies"] == 36
     assert m1["stats"]["exact_dedup"]["dropped"] == {"exact_dup": 1, "cross_class_dup": 1}  # something to decide
     assert m1["stats"]["validate"]["dropped"] == {"invalid": 1}
     assert _outputs(Path(fan.run_dir)) == _outputs(Path(one.run_dir))
