@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -121,6 +122,7 @@ def run_once(work: Path, pool: Path, teacher: Path, workers: int, tag: str, a) -
         "curate.scan_chunk": a.chunk, "curate.near_dup_threshold": 0.9999, "curate.max_dup_share": 1.0,
         "flow.task_runner": "dask", "flow.dask_workers": workers, "flow.dask_processes": True, "flow.cache": False,
     })
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a fresh run directory: nothing cached
     Path(cfg.run_dir).mkdir(parents=True)
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
