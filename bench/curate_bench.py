@@ -98,14 +98,20 @@ class CuratePair:
                                  "curate.clip_model": self.model, "curate.clip_pretrained": None,
                                  "curate.batch_size": self.batch, "curate.workers": self.workers,
                                  "curate.device": self.device, "curate.near_dup": False})
-        scan, took = stage.scan, []
-        stage.scan = lambda *a, **kw: took.append(cpu_timed(lambda: scan(*a, **kw)))
+        scan, took = stage.run_scan, []
+
+        def timed_scan(*a, **kw):
+            wall, cpu, out = cpu_timed(lambda: scan(*a, **kw))
+            took.append((wall, cpu, out))
+            return out
+
+        stage.run_scan = timed_scan
         try:
             t0 = time.perf_counter()
             stage.curate(cfg)
             self.last_stage_s = time.perf_counter() - t0
         finally:
-            stage.scan = scan
+            stage.run_scan = scan
         shutil.rmtree(run, ignore_errors=True)
         (wall, cpu, _), = took
         return wall / self.n, cpu / self.n

@@ -9,12 +9,14 @@ config and strings (class names, paths); images never pass through Prefect.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from prefect import flow, task, unmapped
+from prefect.cache_policies import NO_CACHE
 
 from crawlers.source import source_inputs
 from crawlers.stage import check_found_images, crawl_class
@@ -28,6 +30,8 @@ from pipeline.core.records import CrawlSummary, read_crawl_summary
 from pipeline.core.runlock import allow_join
 from pipeline.core.runs import RunDir
 from pipeline.curate import curate as curate_fn
+from pipeline.curate import run_chunk, worker_config
+from pipeline.curate.scan import Chunk
 
 from flows.common import (
     file_fingerprint,
@@ -185,11 +189,51 @@ def _curate_key_parts(inputs: dict) -> dict:
     }
 
 
+@task(name="scan-chunk", task_run_name="scan-{chunk.kind}-{chunk.index}", cache_policy=NO_CACHE, persist_result=False,
+      retries=1, retry_condition_fn=_no_retry_on_user_error)
+def scan_chunk_task(config: RunConfig, chunk: Chunk) -> dict:
+    """Decode, hash and embed one chunk of the curate scan (or the planted copies of the near-dup
+    calibration) into its own files under ``curate/cache/``; on a Dask worker, so the run directory must
+    be on storage every worker sees at the same path."""
+    return run_chunk(config, chunk)
+
+
+@contextlib.contextmanager
+def chunk_mapper(cfg: RunConfig) -> Iterator[Optional[Callable[[list[Chunk]], list[dict]]]]:
+    """How the curate scan's chunks run: one ``scan-chunk`` task each on Dask (``flow.task_runner: dask``;
+    the cluster is started at the first chunk, so a run with nothing to scan starts none, and stopped on
+    the way out), else in the curate task's own process (None)."""
+    if cfg.flow.task_runner != "dask":
+        yield None
+        return
+    shipped = worker_config(cfg)
+    with contextlib.ExitStack() as stack:
+        runners: list = []
+
+        def map_chunks(chunks: list[Chunk]) -> list[dict]:
+            if not runners:
+                log.info("curate: scan chunks on Dask (%s)",
+                         cfg.flow.dask_address or f"a LocalCluster of {cfg.flow.dask_workers} workers")
+                runners.append(stack.enter_context(task_runner_for(cfg, 1)))
+            futures = runners[0].map(scan_chunk_task, {"config": unmapped(shipped), "chunk": chunks})
+            futures.wait()
+            states = [f.state for f in futures]
+            for st in states:
+                if not st.is_completed():
+                    exc = st.result(raise_on_failure=False)
+                    raise exc if isinstance(exc, BaseException) else RuntimeError(f"scan chunk failed: {st.name}")
+            return [st.result() for st in states]
+
+        yield map_chunks
+
+
 @task(name="curate", cache_key_fn=make_cache_key_fn(_curate_key_parts, ("pipeline/core", "pipeline/curate")),
       result_serializer="json")
 def curate_task(config: RunConfig) -> dict:
-    """Validate, dedup, embed, index, decontaminate and shard; returns a small manifest summary."""
-    manifest = curate_fn(config)
+    """Validate, dedup, embed, index, decontaminate and shard; returns a small manifest summary. The scan
+    runs as ``scan-chunk`` tasks on Dask when ``flow.task_runner`` is dask; the reduce runs here."""
+    with chunk_mapper(config) as map_chunks:
+        manifest = curate_fn(config, map_chunks=map_chunks)
     rd = RunDir(config.run_dir)
     return {
         "manifest": str(rd.manifest.resolve()),
@@ -240,7 +284,8 @@ def _run_coarse(task, cfg: RunConfig, force: bool, outputs_ok, artifact, stale_m
 
 @flow(name="kd3-curate", log_prints=True)
 def curate(config: RunConfig, run_name: Optional[str] = None, force: bool = False) -> dict:
-    """Curate the crawl of this run into shards + manifest (one coarse, cached task)."""
+    """Curate the crawl of this run into shards + manifest (one coarse, cached task; on Dask its scan fans
+    out as one task per chunk)."""
     cfg = with_run_name(config, run_name)
     with locked(cfg):
         return _run_coarse(curate_task, cfg, force, _curate_outputs_ok, _curate_artifact,

@@ -137,6 +137,8 @@ class CurateConfig(PluginFields):
     batch_size: int = Field(256, gt=0, description="embedding batch size")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     workers: int = Field(4, ge=0, description="decode/hash worker threads")
+    scan_chunk: int = Field(4096, gt=0, description="images per chunk of the decode/hash/embed scan (one task "
+                                                    "each on flow.task_runner dask; a killed chunk resumes)")
     near_dup: bool = Field(True, description="remove near-duplicates by embedding cosine (after pHash)")
     near_dup_threshold: Union[Literal["auto"], float] = Field(
         "auto", description="cosine similarity for near-duplicates; auto: calibrated on the pool (planted "

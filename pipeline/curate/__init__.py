@@ -8,11 +8,11 @@ are modules of their own. Submodules never import this package back.
 import importlib
 from typing import Any
 
-__all__ = ["STEPS", "curate"]
+__all__ = ["STEPS", "curate", "run_chunk", "worker_config"]
 
 
 def __getattr__(name: str) -> Any:
-    """``curate`` and ``STEPS`` load on first use: the config reads the CLIP embedder's settings
+    """``curate``, ``STEPS`` and the scan's worker side (``run_chunk``, ``worker_config``) load on first use: the config reads the CLIP embedder's settings
     (:mod:`.embed`) without importing the whole stage."""
     if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

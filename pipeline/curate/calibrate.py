@@ -57,11 +57,15 @@ def planted_copy(rgb, k: int, side: Optional[int] = None):
     return inspect_image(buf.getvalue(), size[0] * size[1], side)[1]
 
 
+def planted_sample(items: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    """The decodable (sha, file) pairs whose copies are planted, in the order :func:`plant_copies` numbers them."""
+    chosen = set(sample([s for s, _ in items], PLANT_N))
+    return sorted(x for x in items if x[0] in chosen)
+
+
 def plant_copies(items: list[tuple[str, Path]], embedder, emb_cache, c) -> int:
     """Embed a planted copy of each sampled image (``items``: decodable (sha, file)) not cached yet."""
-    chosen = {s for s in sample([s for s, _ in items], PLANT_N)}
-    todo = [(k, s, p) for k, (s, p) in enumerate(sorted(x for x in items if x[0] in chosen))
-            if COPY_PREFIX + s not in emb_cache]
+    todo = [(k, s, p) for k, (s, p) in enumerate(planted_sample(items)) if COPY_PREFIX + s not in emb_cache]
 
     side = work_side(embedder)
 

@@ -169,22 +169,30 @@ class EmbeddingCache:
     changing the model does not.
     """
 
-    def __init__(self, root: Path, key: str):
+    def __init__(self, root: Path, key: str, part_prefix: str = "part-"):
+        """``part_prefix``: the default reads every part and numbers new ones; a chunk of the scan passes
+        ``part-<chunk id>-`` and then reads and writes its own parts only (:func:`.scan.scan_chunk`)."""
         self.dir = Path(root) / ("emb-" + hashlib.sha256(key.encode()).hexdigest()[:16])
         self.dir.mkdir(parents=True, exist_ok=True)
         if not (self.dir / "key.json").exists():
             atomic_write_json(self.dir / "key.json", {"key": key})
+        self.prefix = part_prefix
         self.ids: list[str] = []
         self.rows: list[np.ndarray] = []
         self.extra: dict[str, np.ndarray] = {}
         self.index: dict[str, int] = {}
-        self._load()
+        self._loaded: set[str] = set()
+        self.refresh()
 
     def _parts(self):
-        return sorted(self.dir.glob("part-*.npz"))
+        return sorted(self.dir.glob(self.prefix + "*.npz"))
 
-    def _load(self) -> None:
+    def refresh(self) -> None:
+        """Read the parts not read yet (those the scan's chunks wrote since)."""
         for p in self._parts():
+            if p.name in self._loaded:
+                continue
+            self._loaded.add(p.name)
             try:
                 z = np.load(p, allow_pickle=False)
                 ids = [str(x) for x in z["ids"]]
@@ -208,16 +216,17 @@ class EmbeddingCache:
         if not ids:
             return
         n = len(self._parts())
-        path = self.dir / f"part-{n:06d}.npz"
+        path = self.dir / f"{self.prefix}{n:06d}.npz"
         while path.exists():
             n += 1
-            path = self.dir / f"part-{n:06d}.npz"
+            path = self.dir / f"{self.prefix}{n:06d}.npz"
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
                 if extra is not None:
                     np.savez(fh, ids=np.array(ids), emb=emb.astype(np.float32), extra=extra.astype(np.float32))
                 else:
                     np.savez(fh, ids=np.array(ids), emb=emb.astype(np.float32))
+        self._loaded.add(path.name)
         self._absorb(ids, emb, extra)
 
     def _absorb(self, ids: list[str], emb: np.ndarray, extra: Optional[np.ndarray]) -> None:

@@ -7,15 +7,27 @@ window), so they overlap inference. Results are cached under ``curate/cache/``: 
 module) and the embedding parts (:class:`pipeline.curate.embed.EmbeddingCache`), so a rerun only
 re-decides. Both carry the decode tag (:func:`decode_tag`): values computed another way (an older kd3
 decoded every file at full size) are recomputed, never mixed with these.
+
+The pass runs in chunks (:func:`plan_chunks`, ``curate.scan_chunk`` images each, in sha256 order), one
+after another in-process or as tasks on other machines (the curate flow on Dask). A chunk writes only
+files of its own (:func:`scan_chunk`: a facts file under ``cache/facts-parts/`` and its embedding parts,
+each row and part complete when it is there); the run that holds the run directory's lock merges them
+into the caches (:func:`absorb_parts`). A killed chunk leaves its finished rows and batches, which the
+rerun keeps.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+from pipeline.core.errors import DataError
 from pipeline.core.io import JsonlAppender, read_jsonl
 
+from .embed import EmbeddingCache
 from .hashing import facts_of
 from .shards import bounded_map
 from .validate import MIN_WORK_SIDE, inspect_image
@@ -117,33 +129,110 @@ class _Batcher:
         self.ids, self.xs = [], []
 
 
-def scan(items: list[tuple[str, Path]], c, embedder, facts: FactsCache, emb_cache, stats: dict) -> None:
-    """Decode, hash and embed every (sha, file) not cached yet; ``c`` is the curate config section."""
-    from tqdm.auto import tqdm  # a progress bar only when there is work
+# ---------------------------------------------------------------- the scan in chunks
 
+FACTS_PARTS = "facts-parts"  # under curate/cache/: one facts file per chunk, merged into facts.jsonl by the driver
+
+
+@dataclass
+class Chunk:
+    """One unit of the scan, run anywhere that sees the run directory at the same path: ``items`` are
+    (sha256, absolute file path, embed?) in sha order; its results go to its own files under ``cache``
+    (``facts-parts/<id>.jsonl`` and ``emb-<key hash>/part-<id>-*.npz``), never to the shared caches."""
+
+    index: int          # 0-based, of ``total``
+    total: int
+    id: str             # content hash of what it computes (model key, decode tag, pixel cap, shas)
+    key: str            # the embedding cache key the planner expects (scan.cache_key)
+    cache: str          # absolute path of curate/cache
+    classes: list[str]  # what the embedder is built for (the teacher backend maps its classes)
+    items: list[tuple[str, str, bool]] = field(default_factory=list)
+    kind: str = "images"  # or "planted": embed the planted copies of these images (:mod:`.calibrate`)
+
+    def facts_path(self) -> Path:
+        return Path(self.cache) / FACTS_PARTS / f"{self.id}.jsonl"
+
+
+def plan_chunks(items: list[tuple[str, Path]], c, embedder, facts: FactsCache, emb_cache, cache: Path,
+                classes: list[str]) -> list[Chunk]:
+    """The (sha, file) pairs not cached yet, in sha256 order (the chunks and their embedding batches are a
+    function of the pool, not of its order), ``c.scan_chunk`` per chunk."""
+    tag, key = decode_tag(embedder), cache_key(embedder)
+    uniq = dict(items)  # the first file of a sha: the bytes are the same
+    todo = sorted(s for s in uniq if _needs_work(s, facts, emb_cache, c.max_pixels, tag))
+    groups = [todo[i:i + c.scan_chunk] for i in range(0, len(todo), c.scan_chunk)]
+    root = str(Path(cache).absolute())
+    out = []
+    for k, shas in enumerate(groups):
+        cid = hashlib.sha256(json.dumps([key, c.max_pixels, shas]).encode()).hexdigest()[:16]
+        out.append(Chunk(k, len(groups), cid, key, root, list(classes),
+                         [(s, str(Path(uniq[s]).absolute()), s not in emb_cache) for s in shas]))
+    return out
+
+
+def _chunk_done(item, rows: dict, own_emb, tag: str) -> bool:
+    sha, _, embed = item
+    r = rows.get(sha)
+    if r is None or r.get("decode") != tag:
+        return False
+    return not (embed and r.get("ok")) or sha in own_emb
+
+
+def check_key(chunk: Chunk, embedder) -> None:
+    """A worker must embed with the model the plan was made for (its cache is keyed by it)."""
+    if cache_key(embedder) != chunk.key:
+        raise DataError(f"scan chunk {chunk.index + 1}/{chunk.total}: this worker's embedder is "
+                        f"{cache_key(embedder)!r}, the plan's {chunk.key!r}: every worker needs the same "
+                        f"model files (curate.clip_weights / teacher) and settings")
+
+
+def scan_chunk(chunk: Chunk, c, embedder, progress: Optional[Callable[[int], None]] = None) -> dict:
+    """Decode, hash and embed one chunk into its own files; what an earlier try of it finished is kept."""
+    check_key(chunk, embedder)
     tag = decode_tag(embedder)
-    todo = [(s, p) for s, p in items if _needs_work(s, facts, emb_cache, c.max_pixels, tag)]
-    stats["computed"] = len(todo)
-    stats["cached"] = len(items) - len(todo)
+    path = chunk.facts_path()
+    own = EmbeddingCache(Path(chunk.cache), chunk.key, part_prefix=f"part-{chunk.id}-")
+    done = {r["sha"]: r for r in read_jsonl(path) if "sha" in r}
+    todo = [(s, p) for s, p, e in chunk.items if not _chunk_done((s, p, e), done, own, tag)]
+    embed = {s for s, _, e in chunk.items if e}
+    stats = {"chunk": chunk.id, "items": len(chunk.items), "computed": len(todo), "model_s": 0.0, "wall_s": 0.0}
+    if progress is not None and len(todo) < len(chunk.items):
+        progress(len(chunk.items) - len(todo))
     if not todo:
-        return
-    batch = _Batcher(embedder, emb_cache, c.batch_size)
+        return stats
     t0 = time.perf_counter()
+    batch = _Batcher(embedder, own, c.batch_size)
+    app = JsonlAppender(path, sync_every=256)
     try:
-        with tqdm(total=len(todo), desc="curate: decode+embed", unit="img", disable=None) as bar:
-            for sha, row, x in bounded_map(_worker(embedder, c.max_pixels), todo, c.workers,
-                                           max(2 * c.batch_size, 8)):
-                if not row.get("missing"):
-                    facts.add(row)
-                else:
-                    facts.rows[sha] = row  # not cached on disk: the file may come back
-                if x is not None:
-                    batch.add(sha, x)
-                bar.update(1)
-            batch.flush()
+        for sha, row, x in bounded_map(_worker(embedder, c.max_pixels), todo, c.workers, max(2 * c.batch_size, 8)):
+            app.write(row)  # an unreadable file too: the driver keeps that row in memory only
+            if x is not None and sha in embed:
+                batch.add(sha, x)
+            if progress is not None:
+                progress(1)
+        batch.flush()
     finally:
-        facts.close()
-    wall = time.perf_counter() - t0
-    stats["wall_s"] = round(wall, 3)
-    stats["model_s"] = round(batch.model_s, 3)
-    stats["img_per_s"] = round(len(todo) / wall, 2) if wall > 0 else None
+        app.close()
+    stats.update(model_s=round(batch.model_s, 3), wall_s=round(time.perf_counter() - t0, 3))
+    return stats
+
+
+def absorb_parts(cache: Path, facts: FactsCache, emb_cache) -> int:
+    """Merge the chunks' facts files into ``facts.jsonl`` (then remove them) and load new embedding parts;
+    only the run that holds the run directory's lock calls this. Returns the facts rows merged."""
+    parts = sorted((Path(cache) / FACTS_PARTS).glob("*.jsonl"))
+    n = 0
+    for p in parts:
+        for row in read_jsonl(p):
+            if "sha" not in row:
+                continue
+            if row.get("missing"):
+                facts.rows[row["sha"]] = row  # not cached on disk: the file may come back
+            else:
+                facts.add(row)
+            n += 1
+    facts.close()  # fsynced before the parts go
+    for p in parts:
+        p.unlink(missing_ok=True)
+    emb_cache.refresh()
+    return n

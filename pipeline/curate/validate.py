@@ -17,6 +17,7 @@ entropy-decoded, so a truncated or corrupt file fails as before), and an image s
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -122,9 +123,12 @@ def inspect_image(data: bytes, max_pixels: int,
     except Image.DecompressionBombError as e:
         return ImageFacts(ok=False, bomb=True, error=str(e).split("\n")[0][:200]), None
     except Exception as e:  # truncated, corrupt, not an image, unsupported
-        msg = f"{type(e).__name__}: {e}".split("\n")[0][:200]
+        msg = _ADDRESS.sub(">", f"{type(e).__name__}: {e}".split("\n")[0])[:200]
         return ImageFacts(ok=False, error=msg), None
     return ImageFacts(ok=True, w=w, h=h, mode=mode, format=fmt, pixels=pixels), rgb
+
+
+_ADDRESS = re.compile(r" object at 0x[0-9a-f]+>")  # Pillow names the buffer by its address: not a fact of the file
 
 
 def size_reason(w: int, h: int, min_side: int, max_aspect: float) -> tuple[Optional[str], str]:

@@ -1,0 +1,93 @@
+"""The scan in chunks (issue 21, part 3): chunks run anywhere and write only files of their own; the
+chunk size changes no decision; a killed chunk's finished rows and batches are kept, a torn row or a
+half-written part is not; a worker with another model, or whose results the run cannot see, stops it.
+
+The chunk size, like the batch size, decides which images share an embedding batch, and a model's float
+results can move in the last bit with its batch (scores are stored to 6 places): runs with other chunk
+sizes are compared by decision, runs with the same one (tests/flows/test_curate_dask.py) byte for byte."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pytest
+
+from curate_fixtures import build_world, make_cfg
+from pipeline.core.errors import DataError
+
+
+def _decided(run) -> dict:
+    from pipeline.core.records import read_decisions
+
+    rows = read_decisions(run / "curate" / "decisions.jsonl")
+    return {"decisions": sorted((d.cls, d.id, d.kept, d.reason.value if d.reason else None, d.dup_of, d.key, d.shard)
+                                for d in rows),
+            "ids": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.glob("curate/*ids.json"))}}
+
+
+def _copy(world_run, dest):
+    shutil.copytree(world_run / "crawl", dest / "crawl")
+    return dest
+
+
+def test_chunk_size_changes_no_decision(tmp_path):
+    from pipeline.curate import curate
+
+    w = build_world(tmp_path / "a")
+    one = curate(make_cfg(w["run"], shard_max_samples=4))
+    run_b = _copy(w["run"], tmp_path / "b" / "runs" / "w")
+    many = curate(make_cfg(run_b, shard_max_samples=4, scan_chunk=3))
+    assert one["stats"]["embed"]["chunks"] == 1 and many["stats"]["embed"]["chunks"] == 7
+    assert _decided(run_b) == _decided(w["run"])
+    assert many["stats"]["embed"]["computed"] == one["stats"]["embed"]["computed"] == 20
+
+
+def test_killed_chunk_keeps_what_it_finished(tmp_path):
+    """Chunk 1 ran whole, chunk 2 was killed after two rows (a torn third row, a half-written embedding
+    part): the rerun scans only the rest, and decides as an uninterrupted run does."""
+    from pipeline.curate import curate
+    from pipeline.curate.scan import plan_chunks, scan_chunk
+    from pipeline.curate.stage import prepare
+
+    w = build_world(tmp_path / "ref")
+    ref = curate(make_cfg(w["run"], shard_max_samples=4, scan_chunk=5))
+    run = _copy(w["run"], tmp_path / "killed" / "runs" / "w")
+    cfg = make_cfg(run, shard_max_samples=4, scan_chunk=5)
+    job = prepare(cfg)
+    chunks = plan_chunks(job.items, cfg.curate, job.embedder, job.ctx.facts, job.ctx.emb, job.cache, job.ctx.classes)
+    for ch in chunks[:2]:
+        scan_chunk(ch, cfg.curate, job.embedder)
+    torn = chunks[1].facts_path()
+    lines = torn.read_text().splitlines(keepends=True)
+    torn.write_text("".join(lines[:2]) + lines[2][:40])                    # killed while writing row 3
+    emb_dir = job.ctx.emb.dir
+    (emb_dir / ".part-torn.npz.1234.tmp").write_bytes(b"half a part")     # an unfinished atomic write
+
+    m = curate(cfg)
+    assert m["stats"]["embed"]["computed"] == 20 - 5 - 2
+    assert not list(torn.parent.glob("*"))                                  # merged into facts.jsonl
+    assert _decided(run) == _decided(w["run"])
+    assert m["nsamples"] == ref["nsamples"] and m["class_counts"] == ref["class_counts"]
+
+
+def test_a_worker_with_another_model_is_refused(world):
+    from dataclasses import replace
+
+    from pipeline.curate.scan import plan_chunks, scan_chunk
+    from pipeline.curate.stage import prepare
+
+    cfg = make_cfg(world["run"])
+    job = prepare(cfg)
+    ch = plan_chunks(job.items, cfg.curate, job.embedder, job.ctx.facts, job.ctx.emb, job.cache, job.ctx.classes)[0]
+    with pytest.raises(DataError, match="same model files"):
+        scan_chunk(replace(ch, key="clip:other-model|v2:side224"), cfg.curate, job.embedder)
+
+
+def test_chunk_results_out_of_sight_stop_the_run(world):
+    """Workers that wrote their results where this run cannot see them (no shared storage): one line, no
+    decisions written."""
+    from pipeline.curate import curate
+
+    with pytest.raises(DataError, match="shared storage"):
+        curate(make_cfg(world["run"], scan_chunk=8), map_chunks=lambda chunks: [{} for _ in chunks])
+    assert not (world["run"] / "curate" / "decisions.jsonl").exists()
