@@ -32,6 +32,7 @@ from pipeline.core.runs import RunDir
 from pipeline.curate import curate as curate_fn
 from pipeline.curate import run_chunk, worker_config
 from pipeline.curate.scan import Chunk
+from pipeline.curate.sources import reads as curate_reads
 
 from flows.common import (
     file_fingerprint,
@@ -44,7 +45,6 @@ from flows.common import (
     run_links,
     section_json,
     task_runner_for,
-    tree_fingerprint,
     with_run_name,
 )
 
@@ -175,17 +175,11 @@ def crawl(config: RunConfig, run_name: Optional[str] = None, force: bool = False
 
 def _curate_key_parts(inputs: dict) -> dict:
     cfg: RunConfig = with_run_name(inputs["config"], None)
-    rd = RunDir(cfg.run_dir)
-    cur = cfg.curate
     return {
         "curate": section_json(cfg, "curate"),
         "classes": cfg.resolved_classes(),
         "run_dir": str(Path(cfg.run_dir).resolve()),
-        "records": file_fingerprint(rd.records),
-        "inputs": source_fingerprints(cfg),
-        "teacher": file_fingerprint(cfg.teacher),
-        "clip_weights": file_fingerprint(cur.clip_weights),
-        "decontaminate": tree_fingerprint(cur.decontaminate),
+        **fingerprints(curate_reads(cfg)),  # what the stage declares it reads (pipeline.curate.sources.reads)
     }
 
 

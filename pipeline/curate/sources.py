@@ -6,6 +6,7 @@ import logging
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from pipeline.core.config import RunConfig
 from pipeline.core.errors import ConfigError, DataError
@@ -89,6 +90,15 @@ def classes_of(cfg: RunConfig, rd: RunDir) -> list[str]:
             if names:
                 return names
         raise
+
+
+def reads(cfg: RunConfig) -> dict[str, Optional[Path]]:
+    """Every file and folder curate reads besides its config (the flows' cache key fingerprints each): the
+    crawl records (the images they name are content-addressed), or the ``crawl.folder`` tree without them;
+    the teacher and CLIP weights it may embed with; the evaluation images it decontaminates against."""
+    rd, c = RunDir(cfg.run_dir), cfg.curate
+    return {"records": rd.records, "folder": None if rd.records.exists() else cfg.crawl.folder,
+            "teacher": cfg.teacher, "clip_weights": c.clip_weights, "decontaminate": c.decontaminate}
 
 
 def load(cfg: RunConfig, rd: RunDir, classes: list[str]) -> Sources:

@@ -55,3 +55,28 @@ def test_distill_key_changes_with_what_it_reads(tmp_path):
     assert _distill_key_parts({"config": cfg})["anchor_dir"] != k1["anchor_dir"]
     _teacher(Path(cfg.teacher), 1)  # another teacher under the same name
     assert _distill_key_parts({"config": cfg})["teacher"] != k0["teacher"]
+
+
+def test_curate_key_comes_from_its_declared_reads(tmp_path):
+    """With crawl records, curate reads them (their images are content-addressed), not the crawl's sources;
+    without, the crawl.folder tree; plus the teacher, CLIP weights and decontamination folder it may use."""
+    from flows.stages import _curate_key_parts
+    from pipeline.curate.sources import reads
+
+    folder = tmp_path / "tree" / "a"
+    folder.mkdir(parents=True)
+    (folder / "1.png").write_bytes(b"x")
+    base = _cfg(tmp_path)
+    cfg = base.model_copy(update={"crawl": base.crawl.model_copy(update={"folder": tmp_path / "tree"})})
+    assert set(reads(cfg)) == {"records", "folder", "teacher", "clip_weights", "decontaminate"}
+    k0 = _curate_key_parts({"config": cfg})
+    (folder / "2.png").write_bytes(b"y")
+    k1 = _curate_key_parts({"config": cfg})
+    assert k1["folder"] != k0["folder"]  # no crawl output: the folder is what curate reads
+    records = Path(cfg.run_dir) / "crawl" / "records.jsonl"
+    records.parent.mkdir(parents=True)
+    records.write_text('{"class": "a"}\\n')
+    k2 = _curate_key_parts({"config": cfg})
+    assert k2["folder"] is None and k2["records"] not in (None, "missing")
+    (folder / "3.png").write_bytes(b"z")  # the records decide now: the folder changing changes nothing
+    assert _curate_key_parts({"config": cfg}) == k2
