@@ -329,15 +329,14 @@ def print_table(results: dict[int, dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 200_000])
+    ap.add_argument("--sizes", type=int, nargs="+", help="pool sizes (default 10000 50000 200000; --quick: 10000)")
     ap.add_argument("--quick", action="store_true", help="10k only (the CI smoke test); --sizes overrides the size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--student", default="cnn_mini")
     ap.add_argument("--keep", type=Path, help="work here and keep the runs (default: a temporary folder, removed)")
     ap.add_argument("--json", type=Path, help="write every number here")
     args = ap.parse_args(argv)
-    if args.quick and argv is not None and "--sizes" not in argv or args.quick and "--sizes" not in sys.argv:
-        args.sizes = [10_000]
+    args.sizes = args.sizes or ([10_000] if args.quick else [10_000, 50_000, 200_000])
     work = args.keep or Path(tempfile.mkdtemp(prefix="kd3-scale-"))
     print(f"scale bench: sizes {args.sizes}, 32 px, teacher cnn_small (200 SGD steps on digits) -> {args.student}, "
           f"work {work}\nmachine: {format_machine(machine())}", flush=True)
