@@ -199,6 +199,16 @@ def tree_bytes(root: Path) -> tuple[int, int]:
     return total, files
 
 
+# Runs one stage and prints its wait4 rusage as JSON. The stage is forked from this small process, not from
+# the bench (which holds the pool and torch): Linux carries a process's peak RSS across fork and exec, so a
+# child of the bench would report the bench's own peak.
+_LAUNCH = ("import json, os, subprocess, sys\n"
+           "p = subprocess.Popen(sys.argv[2:], stdout=open(sys.argv[1], 'w'), stderr=subprocess.STDOUT)\n"
+           "_, status, ru = os.wait4(p.pid, 0)\n"
+           "print(json.dumps({'rc': os.waitstatus_to_exitcode(status), 'rss': ru.ru_maxrss * 1024,\n"
+           "                  'cpu_s': ru.ru_utime + ru.ru_stime}))\n")
+
+
 def run_stage(argv: list[str], run: Path, log: Path) -> dict:
     """Run one stage as a subprocess: wall seconds, CPU seconds, peak RSS (the largest process of its tree,
     from wait4), bytes and files it added to the run directory."""
@@ -206,13 +216,15 @@ def run_stage(argv: list[str], run: Path, log: Path) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", KD3_LOG_LEVEL="WARNING",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t = time.perf_counter()
-    with open(log, "w") as fh:
-        p = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        _, status, ru = os.wait4(p.pid, 0)
+    out = subprocess.run([sys.executable, "-S", "-c", _LAUNCH, str(log), *argv], env=env, cwd=ROOT,
+                         capture_output=True, text=True)
     wall = time.perf_counter() - t
     b1, f1 = tree_bytes(run)
-    return {"rc": os.waitstatus_to_exitcode(status), "s": wall, "cpu_s": ru.ru_utime + ru.ru_stime,
-            "rss": ru.ru_maxrss * 1024, "bytes": b1 - b0, "files": f1 - f0}
+    try:
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        r = {"rc": out.returncode or 1, "rss": 0, "cpu_s": 0.0}
+    return {**r, "s": wall, "bytes": b1 - b0, "files": f1 - f0}
 
 
 def bench_size(n: int, work: Path, teacher: Path, seed: int, student: str) -> dict:
