@@ -310,33 +310,44 @@ def exponent(ns: list[int], ys: list[float]) -> float | None:
     return float(np.polyfit(np.log(ns), np.log(ys), 1)[0])
 
 
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
 def print_table(results: dict[int, dict]) -> None:
+    """Per stage and size: wall and CPU seconds per 1,000 images, peak RSS, MB written; then the growth
+    exponents of wall and CPU time (log-log fit over the sizes) and the RSS growth in bytes per image."""
     ns = sorted(results)
-    head = " | ".join(f"{n:,}: s/1k, RSS MB, MB written" for n in ns)
-    print(f"\n| stage | {head} | time exponent | RSS exponent |")
+    head = " | ".join(f"{n:,}: s/1k (CPU), RSS MB, MB written" for n in ns)
+    print(f"\n| stage | {head} | exponent wall (CPU) | RSS growth B/image |")
     print("|---|" + "---|" * len(ns) + "---|---|")
     for stage in STAGES:
         rows = [results[n]["stages"].get(stage) for n in ns]
         if any(r is None for r in rows):
             continue
-        cells = [f"{r['s'] / n * 1000:.2f}, {r['rss'] / 2**20:.0f}, {r['bytes'] / 2**20:.1f}" for n, r in zip(ns, rows)]
-        te = exponent(ns, [r["s"] for r in rows])
-        re_ = exponent(ns, [r["rss"] for r in rows])
-        fmt = (lambda v: "–" if v is None else f"{v:.2f}")
-        print(f"| {stage} | " + " | ".join(cells) + f" | {fmt(te)} | {fmt(re_)} |")
+        cells = [f"{r['s'] / n * 1000:.2f} ({r['cpu_s'] / n * 1000:.2f}), {r['rss'] / 2**20:.0f}, "
+                 f"{r['bytes'] / 2**20:.1f}" for n, r in zip(ns, rows)]
+        te, ce = exponent(ns, [r["s"] for r in rows]), exponent(ns, [r["cpu_s"] for r in rows])
+        growth = (rows[-1]["rss"] - rows[0]["rss"]) / (ns[-1] - ns[0]) if len(ns) > 1 else None
+        print(f"| {stage} | " + " | ".join(cells) + f" | {_fmt(te)} ({_fmt(ce)}) | {_fmt(growth, ',.0f')} |")
     print()
     for n in ns:
-        f = results[n]["facts"]
-        rep = f.get("report", {})
-        sel = ", ".join(f"{m} {b:,} B ({b / n * 1e6 / 2**20:.2f} MB per 10^6 images per epoch)"
-                        for m, b in f["selection_bytes"].items())
-        emb = f["embeddings_bytes"]
-        print(f"n={n:,}: pool {results[n]['pool']}")
-        print(f"  embeddings {emb / 2**20:.1f} MB = {emb / n:.0f} B/image {f.get('embedding_shape')}; selection.jsonl: {sel}")
-        if rep:
-            print(f"  report: {rep['bytes'] / 2**20:.2f} MB in {rep['files']} files (page {rep['page_bytes'] / 2**20:.2f} MB, "
-                  f"{rep['elements']:,} elements, {rep['img']:,} <img>, {rep['tr']:,} <tr>, {rep['html_pages']} pages); "
-                  f"Chromium: {rep['chromium']}")
+        print_facts(n, results[n])
+
+
+def print_facts(n: int, res: dict) -> None:
+    f = res["facts"]
+    rep = f.get("report", {})
+    sel = ", ".join(f"{m} {b:,} B ({b / n * 1e6 / 2**20:.2f} MB per epoch per 10^6 images)"
+                    for m, b in f["selection_bytes"].items())
+    emb = f["embeddings_bytes"]
+    print(f"n={n:,}: pool {res['pool']}")
+    print(f"  embeddings {emb / 2**20:.1f} MB = {emb / n:.0f} B/image {f.get('embedding_shape')}; "
+          f"selection.jsonl: {sel}")
+    if rep:
+        print(f"  report: {rep['bytes'] / 2**20:.2f} MB in {rep['files']} files (page {rep['page_bytes'] / 2**20:.2f} MB, "
+              f"{rep['elements']:,} elements, {rep['img']:,} <img>, {rep['tr']:,} <tr>, {rep['html_pages']} pages); "
+              f"Chromium: {rep['chromium']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,7 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student", default="cnn_mini")
     ap.add_argument("--keep", type=Path, help="work here and keep the runs (default: a temporary folder, removed)")
     ap.add_argument("--json", type=Path, help="write every number here")
+    ap.add_argument("--table", type=Path, metavar="JSON", help="print the table of a --json file and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print_table({int(k): v for k, v in json.loads(args.table.read_text()).items()})
+        return 0
     args.sizes = args.sizes or ([10_000] if args.quick else [10_000, 50_000, 200_000])
     work = args.keep or Path(tempfile.mkdtemp(prefix="kd3-scale-"))
     print(f"scale bench: sizes {args.sizes}, 32 px, teacher cnn_small (200 SGD steps on digits) -> {args.student}, "
