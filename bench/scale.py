@@ -356,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="10k only (the CI smoke test); --sizes overrides the size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--student", default="cnn_mini")
+    ap.add_argument("--teacher-steps", type=int, default=200, help="SGD steps of the teacher on the digits")
     ap.add_argument("--keep", type=Path, help="work here and keep the runs (default: a temporary folder, removed)")
     ap.add_argument("--json", type=Path, help="write every number here")
     ap.add_argument("--table", type=Path, metavar="JSON", help="print the table of a --json file and exit")
@@ -365,11 +366,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.sizes = args.sizes or ([10_000] if args.quick else [10_000, 50_000, 200_000])
     work = args.keep or Path(tempfile.mkdtemp(prefix="kd3-scale-"))
-    print(f"scale bench: sizes {args.sizes}, 32 px, teacher cnn_small (200 SGD steps on digits) -> {args.student}, "
+    print(f"scale bench: sizes {args.sizes}, 32 px, teacher cnn_small ({args.teacher_steps} SGD steps on digits) -> {args.student}, "
           f"work {work}\nmachine: {format_machine(machine())}", flush=True)
     try:
         t = time.perf_counter()
-        teacher = make_teacher(work / "teacher.pt")
+        teacher = make_teacher(work / "teacher.pt", args.teacher_steps)
         print(f"teacher: {time.perf_counter() - t:.1f} s", flush=True)
         results = {}
         for n in args.sizes:

@@ -16,6 +16,7 @@ STAGES = ("crawl", "curate", "distill-kd3", "distill-kd", "inspect", "inspect-ht
 def test_scale_bench_quick_runs_every_stage_and_prints_a_row_each(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--quick", "--sizes", "2000",
+                        "--teacher-steps", "20",
                         "--keep", str(tmp_path / "work")], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=540)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
