@@ -375,9 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for n in args.sizes:
             results[n] = bench_size(n, work / f"n{n}", teacher, args.seed, args.student)
+            if args.json:  # after each size: a long run cut short keeps what it measured
+                args.json.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1, default=str))
         print_table(results)
-        if args.json:
-            args.json.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1, default=str))
         return 0 if all(r["rc"] == 0 for v in results.values() for r in v["stages"].values()) else 1
     finally:
         if args.keep is None:
