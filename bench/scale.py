@@ -322,17 +322,23 @@ def print_table(results: dict[int, dict]) -> None:
     print(f"\n| stage | {head} | exponent wall (CPU) | RSS growth B/image |")
     print("|---|" + "---|" * len(ns) + "---|---|")
     for stage in STAGES:
-        rows = [results[n]["stages"].get(stage) for n in ns]
-        if any(r is None for r in rows):
+        got = [(n, results[n]["stages"].get(stage)) for n in ns]
+        got = [(n, r) for n, r in got if r is not None and r.get("rc") == 0]
+        if not got:
             continue
-        cells = [f"{r['s'] / n * 1000:.2f} ({r['cpu_s'] / n * 1000:.2f}), {r['rss'] / 2**20:.0f}, "
-                 f"{r['bytes'] / 2**20:.1f}" for n, r in zip(ns, rows)]
-        te, ce = exponent(ns, [r["s"] for r in rows]), exponent(ns, [r["cpu_s"] for r in rows])
-        growth = (rows[-1]["rss"] - rows[0]["rss"]) / (ns[-1] - ns[0]) if len(ns) > 1 else None
+        by_n = dict(got)
+        cells = [f"{r['s'] / n * 1000:.2f} ({_fmt(r.get('cpu_s') and r['cpu_s'] / n * 1000)}), {r['rss'] / 2**20:.0f}, "
+                 f"{r['bytes'] / 2**20:.1f}" if (r := by_n.get(n)) else "not run" for n in ns]
+        gn = [n for n, _ in got]
+        te = exponent(gn, [r["s"] for _, r in got])
+        cpu = [(n, r["cpu_s"]) for n, r in got if r.get("cpu_s")]
+        ce = exponent([n for n, _ in cpu], [c for _, c in cpu])
+        growth = (got[-1][1]["rss"] - got[0][1]["rss"]) / (gn[-1] - gn[0]) if len(gn) > 1 else None
         print(f"| {stage} | " + " | ".join(cells) + f" | {_fmt(te)} ({_fmt(ce)}) | {_fmt(growth, ',.0f')} |")
     print()
     for n in ns:
-        print_facts(n, results[n])
+        if results[n].get("facts"):
+            print_facts(n, results[n])
 
 
 def print_facts(n: int, res: dict) -> None:
