@@ -35,7 +35,7 @@ from pydantic import Field
 from pipeline.core import plugins
 from pipeline.core.config import EMBEDDERS, RunConfig
 from pipeline.core.errors import ConfigError, DataError
-from pipeline.core.io import atomic_write_bytes, atomic_write_text, sha256_bytes
+from pipeline.core.io import atomic_write_bytes, atomic_write_text, sha256_bytes, sync_all
 from pipeline.core.plugin_settings import Settings
 from pipeline.core.preflight import check_teacher
 from pipeline.core.runs import RunDir
@@ -178,6 +178,7 @@ class Pool(Source):
                 entries = [PoolEntry.from_row(json.loads(ln)) for ln in out.read_text().splitlines() if ln.strip()]
             else:
                 entries = self.store(cfg, rd)
+                sync_all()  # the images are durable before the pool file names them
                 assign(cfg, rd, [e for e in entries if e.error is None])
                 atomic_write_text(out, "".join(json.dumps(e.to_row()) + "\n" for e in entries))
                 bad = sum(e.error is not None for e in entries)
@@ -211,8 +212,8 @@ def store_sample(s: Sample, rd: RunDir, max_bytes: int) -> PoolEntry:
         return e
     sha = sha256_bytes(data)
     path = rd.image_path(sha, ext)
-    if not path.exists():
-        atomic_write_bytes(path, data, overwrite=False)
+    if not path.exists() or path.stat().st_size != len(data):  # (a file cut by a power loss is written again)
+        atomic_write_bytes(path, data, durable=False)  # one sync for the whole pool (build)
     e.sha256, e.ext, e.bytes, e.w, e.h = sha, ext, len(data), w, h
     e.path = path.relative_to(rd.root).as_posix()
     return e

@@ -11,6 +11,7 @@ from distill.teacher import load_teacher
 from pipeline.core.config import load_config
 from pipeline.core.errors import DataError
 from pipeline.core.io import read_json, read_jsonl
+from pipeline.core.records import SelectionRow
 from testlib import Crash, crash_after_first
 
 torch.set_num_threads(1)
@@ -70,8 +71,9 @@ def test_method_end_to_end(digits_world, run, method):
         assert rows[0]["selected_keys"] == "all" and f["selected_fraction"] == 1.0
         assert set(m["epochs"][0]["losses"]) == {"kd", "total"}
     if method == "dfnd":
-        assert rows[0]["selected_keys"] == rows[1]["selected_keys"]  # one-off selection
-        assert len(rows[0]["selected_keys"]) == m["epochs"][0]["selected"] == round(0.5 * len(
+        chosen = [SelectionRow.from_row(r).keys([], out) for r in rows]  # keys or a mask, the shorter
+        assert chosen[0] == chosen[1]  # one-off selection
+        assert len(chosen[0]) == m["epochs"][0]["selected"] == round(0.5 * len(
             (out / "pool_keys.txt").read_text().split()))
         assert set(m["epochs"][0]["losses"]) == {"kd", "nll", "total"}
     if method == "kd3":
@@ -80,7 +82,8 @@ def test_method_end_to_end(digits_world, run, method):
         assert rows[0]["alpha"] == pytest.approx(1 - 2.718281828 ** (-5 * (2 / (4 * 2 / 3) - 1) ** 2), rel=1e-4)
         assert rows[1]["alpha"] == 0.0 and set(rows[0]["thresholds"]) == set(read_json(run / "manifest.json")["classes"])
         keys = set((out / "pool_keys.txt").read_text().split())
-        assert set(rows[0]["selected_keys"]) <= keys and len(rows[0]["selected_keys"]) == m["epochs"][0]["selected"]
+        chosen = SelectionRow.from_row(rows[0]).keys([], out)
+        assert chosen <= keys and len(chosen) == m["epochs"][0]["selected"]
     # the deployable student: contract file and TorchScript give the same predictions
     student, meta = load_teacher(out / "student.pt", classes=read_json(run / "manifest.json")["classes"])
     ts, ts_meta = load_teacher(out / "student.torchscript.pt")
@@ -267,8 +270,9 @@ def test_kd3_default_selects_by_bn_statistics_once(digits_world, run):
     rows = read_jsonl(out / "selection.jsonl")
     pool = len((out / "pool_keys.txt").read_text().split())
     assert all(r["id"]["rule"] == "gmm" and r["alpha"] is None and r.get("thresholds") is None for r in rows)
-    assert rows[0]["selected_keys"] == rows[1]["selected_keys"] == rows[2]["selected_keys"]
-    assert 0 < len(rows[0]["selected_keys"]) < pool
+    chosen = [SelectionRow.from_row(r).keys([], out) for r in rows]
+    assert chosen[0] == chosen[1] == chosen[2]
+    assert 0 < len(chosen[0]) < pool
     assert all(pool - 1 <= e["trained"] <= pool for e in m["epochs"])
     assert all(e["time_select_s"] < m["epochs"][0]["time_select_s"] for e in m["epochs"][1:])  # no pass after epoch 0
 
