@@ -46,13 +46,39 @@ def _students(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("distill/*/student.pt"))
 
 
+PASSES: Counter = Counter()  # what the first pipeline run did with its config
+
+
 @pytest.fixture(scope="module")
 def first_run(prefect_env, make_cfg):
     from flows.e2e import kd3_pipeline
+    from pipeline.core import config as C
 
     cfg = make_cfg("e2e")
-    result = kd3_pipeline(cfg)
+    installed, write = C._installed, C.atomic_write_text
+
+    def validated(*a, **kw):  # every validation of a config checks its method's name through this
+        PASSES["validations"] += a[1] == "distillation method"
+        return installed(*a, **kw)
+
+    def written(path, text):
+        PASSES["config.yaml writes"] += Path(path).name == "config.yaml"
+        return write(path, text)
+
+    C._installed, C.atomic_write_text = validated, written
+    try:
+        result = kd3_pipeline(cfg)
+    finally:
+        C._installed, C.atomic_write_text = installed, write
     return cfg, result
+
+
+def test_a_pipeline_run_validates_its_config_once_and_writes_it_once(first_run):
+    """The config is validated where it enters (load_config, before the run) and not again inside the
+    pipeline's flows and tasks; runs/<name>/config.yaml is written once, though every stage and per-class
+    task saves it."""
+    assert PASSES["validations"] == 0
+    assert PASSES["config.yaml writes"] == 1
 
 
 def test_end_to_end_produces_manifest_and_student(first_run):
