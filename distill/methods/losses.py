@@ -95,11 +95,6 @@ def view_rows(batch: int, share: float) -> int:
     return min(batch, max(2, math.ceil(share * batch - 1e-9)))
 
 
-def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SimCLR NT-Xent over the 2B views; positives (a_i, b_i); inputs are L2-normalised here."""
-    return nt_xent_views(torch.cat([a, b]).unsqueeze(0), temperature)
-
-
 def nt_xent_views(views: torch.Tensor, temperature: float) -> torch.Tensor:
     """The sum of P NT-Xent losses in one batched computation: ``views`` is [P, 2B, D], each slice the
     embeddings of B images then of their other views (positives i <-> B + i)."""

@@ -54,27 +54,6 @@ def pixel_diff(thumbs: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(thumbs[np.asarray(a)] - thumbs[np.asarray(b)]).mean(1)
 
 
-def hamming(a: int, b: int) -> int:
-    return int(a ^ b).bit_count()
-
-
-class UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, x: int) -> int:
-        p = self.parent
-        while p[x] != x:
-            p[x] = p[p[x]]
-            x = p[x]
-        return x
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
 def _chunks(threshold: int) -> list[tuple[int, int]]:
     m = min(threshold + 1, 64)
     bounds = np.linspace(0, 64, m + 1).astype(int)
@@ -108,20 +87,6 @@ def near_pairs(hashes: Sequence[int], threshold: int) -> list[tuple[int, int]]:
                     if (ha ^ hashes[ib]).bit_count() <= threshold:
                         pairs.add((ia, ib) if ia < ib else (ib, ia))
     return sorted(pairs)
-
-
-def components(n: int, pairs: Sequence[tuple[int, int]]) -> list[int]:
-    """Connected-component root of each of n items given its edges (root = smallest index)."""
-    uf = UnionFind(n)
-    for a, b in pairs:
-        uf.union(a, b)
-    return [uf.find(i) for i in range(n)]
-
-
-def phash_groups(hex_hashes: Sequence[str], threshold: int) -> list[int]:
-    """Component root per item for pHash Hamming distance <= threshold."""
-    ints = [int(h, 16) for h in hex_hashes]
-    return components(len(ints), near_pairs(ints, threshold))
 
 
 def any_within(query: Sequence[str], ref: Sequence[str], threshold: int) -> list[int | None]:

@@ -185,24 +185,3 @@ def group_labels(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     g = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n))
     _, labels = connected_components(g, directed=False)
     return labels
-
-
-def near_dup_groups(emb: np.ndarray, threshold: float, **kw) -> np.ndarray:
-    rows, cols = similar_pairs(emb, threshold, **kw)
-    return group_labels(len(emb), rows, cols)
-
-
-def pick_representatives(labels: np.ndarray, priority: np.ndarray) -> np.ndarray:
-    """Representative row per item: in each group the row with the highest priority
-    (ties -> lowest row). Returns rep[i] (== i for representatives)."""
-    n = len(labels)
-    if n == 0:
-        return np.zeros(0, np.int64)
-    order = np.lexsort((np.arange(n), -np.asarray(priority, dtype=np.float64), labels))
-    rep_of_label = {}
-    sl = labels[order]
-    first = np.ones(n, bool)
-    first[1:] = sl[1:] != sl[:-1]
-    for pos in np.nonzero(first)[0]:
-        rep_of_label[int(sl[pos])] = int(order[pos])
-    return np.array([rep_of_label[int(l)] for l in labels], dtype=np.int64)

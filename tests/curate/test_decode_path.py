@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from curate_fixtures import bomb_png, jpeg, make_cfg, png
-from pipeline.curate.hashing import facts_of, hamming, pixel_diff, thumbs_array
+from curate_groups import hamming
+from pipeline.curate.hashing import facts_of, pixel_diff, thumbs_array
 from pipeline.curate.validate import inspect_image
 
 CAP = 89_478_485

@@ -6,7 +6,8 @@ import numpy as np
 from pipeline.core.records import read_index as load_index
 from pipeline.core.records import write_index as save_index
 from pipeline.curate.index import build_index, index_kind
-from pipeline.curate.neardup import near_dup_groups, pick_representatives, similar_pairs
+from curate_groups import near_dup_groups, pick_representatives
+from pipeline.curate.neardup import similar_pairs
 
 
 def planted(n, d, n_dup, noise, seed=0):

@@ -6,7 +6,8 @@ import numpy as np
 from PIL import Image
 
 from curate_fixtures import bomb_png, jpeg, png
-from pipeline.curate.hashing import any_within, hamming, near_pairs, phash_groups, phash_hex
+from curate_groups import hamming, phash_groups
+from pipeline.curate.hashing import any_within, near_pairs, phash_hex
 from pipeline.curate.validate import inspect_image, size_reason, to_rgb
 
 CAP = 89_478_485

@@ -6,10 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from distill.methods.losses import (class_thresholds, disagreement_weights, kd_loss, match_spatial,
-                                    mix_distribution, mixed_probs, noise_adaptation_matrix, noisy_nll, nt_xent,
+                                    mix_distribution, mixed_probs, noise_adaptation_matrix, noisy_nll,
                                     nt_xent_views, select_confident, weighted_feature_mse)
 
 torch.set_num_threads(1)
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR NT-Xent over the 2B views of one pair of batches: one slice of ``nt_xent_views``."""
+    return nt_xent_views(torch.cat([a, b]).unsqueeze(0), temperature)
 
 
 def test_mixed_probs_mixes_logits_not_probabilities():
