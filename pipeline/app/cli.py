@@ -320,29 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
     add("crawl", _cmd_crawl, "crawl the web for images of each class into runs/<name>/crawl/")
     add("curate", _cmd_curate, "validate, deduplicate, embed, index, decontaminate and shard the crawl")
 
+    def shortcut(g, flag: str, key: str, typ: type, metavar: str, help_: str) -> None:
+        """``flag`` sets config ``key`` (= ``--set key=VALUE``); an error in its value names ``flag``."""
+        g.add_argument(flag, dest=f"ov__{key}#{flag}", type=lambda s: ("raw", typ, s), metavar=metavar, help=help_)
+
     def distill_extra(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("distill shortcuts")
         g.add_argument("--manifest", type=Path, metavar="MANIFEST.JSON", help="manifest.json of a curated run (sets --run)")
-        g.add_argument("--student", dest="ov__distill.student#--student",
-                       type=lambda s: ("raw", str, s), metavar="ARCH",
-                       help="student architecture (= --distill.student)")
-        g.add_argument("--method", dest="ov__distill.method#--method", type=lambda s: ("raw", str, s), metavar="METHOD",
-                       help="kd3, kd or dfnd (= --distill.method)")
-        g.add_argument("--epochs", dest="ov__distill.epochs#--epochs", type=lambda s: ("raw", int, s), metavar="N",
-                       help="epochs (= --distill.epochs)")
-        g.add_argument("--eval-dir", dest="ov__distill.eval_dir#--eval-dir",
-                       type=lambda s: ("raw", str, s), metavar="PATH",
-                       help="labelled ImageFolder of original-domain images (= --distill.eval_dir)")
+        shortcut(g, "--student", "distill.student", str, "ARCH", "student architecture (= --distill.student)")
+        shortcut(g, "--method", "distill.method", str, "METHOD", "kd3, kd or dfnd (= --distill.method)")
+        shortcut(g, "--epochs", "distill.epochs", int, "N", "epochs (= --distill.epochs)")
+        shortcut(g, "--eval-dir", "distill.eval_dir", str, "PATH",
+                 "labelled ImageFolder of original-domain images (= --distill.eval_dir)")
         g.add_argument("--out-id", metavar="ID", help="name of the output folder distill/<method>-<id> (default: derived)")
         g.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
         m = p.add_argument_group("several processes or machines (torchrun; the same command on every node)")
-        m.add_argument("--nproc-per-node", dest="ov__flow.gpus#--nproc-per-node",
-                       type=lambda s: ("raw", int, s), metavar="G",
-                       help="ranks on this node, one per GPU (= --set flow.gpus=G)")
-        m.add_argument("--nnodes", dest="ov__flow.nodes#--nnodes", type=lambda s: ("raw", int, s), metavar="N",
-                       help="machines taking part (= --set flow.nodes=N); needs --rdzv")
-        m.add_argument("--rdzv", dest="ov__flow.rdzv#--rdzv", type=lambda s: ("raw", str, s), metavar="HOST:PORT",
-                       help="rendezvous every node reaches, on one of them (= --set flow.rdzv=HOST:PORT)")
+        shortcut(m, "--nproc-per-node", "flow.gpus", int, "G", "ranks on this node, one per GPU (= --set flow.gpus=G)")
+        shortcut(m, "--nnodes", "flow.nodes", int, "N", "machines taking part (= --set flow.nodes=N); needs --rdzv")
+        shortcut(m, "--rdzv", "flow.rdzv", str, "HOST:PORT",
+                 "rendezvous every node reaches, on one of them (= --set flow.rdzv=HOST:PORT)")
 
     add("distill", _cmd_distill, "distill a student from the teacher on the curated shards", distill_extra)
 
