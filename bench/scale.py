@@ -209,12 +209,15 @@ _LAUNCH = ("import json, os, subprocess, sys\n"
            "                  'cpu_s': ru.ru_utime + ru.ru_stime}))\n")
 
 
-def run_stage(argv: list[str], run: Path, log: Path) -> dict:
+def run_stage(argv: list[str], run: Path, log: Path, threads: int | None = None) -> dict:
     """Run one stage as a subprocess: wall seconds, CPU seconds, peak RSS (the largest process of its tree,
-    from wait4), bytes and files it added to the run directory."""
+    from wait4), bytes and files it added to the run directory. ``threads``: the stage's OpenMP/BLAS threads
+    (torch's intra-op pool); 1 keeps its CPU time honest on a shared machine, where idle OpenMP threads spin."""
     b0, f0 = tree_bytes(run)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", KD3_LOG_LEVEL="WARNING",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-S", "-c", _LAUNCH, str(log), *argv], env=env, cwd=ROOT,
                          capture_output=True, text=True)
@@ -227,7 +230,7 @@ def run_stage(argv: list[str], run: Path, log: Path) -> dict:
     return {**r, "s": wall, "bytes": b1 - b0, "files": f1 - f0}
 
 
-def bench_size(n: int, work: Path, teacher: Path, seed: int, student: str) -> dict:
+def bench_size(n: int, work: Path, teacher: Path, seed: int, student: str, threads: int | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     pool = make_pool(n, seed, work / f"pool-{n}.npy")
@@ -237,7 +240,7 @@ def bench_size(n: int, work: Path, teacher: Path, seed: int, student: str) -> di
     run.mkdir(parents=True, exist_ok=True)
     out = {"pool": pool, "stages": {}}
     for stage, argv in stage_commands(cfg, run).items():
-        r = run_stage(argv, run, work / f"{stage}.log")
+        r = run_stage(argv, run, work / f"{stage}.log", threads)
         out["stages"][stage] = r
         print(f"  n={n:>7} {stage:<13} {r['s']:8.1f} s  rss {r['rss'] / 2**20:7.0f} MB  "
               f"+{r['bytes'] / 2**20:8.1f} MB  rc {r['rc']}", flush=True)
@@ -365,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-steps", type=int, default=200, help="SGD steps of the teacher on the digits")
     ap.add_argument("--keep", type=Path, help="work here and keep the runs (default: a temporary folder, removed)")
     ap.add_argument("--json", type=Path, help="write every number here")
+    ap.add_argument("--threads", type=int, help="OpenMP/BLAS threads per stage (default: the libraries' own)")
     ap.add_argument("--table", type=Path, metavar="JSON", help="print the table of a --json file and exit")
     args = ap.parse_args(argv)
     if args.table:
@@ -373,14 +377,14 @@ def main(argv: list[str] | None = None) -> int:
     args.sizes = args.sizes or ([10_000] if args.quick else [10_000, 50_000, 200_000])
     work = args.keep or Path(tempfile.mkdtemp(prefix="kd3-scale-"))
     print(f"scale bench: sizes {args.sizes}, 32 px, teacher cnn_small ({args.teacher_steps} SGD steps on digits) -> {args.student}, "
-          f"work {work}\nmachine: {format_machine(machine())}", flush=True)
+          f"threads {args.threads or 'default'}, work {work}\nmachine: {format_machine(machine())}", flush=True)
     try:
         t = time.perf_counter()
         teacher = make_teacher(work / "teacher.pt", args.teacher_steps)
         print(f"teacher: {time.perf_counter() - t:.1f} s", flush=True)
         results = {}
         for n in args.sizes:
-            results[n] = bench_size(n, work / f"n{n}", teacher, args.seed, args.student)
+            results[n] = bench_size(n, work / f"n{n}", teacher, args.seed, args.student, args.threads)
             if args.json:  # after each size: a long run cut short keeps what it measured
                 args.json.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1, default=str))
         print_table(results)

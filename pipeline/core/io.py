@@ -135,21 +135,28 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSONL file; a torn (unparseable) *last* line from a crash is skipped."""
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """The rows of a JSONL file, one line in memory at a time (a pool's logs run to 10^6 lines); a torn
+    (unparseable) *last* line from a crash is skipped, a bad line elsewhere is an error naming it."""
     path = Path(path)
     if not path.exists():
-        return []
-    rows: list[dict] = []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break  # torn tail from a crash
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
-    return rows
+        return
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        bad = None  # a line that did not parse: fine only if it is the last one
+        for i, line in enumerate(fh, 1):
+            if bad is not None:
+                raise ValueError(f"{path}: line {bad} is not valid JSON")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                bad = i
+                continue
+            yield row
 
 
 class JsonlAppender:

@@ -20,12 +20,13 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -35,7 +36,7 @@ except ImportError:  # pragma: no cover - not POSIX: no lock
     fcntl = None
 
 from .errors import DataError
-from .io import JsonlAppender, atomic_path, atomic_write_json, atomic_write_text, read_json, read_jsonl, \
+from .io import JsonlAppender, atomic_path, atomic_write_json, atomic_write_text, iter_jsonl, read_json, \
     write_jsonl_atomic
 
 
@@ -46,11 +47,18 @@ def _json_or_error(path: Path) -> Any:
         raise DataError(f"{path} is not valid JSON ({e})") from None
 
 
-def _jsonl_or_error(path: Path) -> list[dict]:
+def _jsonl_or_error(path: Path) -> Iterator[dict]:
+    """The rows of a JSONL file one at a time (a pool's logs run to 10^6 lines); a bad line is a DataError."""
     try:
-        return read_jsonl(path)
+        yield from iter_jsonl(path)
     except ValueError as e:
         raise DataError(str(e)) from None
+
+
+def _i(s: Optional[str]) -> Optional[str]:
+    """One string object for the values every row repeats (class, engine, status, reason): a row of a
+    million-row log then holds a reference, not a copy."""
+    return sys.intern(s) if isinstance(s, str) else s
 
 
 # ====================================================================== drop reasons
@@ -110,7 +118,7 @@ DUP_REASONS = tuple(r.value for r in DropReason if r.group == "duplicate")
 
 # ====================================================================== crawl records
 
-@dataclass
+@dataclass(slots=True)
 class CrawlRecord:
     """One row of ``crawl/records.jsonl``: one URL (or local file) tried for one class."""
 
@@ -134,8 +142,8 @@ class CrawlRecord:
 
     @classmethod
     def from_row(cls, row: dict) -> "CrawlRecord":
-        return cls(cls=row.get("class"), query=row.get("query") or "", engine=row.get("engine") or "",
-                   url=row.get("url") or "", status=row.get("status") or "error", error=row.get("error"),
+        return cls(cls=_i(row.get("class")), query=_i(row.get("query") or ""), engine=_i(row.get("engine") or ""),
+                   url=row.get("url") or "", status=_i(row.get("status") or "error"), error=_i(row.get("error")),
                    sha256=row.get("sha256"), bytes=int(row.get("bytes") or 0), w=int(row.get("w") or 0),
                    h=int(row.get("h") or 0), path=row.get("path"), time=float(row.get("time") or 0.0))
 
@@ -276,7 +284,7 @@ def update_crawl_summary(path: Path, per_class: dict[str, ClassSummary], **field
 
 # ====================================================================== curate decisions
 
-@dataclass
+@dataclass(slots=True)
 class Decision:
     """One row of ``curate/decisions.jsonl``: one distinct (class, raw image) pair, kept or why not."""
 
@@ -312,7 +320,7 @@ class Decision:
     def from_row(cls, row: dict) -> "Decision":
         known = {f.name for f in fields(cls)} - {"cls", "reason"}
         d = {k: v for k, v in row.items() if k in known}
-        return cls(cls=row.get("class"), reason=DropReason.of(row.get("reason")), **d)
+        return cls(cls=_i(row.get("class")), reason=DropReason.of(row.get("reason")), **d)
 
 
 def write_decisions(path: Path, rows: Iterable[Decision]) -> Path:

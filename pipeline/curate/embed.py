@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -195,7 +196,7 @@ class EmbeddingCache:
             self._loaded.add(p.name)
             try:
                 z = np.load(p, allow_pickle=False)
-                ids = [str(x) for x in z["ids"]]
+                ids = [sys.intern(str(x)) for x in z["ids"]]  # one string per sha across curate's tables
                 emb = z["emb"]
                 extra = z["extra"] if "extra" in z.files else None
             except Exception:

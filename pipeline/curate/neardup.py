@@ -38,7 +38,7 @@ _CHUNK = 65536        # rows per projection/assignment task, pairs per re-check 
 
 
 def similar_pairs(emb: np.ndarray, threshold: float, *, exact_max: int = EXACT_MAX, nprobe: int = 2,
-                  nlist: int | None = None, batch: int = 4096,
+                  nlist: int | None = None, batch: int = 2048,
                   workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(rows i, cols j), sorted, with i < j and dot(emb[i], emb[j]) >= threshold (cosine for unit rows).
 

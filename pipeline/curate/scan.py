@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from pipeline.core.errors import DataError
-from pipeline.core.io import JsonlAppender, read_jsonl
+from pipeline.core.io import JsonlAppender, iter_jsonl, read_jsonl
 
 from .embed import EmbeddingCache
 from .hashing import facts_of
@@ -52,12 +53,40 @@ def cache_key(embedder) -> str:
     return f"{embedder.key}|{decode_tag(embedder)}"
 
 
+class FactRows:
+    """sha256 -> facts row, held as its compact JSON text and decoded when read: a row's text is about a
+    third of the memory of the dict (whose keys and small strings every row repeats), which matters at
+    10^5-10^6 images. A row read is a fresh dict; to change one, assign it back."""
+
+    def __init__(self) -> None:
+        self._text: dict[str, str] = {}
+
+    def __setitem__(self, sha: str, row: dict) -> None:
+        self._text[sys.intern(sha)] = json.dumps(row, separators=(",", ":"))
+
+    def __getitem__(self, sha: str) -> dict:
+        return json.loads(self._text[sha])
+
+    def get(self, sha: str, default=None):
+        text = self._text.get(sha)
+        return default if text is None else json.loads(text)
+
+    def __contains__(self, sha: object) -> bool:
+        return sha in self._text
+
+    def __len__(self) -> int:
+        return len(self._text)
+
+
 class FactsCache:
     """``curate/cache/facts.jsonl``: per sha the decode facts + pHash (append-only, last row wins)."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.rows: dict[str, dict] = {r["sha"]: r for r in read_jsonl(path) if "sha" in r}
+        self.rows = FactRows()
+        for r in iter_jsonl(path):
+            if "sha" in r:
+                self.rows[r["sha"]] = r
         self._app: Optional[JsonlAppender] = None
 
     def add(self, row: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +19,20 @@ from pipeline.core.runs import RunDir
 log = logging.getLogger("kd3.curate")
 
 
-@dataclass
+@dataclass(slots=True)
 class Candidate:
     cls: str
     label: int
     sha: str
     path: str      # as recorded (relative to the run dir) or an absolute path for folder sources
-    file: Path     # where to read it
     url: str
     order: int
+    root: Optional[Path] = None  # the run directory ``path`` is relative to (one object shared by all)
+
+    @property
+    def file(self) -> Path:
+        """Where to read it (made when asked: a Path per candidate costs ~0.5 kB at 10^6 images)."""
+        return Path(self.path) if self.root is None else self.root / self.path
 
 
 @dataclass
@@ -52,7 +58,7 @@ def from_records(rd: RunDir, classes: list[str]) -> Sources:
             unknown[r.cls] += 1
         elif (r.cls, r.sha256) not in seen:
             seen.add((r.cls, r.sha256))
-            out.append(Candidate(r.cls, cidx[r.cls], r.sha256, r.path, rd.root / r.path, r.url or "", len(out)))
+            out.append(Candidate(r.cls, cidx[r.cls], sys.intern(r.sha256), r.path, r.url or "", len(out), rd.root))
     for c, n in unknown.items():
         log.warning("curate: %d records of class %r, which is not in the class list, are ignored", n, c)
     collapsed = len(ok) - len(out) - sum(unknown.values())
@@ -76,7 +82,7 @@ def from_folder(folder: Path, classes: list[str]) -> Sources:
             if (c, sha) not in seen:
                 seen.add((c, sha))
                 ap = p.resolve()
-                out.append(Candidate(c, label, sha, str(ap), ap, ap.as_uri(), len(out)))
+                out.append(Candidate(c, label, sha, str(ap), ap.as_uri(), len(out)))
     return Sources(out, n_files, n_files, n_files - len(out), f"crawl.folder {folder}")
 
 

@@ -80,7 +80,7 @@ def prepare(cfg: RunConfig) -> Job:
     ev = list(dict(eval_files(c.decontaminate)).items()) if c.decontaminate is not None else []
     ctx = Context(c, classes, FactsCache(rd.curate / "cache" / "facts.jsonl"),
                   EmbeddingCache(rd.curate / "cache", cache_key(embedder)), src.collapsed, ev)
-    uniq = list(dict((x.sha, x.file) for x in src.cands).items())
+    uniq = list(dict((x.sha, str(x.file)) for x in src.cands).items())
     log.info("curate: %d candidate images (%d unique files) in %d classes; embedder %s",
              len(src.cands), len(uniq), len(classes), embedder.key)
     web = {s for s, _ in uniq}
