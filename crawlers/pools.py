@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import pickle
+import sys
 import tarfile
 import zipfile
 from dataclasses import asdict, dataclass
@@ -35,7 +36,7 @@ from pydantic import Field
 from pipeline.core import plugins
 from pipeline.core.config import EMBEDDERS, RunConfig
 from pipeline.core.errors import ConfigError, DataError
-from pipeline.core.io import atomic_write_bytes, atomic_write_text, sha256_bytes, sync_all
+from pipeline.core.io import atomic_write_bytes, iter_jsonl, sha256_bytes, sync_all, write_jsonl_atomic
 from pipeline.core.plugin_settings import Settings
 from pipeline.core.preflight import check_teacher
 from pipeline.core.runs import RunDir
@@ -80,7 +81,7 @@ class Sample:
     detail: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class PoolEntry:
     """One row of ``crawl/pools/<source>-<key>.jsonl``."""
 
@@ -105,7 +106,8 @@ class PoolEntry:
     @classmethod
     def from_row(cls, row: dict) -> "PoolEntry":
         row = dict(row)
-        row["cls"] = row.pop("class", None)
+        c = row.pop("class", None)
+        row["cls"] = sys.intern(c) if isinstance(c, str) else c  # one string per class, not per entry
         return cls(**row)
 
 
@@ -175,12 +177,12 @@ class Pool(Source):
         with open(out.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if out.is_file():
-                entries = [PoolEntry.from_row(json.loads(ln)) for ln in out.read_text().splitlines() if ln.strip()]
+                entries = [PoolEntry.from_row(row) for row in iter_jsonl(out)]
             else:
                 entries = self.store(cfg, rd)
                 sync_all()  # the images are durable before the pool file names them
                 assign(cfg, rd, [e for e in entries if e.error is None])
-                atomic_write_text(out, "".join(json.dumps(e.to_row()) + "\n" for e in entries))
+                write_jsonl_atomic(out, (e.to_row() for e in entries))
                 bad = sum(e.error is not None for e in entries)
                 log.info("%s: %d samples, %d stored, %d unreadable", self.where(cfg), len(entries),
                          len(entries) - bad, bad)
