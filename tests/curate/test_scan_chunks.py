@@ -91,3 +91,27 @@ def test_chunk_results_out_of_sight_stop_the_run(world):
     with pytest.raises(DataError, match="shared storage"):
         curate(make_cfg(world["run"], scan_chunk=8), map_chunks=lambda chunks: [{} for _ in chunks])
     assert not (world["run"] / "curate" / "decisions.jsonl").exists()
+
+
+def test_facts_cache_keeps_rows_as_text_last_row_wins_and_a_read_is_a_copy(tmp_path):
+    """The facts table holds a row per image as its JSON text (a third of a dict's memory at 10^6 images):
+    what is read back equals what was added, across a reload; the last row of a sha wins; changing a row
+    read from it changes nothing until it is assigned back."""
+    from pipeline.curate.scan import FactsCache
+
+    path = tmp_path / "facts.jsonl"
+    facts = FactsCache(path)
+    facts.add({"sha": "a" * 64, "ok": True, "w": 32, "h": 32, "phash": "8f3861ce9cb0b365", "thumb": "FxQW"})
+    facts.add({"sha": "b" * 64, "ok": False, "error": "truncated"})
+    facts.add({"sha": "a" * 64, "ok": True, "w": 40, "h": 40, "phash": "8f3861ce9cb0b365", "thumb": "FxQW"})
+    facts.close()
+    row = facts.rows["a" * 64]
+    row["w"] = 1
+    assert facts.rows["a" * 64]["w"] == 40
+    again = FactsCache(path)
+    assert len(again.rows) == 2 and "b" * 64 in again.rows and "c" * 64 not in again.rows
+    assert again.rows.get("a" * 64) == facts.rows.get("a" * 64) == {"sha": "a" * 64, "ok": True, "w": 40, "h": 40,
+                                                                    "phash": "8f3861ce9cb0b365", "thumb": "FxQW"}
+    assert again.rows.get("c" * 64, {}) == {}
+    with pytest.raises(KeyError):
+        again.rows["c" * 64]
