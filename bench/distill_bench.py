@@ -4,7 +4,7 @@ The selection pass is included; the time is split into selection and training (e
 no eval set, no held-out slice). Three runs share the data, teacher and student:
   kd            Hinton KD on every image
   kd3           KD³ as configured (its selection decides how many images it trains on)
-  kd3-all       KD³ with every image kept (the release's confidence rule at tau ~ 0, no equal_steps; the
+  kd3-all       KD³ with every image kept (the release's confidence rule at tau ~ 0, no equal_steps, input mix; the
                 selection pass still runs): the cost per epoch when the selection keeps everything —
                 the worst case for the kd3/kd ratio
 Per-image costs divide by the images an epoch trained on (``trained``: with kd3's default equal_steps
@@ -125,7 +125,8 @@ def _merged(a: dict, b: dict) -> dict:
 
 
 RUNS = {"kd": ("kd", {}), "kd3": ("kd3", {}),
-        "kd3-all": ("kd3", {"kd3": {"selection_rule": "confidence", "equal_steps": False, "tau": 1e-9}})}
+        "kd3-all": ("kd3", {"kd3": {"selection_rule": "confidence", "equal_steps": False, "tau": 1e-9,
+                                     "mix_level": "input"}})}
 
 
 class DistillSetup:

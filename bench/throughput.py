@@ -10,7 +10,7 @@ repeat). Ratios, not absolute times, are the result of a pair.
   distill   KD epoch  vs  KD³ epoch (default options), seconds per trained image, each the median over >= 5
             epochs after the first (bench/distill_bench.py); goal <= 1.5x; then KD vs the release's rule with
             every image kept (its selection pass each epoch included), and KD vs each cost option of kd3
-            (COST_OPTIONS: off by default, other maths; the goal is checked for each)
+            (COST_OPTIONS: the release's input mix and view_share, each other maths; the goal is checked for each)
   neardup   near-duplicate removal at 1M x 512-d, planted re-encodes (bench/curate_bench.py neardup):
             time, recall, false pairs, peak RSS; goal <= 180 s (must 300 s), recall >= 0.98, 0 false pairs
   loader    shard -> batch images/s per worker process, and CPU cores to feed one H100 on the release
@@ -40,8 +40,9 @@ from benchlib import format_machine, interleave, machine, quiet_logging  # noqa:
 PARTS = ("curate", "distill", "neardup", "loader")
 
 
-# kd3's cost options (off by default: they change the maths; accuracy effect in docs/BENCHMARKS.md), timed by default
-COST_OPTIONS = ("view_share=0.5", "view_share=0.25", 'mix_level="feature"')
+# kd3's cost options, timed by default: the input mix (the release's, kd3's default until issue 21 part 6 measured
+# the feature mix as good) and view_share (off: other maths); accuracy effects in docs/BENCHMARKS.md
+COST_OPTIONS = ('mix_level="input"', "view_share=0.5", "view_share=0.25")
 
 
 def report_pair(title: str, a_name: str, b_name: str, r: dict, unit: str, goal: str) -> str:

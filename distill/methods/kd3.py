@@ -5,10 +5,11 @@ MixDistribution and the contrastive term (``_input_views``, ``_contrast``); then
 (``forward``) and the export.
 
 Defaults (``distill.kd3``): ``selection_rule: bn`` (train on the images the teacher's BatchNorm statistics
-call in-distribution, :mod:`.idscore`) and ``equal_steps: true`` (an epoch keeps a whole-pool pass's step
-count) are kd3's own, chosen on the ranked benchmark (docs/BENCHMARKS.md); ``selection_rule: confidence`` with
-``equal_steps: false`` is the release's method. Ablations: ``selection``, ``weighting``, ``sharing``,
-``mixdist``; paper-prose options (off): ``cross_contrastive``, ``mix_level: feature``,
+call in-distribution, :mod:`.idscore`), ``equal_steps: true`` (an epoch keeps a whole-pool pass's step
+count) and ``mix_level: feature`` (MixDistribution on the student's last feature map: no second student pass)
+are kd3's own, chosen on the ranked benchmark (docs/BENCHMARKS.md); ``selection_rule: confidence`` with
+``equal_steps: false`` and ``mix_level: input`` is the release's method. Ablations: ``selection``,
+``weighting``, ``sharing``, ``mixdist``; paper-prose options (off): ``cross_contrastive``,
 ``classifier_align_loss``; others (off): ``kd_weight`` (a logit KD term), ``fused_views``, ``view_share`` < 1
 (x~ for the first rows of a batch only: a cheaper step), ``export: compact`` (student.pt at the student's own
 size: its own classifier fitted alongside to the full head's logits);

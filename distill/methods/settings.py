@@ -34,7 +34,10 @@ class Kd3Settings(Settings):
                                                           "student computes uses, so off (default) skips the "
                                                           "teacher's pass on x~ and trains the same student; on "
                                                           "= the release's loss value")
-    mix_level: Literal["input", "feature"] = Field("input", description="where MixDistribution acts")
+    mix_level: Literal["input", "feature"] = Field(
+        "feature", description="where MixDistribution acts: feature = the student's last feature map (kd3's default: "
+                               "no second student pass, ~1.2x a KD step; as good as input on both shift levels, "
+                               "docs/BENCHMARKS.md); input = the input batch (the release)")
     classifier_align_loss: bool = Field(False, description="paper-prose option: align classifiers by a loss")
     kd_temperature: float = Field(4.0, gt=0, description="temperature of kd3's KD terms (the no-sharing "
                                                          "ablation's, and kd_weight's)")
@@ -53,8 +56,8 @@ class Kd3Settings(Settings):
     kd_weight: float = Field(0.0, ge=0, description="weight of a logit KD term on the selected images (0 = off)")
     equal_steps: bool = Field(True, description="train each epoch for as many steps as a pass over the whole pool "
                                                  "(the selection cycled), so selecting costs no SGD steps")
-    fused_views: bool = Field(False, description="one student forward on cat(x, x~) instead of two (faster on a "
-                                                 "GPU; BatchNorm then normalises both views together)")
+    fused_views: bool = Field(False, description="mix_level input: one student forward on cat(x, x~) instead of two "
+                                                 "(faster on a GPU; BatchNorm then normalises both views together)")
     export: Literal["full", "compact"] = Field(
         "full", description="what student.pt holds: full = backbone + projector + the teacher's classifier (the "
                             "release); compact = the student architecture alone, at its own size: its own "

@@ -68,13 +68,17 @@ def losses_and_grads(m, fn) -> tuple[dict, dict]:
     return {k: v.item() for k, v in losses.items()}, grads
 
 
-@pytest.mark.parametrize("options", [{}, {"cross_contrastive": True}, {"mix_level": "feature"},
-                                     {"weighting": False}, {"channels_last": True}, {"teacher_contrastive": True},
-                                     {"teacher_contrastive": True, "cross_contrastive": True},
-                                     {"teacher_contrastive": True, "mix_level": "feature"}, {"view_share": 0.25},
-                                     {"view_share": 0.5, "teacher_contrastive": True, "cross_contrastive": True},
-                                     {"view_share": 0.25, "mix_level": "feature", "teacher_contrastive": True},
-                                     {"view_share": 0.5, "channels_last": True}])
+_INPUT = {"mix_level": "input"}  # the release's MixDistribution (the default mixes the student's feature map)
+
+
+@pytest.mark.parametrize("options", [{}, _INPUT, {"cross_contrastive": True, **_INPUT}, {"cross_contrastive": True},
+                                     {"weighting": False, **_INPUT}, {"channels_last": True, **_INPUT},
+                                     {"teacher_contrastive": True, **_INPUT},
+                                     {"teacher_contrastive": True, "cross_contrastive": True, **_INPUT},
+                                     {"teacher_contrastive": True}, {"view_share": 0.25, **_INPUT},
+                                     {"view_share": 0.5, "teacher_contrastive": True, "cross_contrastive": True, **_INPUT},
+                                     {"view_share": 0.25, "teacher_contrastive": True},
+                                     {"view_share": 0.5, "channels_last": True, **_INPUT}, {"channels_last": True}])
 def test_kd3_step_losses_and_gradients_equal_the_reference(options):
     options = dict(options)
     channels_last = options.pop("channels_last", False)
@@ -129,8 +133,9 @@ def _train(cfg: Kd3Config, steps: int = 4):
 
 
 def test_teacher_contrastive_term_trains_only_g_t_so_skipping_it_trains_the_same_student():
-    on, seen_on, _, rng_on = _train(Kd3Config(teacher_contrastive=True))
-    off, seen_off, g_t0, rng_off = _train(Kd3Config())
+    # input mix (the release's): the teacher's term is a pass on the mixed input batch x~
+    on, seen_on, _, rng_on = _train(Kd3Config(teacher_contrastive=True, mix_level="input"))
+    off, seen_off, g_t0, rng_off = _train(Kd3Config(mix_level="input"))
     assert seen_on == [16] * 4 and seen_off == [8] * 4  # off: the teacher never sees x~
     assert torch.equal(rng_on, rng_off)  # the same random draws: data order and MixDistribution stay put
     student = {k: v for k, v in on.state_dict().items() if not k.startswith("g_t.")}
@@ -153,8 +158,8 @@ def test_view_share_gives_only_the_first_rows_a_copy(share, teacher_term, want_s
     calls = {"s": [], "t": []}
     _record_batches(student, calls["s"])
     _record_batches(teacher, calls["t"])
-    m = create_method("kd3", student, teacher, Kd3Config(view_share=share, teacher_contrastive=teacher_term), 5,
-                      student_arch="cnn_tiny")
+    m = create_method("kd3", student, teacher, Kd3Config(view_share=share, teacher_contrastive=teacher_term,
+                                                         mix_level="input"), 5, student_arch="cnn_tiny")
     m.t_hw = (4, 4)  # skip the one-image probe of the teacher's map size
     out = m(torch.randn(12, 3, 32, 32))
     assert calls == {"s": want_student, "t": want_teacher}

@@ -150,7 +150,7 @@ def test_fused_views_option_is_one_student_call_with_the_same_maths_in_eval_mode
     out = {}
     for fused in (False, True):
         torch.manual_seed(2)  # the same projector and heads
-        m = create_method("kd3", student, teacher, _kd3_cfg(mixdist=True, fused_views=fused), 3, student_arch="s")
+        m = create_method("kd3", student, teacher, _kd3_cfg(mixdist=True, fused_views=fused, mix_level="input"), 3, student_arch="s")
         m.eval()  # BN on running stats: fusing the two views changes nothing but the number of calls
         calls.clear()
         torch.manual_seed(1)
