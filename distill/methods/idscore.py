@@ -103,6 +103,10 @@ class BNStatScorer(StatScorer):
 NORM_LAYERS = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 
+def has_norm_layers(teacher: nn.Module) -> bool:
+    return any(isinstance(m, NORM_LAYERS) for m in teacher.modules())
+
+
 def norm_layers(teacher: nn.Module) -> list[nn.Module]:
     """The layers whose inputs the anchors rule compares: every normalisation layer (BatchNorm, LayerNorm of
     any layout, GroupNorm), where a network's activation statistics are meant to be stable."""

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from ..models import Kd3Student, Projector, pool_to
 from ._registry import register_method
 from .base import Method, Selection
-from .idscore import anchor_reference, bn_scores, has_bn_statistics, in_distribution_mask, norm_layers
+from .idscore import anchor_reference, bn_scores, has_bn_statistics, has_norm_layers, in_distribution_mask, \
+    norm_layers
 from .losses import (alpha_schedule, disagreement_weights, kd_loss, match_spatial, mix_distribution, mixed_probs,
                      nt_xent_views, ramp_epochs, select_confident, view_rows, weighted_feature_mse)
 from .settings import Kd3Settings
@@ -77,11 +78,10 @@ class KD3(Method):
         if float(cfg.kd_weight) > 0:
             self.loss_weights["kd"] = float(cfg.kd_weight)
         self.rule = cfg.selection_rule
-        if "bn" in self.rule and not has_bn_statistics(self.teacher):
-            log.warning("kd3: the teacher has no BatchNorm statistics (e.g. a TorchScript or LayerNorm model): "
-                        "selection_rule %s falls back to the release's confidence rule (selection_rule anchors "
-                        "with distill.anchor_dir reads any architecture)", self.rule)
-            self.rule = "confidence"
+        # a teacher without BN statistics: the bn rule falls back at the first selection, to the anchors rule
+        # when distill.anchor_dir gives anchor images (measured at least as good as KD on both levels with a
+        # LayerNorm teacher), else to the release's confidence rule (level with KD); docs/BENCHMARKS.md
+        self.bn_fallback = "bn" in self.rule and not has_bn_statistics(self.teacher)
         if self.rule == "anchors":
             norm_layers(self.teacher)  # refused now, in one line, when there is nothing to compare
         # selection_rule anchors: the trainer sets this to the anchor images' batches (distill.anchor_dir)
@@ -100,6 +100,8 @@ class KD3(Method):
         cfg = self.cfg
         if not cfg.selection:
             return Selection(None, None, {"alpha": None})
+        if self.bn_fallback:
+            self._fall_back()
         log: dict = {"alpha": None}
         scored = "bn" in self.rule or self.rule == "anchors"
         if scored:
@@ -121,6 +123,18 @@ class KD3(Method):
             log["thresholds"] = thr.tolist()
         log["pred_counts"] = torch.bincount(pred, minlength=self.num_classes).tolist()
         return Selection(torch.nonzero(keep).flatten(), pred, log, cycle=bool(cfg.equal_steps))
+
+    def _fall_back(self) -> None:
+        """The rule for a teacher without BatchNorm statistics, said once in a warning that names it."""
+        self.bn_fallback = False
+        anchors = self.rule == "bn" and self.anchor_batches is not None and has_norm_layers(self.teacher)
+        new = "anchors" if anchors else "confidence"
+        log.warning("kd3: the teacher has no BatchNorm statistics (e.g. a TorchScript or LayerNorm model): "
+                    "selection_rule %s falls back to %s", self.rule,
+                    "selection_rule anchors (its statistics on distill.anchor_dir)" if anchors else
+                    "the release's confidence rule (given distill.anchor_dir, a few original images per class, "
+                    "it would select by selection_rule anchors, which reads any architecture)")
+        self.rule = new
 
     def _mixed_probs(self, epoch: int, epochs: int, infer) -> tuple[torch.Tensor, float]:
         """q = softmax(alpha_e z_T + (1 - alpha_e) z_S) over the pool (training augmentation), and alpha_e."""

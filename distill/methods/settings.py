@@ -48,7 +48,9 @@ class Kd3Settings(Settings):
                           "in-distribution (kd3's default); confidence = the release's class-adaptive confidence "
                           "thresholds on the mixed prediction; bn+confidence = the release's rule over the bn images; "
                           "anchors = as bn, the reference being the teacher's activation statistics on "
-                          "distill.anchor_dir (a few original images per class; any architecture, LayerNorm too)")
+                          "distill.anchor_dir (a few original images per class; any architecture, LayerNorm too). "
+                          "A teacher without BatchNorm statistics: bn falls back to anchors when distill.anchor_dir "
+                          "is set, else to confidence (a warning names it)")
     id_rule: Literal["gmm", "quantile"] = Field(
         "gmm", description="bn rules: which images count as in-distribution: gmm = the low component of a 2-Gaussian fit "
                            "to the pool's log scores; quantile = the id_keep share per predicted class")

@@ -323,15 +323,23 @@ def test_layernorm_teacher_warns_of_its_fallback_and_selects_by_anchors(digits_w
         for f in sorted(d.iterdir())[:5]:
             shutil.copy(f, anchors / d.name / f.name)
 
-    def cfg(**kd3):
-        c = _cfg(digits_world, run, "kd3", epochs=1, kd3=kd3, anchor_dir=str(anchors))
+    def cfg(with_anchors=True, **kd3):
+        c = _cfg(digits_world, run, "kd3", epochs=1, kd3=kd3, anchor_dir=str(anchors) if with_anchors else None)
         return c.model_copy(update={"teacher": teacher})
 
+    def first_row(out_id):
+        return json.loads((run / "distill" / f"kd3-{out_id}" / "selection.jsonl").read_text().splitlines()[0])
+
     with caplog.at_level(logging.WARNING, logger="kd3"):
-        m = distill(cfg(), out_id="ln-default")
-    assert "falls back to the release's confidence rule" in caplog.text and "selection_rule anchors" in caplog.text
-    first = json.loads((run / "distill" / "kd3-ln-default" / "selection.jsonl").read_text().splitlines()[0])
+        m = distill(cfg(with_anchors=False), out_id="ln-default")
+    assert "falls back to the release's confidence rule" in caplog.text and "distill.anchor_dir" in caplog.text
+    first = first_row("ln-default")
     assert m["final"]["done"] and first["alpha"] is not None and "id" not in first  # the release's rule ran
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kd3"):
+        m = distill(cfg(), out_id="ln-default-anchors")  # the default rule, anchor images given: the anchors rule
+    assert "falls back to selection_rule anchors" in caplog.text
+    assert m["final"]["done"] and first_row("ln-default-anchors")["id"]["rule"] == "gmm"
     m = distill(cfg(selection_rule="anchors"), out_id="ln-anchors")
     sel = [json.loads(ln) for ln in (run / "distill" / "kd3-ln-anchors" / "selection.jsonl").read_text().splitlines()]
     n_pool = len((run / "distill" / "kd3-ln-anchors" / "pool_keys.txt").read_text().split())

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from distill.methods import create_method
 from distill.methods.idscore import BNStatScorer, bn_scores, gmm_low_component, in_distribution_mask
-from distill.models import Backbone
+from distill.models import Backbone, create_model
 from distill.methods.settings import Kd3Settings as Kd3Config
 
 torch.set_num_threads(1)
@@ -123,7 +123,7 @@ def test_kd3_selection_drops_confident_out_of_distribution_images():
     assert set(sel.indices.tolist()) <= set(range(12))
 
 
-def test_bn_rule_falls_back_to_the_release_rule_without_batchnorm(caplog):
+def test_bn_rule_falls_back_to_anchors_when_given_else_to_the_release_rule_without_batchnorm(caplog):
     class NoBN(Backbone):  # a LayerNorm-style net: no BatchNorm running statistics to compare with
         def __init__(self):
             super().__init__()
@@ -133,9 +133,30 @@ def test_bn_rule_falls_back_to_the_release_rule_without_batchnorm(caplog):
         def forward_features(self, x):
             return torch.relu(x[:, :2])
 
-    teacher = NoBN().eval()
-    m = create_method("kd3", OneBN().train(), teacher, Kd3Config(mixdist=False), 2, student_arch="x")
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def infer(fn, augment=True):
+        with torch.no_grad():
+            return fn(images)
+
+    def first_selection(teacher, student, anchors):
+        m = create_method("kd3", student, teacher, Kd3Config(mixdist=False), 2, student_arch="x").eval()
+        m.anchor_batches = (lambda: iter([images[:6]])) if anchors else None  # what distill.anchor_dir gives
+        caplog.clear()
+        return m, m.select(0, 10, infer)
+
+    # no normalisation layer at all: nothing to compare anchors with, the release's rule
+    m, sel = first_selection(NoBN().eval(), OneBN().train(), anchors=True)
     assert m.rule == "confidence" and "falls back to the release's confidence rule" in caplog.text
+    assert sel.log["alpha"] is not None and "id" not in sel.log
+    # a LayerNorm teacher: the anchors rule when anchor images are given (the measured better fallback) ...
+    ln = create_model("cnn_tiny_ln", 2).eval()
+    m, sel = first_selection(ln, create_model("cnn_tiny", 2).train(), anchors=True)
+    assert m.rule == "anchors" and "falls back to selection_rule anchors" in caplog.text
+    assert sel.log["id"]["rule"] == "gmm" and sel.log["alpha"] is None
+    # ... else the release's rule, and the warning says what anchors would give
+    m, sel = first_selection(ln, create_model("cnn_tiny", 2).train(), anchors=False)
+    assert m.rule == "confidence" and "distill.anchor_dir" in caplog.text and sel.log["alpha"] is not None
 
 
 def test_anchor_reference_is_what_a_bn_layer_would_have_learnt_and_scores_like_the_bn_rule():
