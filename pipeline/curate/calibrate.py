@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from .hashing import pixel_diff
+from .hashing import Thumbs, pixel_diff
 from .scan import work_side
 from .shards import bounded_map
 from .validate import inspect_image
@@ -85,7 +85,7 @@ def plant_copies(items: list[tuple[str, Path]], embedder, emb_cache, c) -> int:
     return len(ids)
 
 
-def _unrelated_neighbours(X: np.ndarray, thumbs: np.ndarray, max_pixel_diff: float, ids: list[str],
+def _unrelated_neighbours(X: np.ndarray, thumbs: Thumbs, max_pixel_diff: float, ids: list[str],
                           chunk: int = 2048) -> np.ndarray:
     """For a fixed sample of rows (those whose ``ids`` come first in sorted order: chosen by content, not by
     the rows' order), the cosine of the most similar other row that is not a pixel copy."""
@@ -115,7 +115,7 @@ def _unrelated_neighbours(X: np.ndarray, thumbs: np.ndarray, max_pixel_diff: flo
     return best_s[np.arange(len(q)), first]
 
 
-def calibrate(X: np.ndarray, thumbs: np.ndarray, originals: np.ndarray, copies: np.ndarray,
+def calibrate(X: np.ndarray, thumbs: Thumbs, originals: np.ndarray, copies: np.ndarray,
               max_pixel_diff: float, ids: list[str]) -> dict:
     """The cut for pool embeddings ``X`` (rows L2-normalised, ``thumbs`` their thumbnails, ``ids`` their
     sha256s, which pick the neighbour sample) given planted (original, copy) embedding pairs; returns the

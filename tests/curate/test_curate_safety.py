@@ -204,7 +204,8 @@ def test_unrelated_neighbour_search_matches_brute_force(monkeypatch):
     thumbs[1::7] = thumbs[0::7][: len(thumbs[1::7])]  # pixel copies: never "unrelated"
     monkeypatch.setattr(calibrate, "NEIGHBOUR_N", 300)
     ids = [f"{i:064x}" for i in rng.permutation(700)]  # the sample is picked by id, not by row
-    got = calibrate._unrelated_neighbours(X, thumbs, 4.0, ids, chunk=128)
+    held = calibrate.Thumbs(thumbs.astype(np.uint8), np.ones(len(thumbs), bool))
+    got = calibrate._unrelated_neighbours(X, held, 4.0, ids, chunk=128)
     q = np.sort(np.argsort(ids)[:300])
     S = X[q] @ X.T
     S[np.arange(len(q)), q] = -np.inf

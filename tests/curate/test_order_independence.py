@@ -69,9 +69,10 @@ def test_a_cut_at_the_top_of_the_scale_says_so():
     import numpy as np
 
     from pipeline.curate.calibrate import calibrate
+    from pipeline.curate.hashing import Thumbs
 
     rng = np.random.default_rng(0)
-    thumbs = rng.integers(0, 255, (40, 256)).astype(np.float32)  # 40 unrelated 16x16 thumbnails
+    thumbs = Thumbs(rng.integers(0, 255, (40, 256)).astype(np.uint8), np.ones(40, bool))  # 40 unrelated ones
     collapsed = np.tile(np.eye(8, dtype=np.float32)[:1], (40, 1))     # ... on one and the same feature
     ids = [f"{i:064x}" for i in range(40)]
     top = calibrate(collapsed, thumbs, np.zeros((0, 8), np.float32), np.zeros((0, 8), np.float32), 4.0, ids)

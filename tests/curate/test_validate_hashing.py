@@ -108,10 +108,14 @@ def test_multi_index_hashing_matches_brute_force():
         for b in rng.sample(range(64), rng.randint(0, 6)):
             base ^= 1 << b
         hashes.append(base)
-    for t in (0, 3, 4, 6, 10):
+    hashes += [0] * 40 + [2**64 - 1] * 5  # flat images share their pHash: every pair of them is a candidate
+    for t in (0, 3, 4, 6, 10, 16):  # 16: the all-pairs branch
         brute = sorted((i, j) for i in range(len(hashes)) for j in range(i + 1, len(hashes))
                        if (hashes[i] ^ hashes[j]).bit_count() <= t)
-        assert near_pairs(hashes, t) == brute
+        found = near_pairs(hashes, t)
+        assert found.dtype == np.int64 and found.shape == (len(brute), 2)
+        assert [tuple(p) for p in found.tolist()] == brute
+    assert near_pairs([], 4).shape == (0, 2) and near_pairs([7], 4).shape == (0, 2)
     groups = phash_groups([f"{h:016x}" for h in hashes], 6)
     assert len(set(groups)) < len(hashes)
 
@@ -120,3 +124,24 @@ def test_any_within():
     ref = ["ffffffffffffffff", "0000000000000000"]
     assert any_within(["fffffffffffffff0", "00000000000000ff", "0f0f0f0f0f0f0f0f"], ref, 4) == [0, None, None]
     assert any_within(["00000000000000ff"], ref, 8) == [1]
+
+
+def test_pixel_diff_is_the_mean_absolute_difference_in_chunks_and_nan_without_a_thumbnail():
+    """Thumbnails held as uint8 and pairs diffed a chunk at a time give exactly the float32 mean absolute
+    difference; a pair with a missing thumbnail is NaN (it never confirms)."""
+    import base64
+
+    from pipeline.curate.hashing import pixel_diff, thumbs_array
+
+    rng = np.random.default_rng(0)
+    px = rng.integers(0, 256, (9, 256), dtype=np.uint8)
+    enc = [base64.b64encode(r.tobytes()).decode() for r in px]
+    enc[4] = None
+    th = thumbs_array(enc)
+    a, b = rng.integers(0, 9, 50), rng.integers(0, 9, 50)
+    want = np.abs(px[a].astype(np.float32) - px[b].astype(np.float32)).mean(1)
+    want[(a == 4) | (b == 4)] = np.nan
+    for chunk in (3, 50, 16384):
+        got = pixel_diff(th, a, b, chunk=chunk)
+        assert got.dtype == np.float32 and np.array_equal(got, want, equal_nan=True)
+    assert pixel_diff(th, np.zeros(0, np.int64), np.zeros(0, np.int64)).shape == (0,)

@@ -19,7 +19,7 @@ def decide(rows, ctx: Context) -> Counts:
     c = ctx.c
     t, m = c.phash_threshold, c.phash_max_pixel_diff
     ids = alive(rows)
-    pairs = np.array(near_pairs([int(rows[i].phash, 16) for i in ids], t), np.int64).reshape(-1, 2)
+    pairs = near_pairs([int(rows[i].phash, 16) for i in ids], t)
     thumbs = thumbs_array([ctx.facts.rows.get(rows[i].id, {}).get("thumb") for i in ids])
     diff = pixel_diff(thumbs, pairs[:, 0], pairs[:, 1])
     ok = diff <= m  # NaN (no thumbnail) never confirms
