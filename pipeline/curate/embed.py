@@ -11,6 +11,7 @@ weights, used by the tests and the offline demo) are registered with open_clip o
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import math
@@ -178,10 +179,13 @@ class EmbeddingCache:
         if not (self.dir / "key.json").exists():
             atomic_write_json(self.dir / "key.json", {"key": key})
         self.prefix = part_prefix
-        self.ids: list[str] = []
-        self.rows: list[np.ndarray] = []
-        self.extra: dict[str, np.ndarray] = {}
-        self.index: dict[str, int] = {}
+        self.ids: list[str] = []           # row -> sha, in the order rows were absorbed
+        self.index: dict[str, int] = {}    # sha -> row
+        # the rows as blocks (one per part: its rows not seen before), not one array per row: a row's own
+        # ndarray costs ~110 B beside its data, and a dict per image for the extra outputs ~100 B more
+        self._starts: list[int] = []       # first row of each block
+        self._emb: list[np.ndarray] = []
+        self._extra: list[Optional[np.ndarray]] = []
         self._loaded: set[str] = set()
         self.refresh()
 
@@ -210,8 +214,22 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def _where(self, sha: str) -> tuple[int, int]:
+        row = self.index[sha]
+        b = bisect.bisect_right(self._starts, row) - 1
+        return b, row - self._starts[b]
+
     def get(self, sha: str) -> np.ndarray:
-        return self.rows[self.index[sha]]
+        b, i = self._where(sha)
+        return self._emb[b][i]
+
+    def extra_of(self, sha: str) -> Optional[np.ndarray]:
+        """The embedder's extra output for ``sha`` (the teacher's class probabilities), None without one."""
+        if sha not in self.index:
+            return None
+        b, i = self._where(sha)
+        x = self._extra[b]
+        return None if x is None else x[i]
 
     def add_part(self, ids: list[str], emb: np.ndarray, extra: Optional[np.ndarray]) -> None:
         if not ids:
@@ -231,16 +249,28 @@ class EmbeddingCache:
         self._absorb(ids, emb, extra)
 
     def _absorb(self, ids: list[str], emb: np.ndarray, extra: Optional[np.ndarray]) -> None:
+        keep = []  # the part's rows not absorbed before (the first of each sha wins)
         for i, sid in enumerate(ids):
-            if sid in self.index:
-                continue
-            self.index[sid] = len(self.ids)
-            self.ids.append(sid)
-            self.rows.append(emb[i])
-            if extra is not None:
-                self.extra[sid] = extra[i]
+            if sid not in self.index:
+                self.index[sid] = len(self.ids)
+                self.ids.append(sid)
+                keep.append(i)
+        if not keep:
+            return
+        sel = slice(None) if len(keep) == len(ids) else keep
+        self._starts.append(len(self.ids) - len(keep))
+        self._emb.append(np.asarray(emb)[sel])
+        self._extra.append(None if extra is None else np.asarray(extra)[sel])
 
     def matrix(self, shas: list[str]) -> np.ndarray:
+        """The embeddings of ``shas``, in that order, as one float32 matrix."""
         if not shas:
             return np.zeros((0, 0), np.float32)
-        return np.stack([self.rows[self.index[s]] for s in shas]).astype(np.float32)
+        rows = np.fromiter((self.index[s] for s in shas), np.int64, count=len(shas))
+        block = np.searchsorted(np.asarray(self._starts), rows, side="right") - 1
+        out = np.empty((len(rows), self._emb[0].shape[1]), np.float32)
+        order = np.argsort(block, kind="stable")
+        for grp in np.split(order, np.flatnonzero(np.diff(block[order])) + 1):
+            b = int(block[grp[0]])
+            out[grp] = self._emb[b][rows[grp] - self._starts[b]]
+        return out

@@ -54,22 +54,41 @@ def cache_key(embedder) -> str:
 
 
 class FactRows:
-    """sha256 -> facts row, held as its compact JSON text and decoded when read: a row's text is about a
-    third of the memory of the dict (whose keys and small strings every row repeats), which matters at
-    10^5-10^6 images. A row read is a fresh dict; to change one, assign it back."""
+    """sha256 -> facts row, held as compact JSON text and decoded when read: the values only, as a list that
+    names its keys by number (every row repeats the same dozen keys), and without the sha the row is filed
+    under. About a quarter of the memory of the dicts, which matters at 10^5-10^6 images. A row read is a
+    fresh dict, equal to the one stored (same keys, same order); to change one, assign it back."""
 
     def __init__(self) -> None:
         self._text: dict[str, str] = {}
+        self._schemas: list[tuple[tuple[str, ...], int]] = []  # (keys, where "sha" is the row's own key or -1)
+        self._schema_ids: dict[tuple[tuple[str, ...], int], int] = {}
 
     def __setitem__(self, sha: str, row: dict) -> None:
-        self._text[sys.intern(sha)] = json.dumps(row, separators=(",", ":"))
+        keys = tuple(row)
+        own = keys.index("sha") if row.get("sha") == sha else -1
+        schema = (keys, own)
+        sid = self._schema_ids.get(schema)
+        if sid is None:
+            sid = self._schema_ids[schema] = len(self._schemas)
+            self._schemas.append(schema)
+        values = [sid] + [None if k == own else row[key] for k, key in enumerate(keys)]
+        self._text[sys.intern(sha)] = json.dumps(values, separators=(",", ":"))
+
+    def _decode(self, sha: str, text: str) -> dict:
+        values = json.loads(text)
+        keys, own = self._schemas[values[0]]
+        row = dict(zip(keys, values[1:]))
+        if own >= 0:
+            row["sha"] = sha
+        return row
 
     def __getitem__(self, sha: str) -> dict:
-        return json.loads(self._text[sha])
+        return self._decode(sha, self._text[sha])
 
     def get(self, sha: str, default=None):
         text = self._text.get(sha)
-        return default if text is None else json.loads(text)
+        return default if text is None else self._decode(sha, text)
 
     def __contains__(self, sha: object) -> bool:
         return sha in self._text
@@ -187,15 +206,18 @@ def plan_chunks(items: list[tuple[str, Path]], c, embedder, facts: FactsCache, e
     """The (sha, file) pairs not cached yet, in sha256 order (the chunks and their embedding batches are a
     function of the pool, not of its order), ``c.scan_chunk`` per chunk."""
     tag, key = decode_tag(embedder), cache_key(embedder)
-    uniq = dict(items)  # the first file of a sha: the bytes are the same
-    todo = sorted(s for s in uniq if _needs_work(s, facts, emb_cache, c.max_pixels, tag))
+    files: dict[str, str] = {}  # the first file of each sha to scan (the bytes are the same); cached ones not held
+    for s, p in items:
+        if s not in files and _needs_work(s, facts, emb_cache, c.max_pixels, tag):
+            files[s] = p
+    todo = sorted(files)
     groups = [todo[i:i + c.scan_chunk] for i in range(0, len(todo), c.scan_chunk)]
     root = str(Path(cache).absolute())
     out = []
     for k, shas in enumerate(groups):
         cid = hashlib.sha256(json.dumps([key, c.max_pixels, shas]).encode()).hexdigest()[:16]
         out.append(Chunk(k, len(groups), cid, key, root, list(classes),
-                         [(s, str(Path(uniq[s]).absolute()), s not in emb_cache) for s in shas]))
+                         [(s, str(Path(files[s]).absolute()), s not in emb_cache) for s in shas]))
     return out
 
 

@@ -21,6 +21,30 @@ from .sources import Candidate
 MASS_DROP_MIN = 10  # fewer drops than this never stop a run (a tiny pool may be half copies)
 
 
+class Scores:
+    """Class scores per row of the facts table (row -> a score per label), one float32 matrix: an array per
+    row would cost ~110 B beside its data. A row without scores (no embedding) is not in it."""
+
+    def __init__(self, n: int = 0, width: int = 0):
+        self.m = np.zeros((n, width), np.float32)
+        self.has = np.zeros(n, bool)
+
+    def __setitem__(self, i: int, values) -> None:
+        self.m[i] = values
+        self.has[i] = True
+
+    def __contains__(self, i: object) -> bool:
+        return isinstance(i, (int, np.integer)) and 0 <= i < len(self.has) and bool(self.has[i])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if i not in self:
+            raise KeyError(i)
+        return self.m[i]
+
+    def __bool__(self) -> bool:
+        return bool(self.has.any())
+
+
 @dataclass
 class Context:
     c: Any                              # the curate config section
@@ -29,7 +53,7 @@ class Context:
     emb: Any                            # embed.EmbeddingCache: sha -> embedding
     collapsed: int = 0                  # (class, sha) repeats folded while loading: exact duplicates
     eval_files: list[tuple[str, Path]] = field(default_factory=list)   # decontamination set (sha, file)
-    scores: dict[int, np.ndarray] = field(default_factory=dict)       # row -> score per label
+    scores: Scores = field(default_factory=Scores)                      # row -> score per label
     names: list[str] = field(default_factory=list)                     # label names of the score columns
     trusted: bool = False               # scores come from trained weights (may break ties)
 
@@ -64,14 +88,16 @@ def score(rows: list[Decision], ctx: Context, embedder) -> None:
     if emb_rows and embedder.has_text:
         L = label_embeddings(embedder, ctx.classes, c.prompt_templates, c.negative_prompts)
         P = zero_shot(ctx.emb.matrix([rows[i].id for i in emb_rows]), L, embedder.logit_scale())
+        ctx.scores = Scores(len(rows), P.shape[1])
         for k, i in enumerate(emb_rows):
             ctx.scores[i] = P[k]
             rows[i].clip_scores = [round(float(v), 6) for v in P[k, :len(ctx.classes)]]
             rows[i].clip_top = ctx.names[int(np.argmax(P[k]))]
     elif emb_rows:
         cmap = getattr(embedder, "class_map", [])
+        ctx.scores = Scores(len(rows), len(cmap))
         for i in emb_rows:
-            probs = ctx.emb.extra.get(rows[i].id)
+            probs = ctx.emb.extra_of(rows[i].id)
             if probs is None:
                 continue
             mapped = np.array([probs[j] if j is not None else 0.0 for j in cmap], np.float32)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 
+import numpy as np
 import pytest
 
 from curate_fixtures import build_world, make_cfg
@@ -115,3 +116,34 @@ def test_facts_cache_keeps_rows_as_text_last_row_wins_and_a_read_is_a_copy(tmp_p
     assert again.rows.get("c" * 64, {}) == {}
     with pytest.raises(KeyError):
         again.rows["c" * 64]
+    # held without its keys: the same keys in the same order come back, a "sha" that is not the row's own
+    # (or none) too
+    assert list(again.rows["a" * 64]) == ["sha", "ok", "w", "h", "phash", "thumb"]
+    assert list(again.rows["b" * 64]) == ["sha", "ok", "error"]
+    again.rows["d" * 64] = {"ok": True, "sha": "e" * 64}
+    again.rows["f" * 64] = {"w": None, "ok": False}
+    assert list(again.rows["d" * 64].items()) == [("ok", True), ("sha", "e" * 64)]
+    assert again.rows["f" * 64] == {"w": None, "ok": False} and "sha" not in again.rows["f" * 64]
+
+
+def test_embedding_cache_blocks_read_back_in_any_order_first_row_of_a_sha_wins(tmp_path):
+    """The embedding cache holds its rows as one block per part (no array per image): matrix() gathers any
+    order of shas across parts, a sha met again in a later part keeps its first row, the extra outputs
+    (teacher probabilities) follow their rows, and a reload reads the same."""
+    from pipeline.curate.embed import EmbeddingCache
+
+    rng = np.random.default_rng(0)
+    e1, e2 = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(3, 4)).astype(np.float32)
+    x1, x2 = rng.random((3, 2)).astype(np.float32), rng.random((3, 2)).astype(np.float32)
+    cache = EmbeddingCache(tmp_path, "k")
+    cache.add_part(["a", "b", "c"], e1, x1)
+    cache.add_part(["d", "b", "e"], e2, x2)  # "b" again: its first row stays
+    cache.add_part(["p"], e2[:1], None)        # a part without extra outputs
+    want = {"a": e1[0], "b": e1[1], "c": e1[2], "d": e2[0], "e": e2[2], "p": e2[0]}
+    for c in (cache, EmbeddingCache(tmp_path, "k")):
+        assert len(c) == 6 and "b" in c and "z" not in c
+        order = ["e", "a", "p", "b", "d", "c", "a"]
+        assert np.array_equal(c.matrix(order), np.stack([want[s] for s in order]))
+        assert np.array_equal(c.get("d"), e2[0])
+        assert np.array_equal(c.extra_of("b"), x1[1]) and np.array_equal(c.extra_of("e"), x2[2])
+        assert c.extra_of("p") is None and c.extra_of("z") is None
