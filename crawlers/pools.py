@@ -407,6 +407,31 @@ def load_array(path: Path) -> np.ndarray:
     return arr
 
 
+def npy_rows(path: Path, block: int = 1024) -> Iterator[np.ndarray]:
+    """The images of a .npy, read ``block`` rows at a time: a memory map's pages stay in the process's
+    resident memory once read (the whole file by the end: 614 MB for 200k 32-px images)."""
+    try:
+        with open(path, "rb") as fh:
+            read = {(1, 0): np.lib.format.read_array_header_1_0}.get(np.lib.format.read_magic(fh),
+                                                                     np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read(fh)
+            _check_images(path, shape, dtype)
+            row, start = int(np.prod(shape[1:])), fh.tell()
+            if fortran:  # rows are not contiguous: through the memory map
+                yield from iter(load_array(path))
+                return
+            if path.stat().st_size < start + shape[0] * row:
+                raise ValueError(f"the file is shorter than its {shape[0]} rows")
+            for i in range(0, shape[0], block):
+                k = min(block, shape[0] - i)
+                data = fh.read(k * row)
+                if len(data) < k * row:
+                    raise ValueError(f"the file ends inside row {i + len(data) // row}")
+                yield from np.frombuffer(data, np.uint8).reshape((k, *shape[1:]))
+    except (ValueError, OSError) as e:
+        raise DataError(f"crawl.arrays {path}: unreadable ({str(e).splitlines()[0][:120]})") from None
+
+
 def array_header(path: Path) -> None:
     """The shape and dtype check of :func:`load_array` from the headers only (.npy, .npz): before any work."""
     try:
@@ -472,7 +497,7 @@ class Arrays(Pool):
 
     @classmethod
     def read(cls, path: Path) -> Iterator[Sample]:
-        arr = load_array(path)
         uri = path.resolve().as_uri()
-        for i in range(len(arr)):
-            yield Sample(f"{uri}#{i}", png_bytes(arr[i]))
+        rows = npy_rows(path) if path.suffix.lower() == ".npy" else iter(load_array(path))
+        for i, pixels in enumerate(rows):
+            yield Sample(f"{uri}#{i}", png_bytes(pixels))

@@ -159,7 +159,29 @@ def test_bad_pool_files_are_one_line_errors_before_any_work(digits_world, tmp_pa
     assert "crawl.assign clip" in line and "random" in line
     line = _one_line(capsys, [*base, "--crawl.sources", "arrays"])
     assert "crawl.arrays" in line
+    cut = tmp_path / "cut.npy"  # a copy that stopped short
+    cut.write_bytes(ok.read_bytes()[:-100])
+    line = _one_line(capsys, [*base, "--crawl.sources", "arrays", "--crawl.arrays", str(cut)])
+    assert str(cut) in line and "unreadable" in line
     assert not (tmp_path / "runs").exists()
+
+
+def test_npy_pools_are_read_in_blocks_of_rows_in_either_memory_order(tmp_path):
+    """A .npy pool is read a block of rows at a time (a memory map would keep every page read resident: the
+    whole pool by the end); the rows are the array's, C or Fortran order; a file cut inside its rows is one
+    line naming it."""
+    from crawlers.pools import npy_rows
+    from pipeline.core.errors import DataError
+
+    a = np.random.default_rng(0).integers(0, 256, (2500, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "c.npy", a)
+    np.save(tmp_path / "f.npy", np.asfortranarray(a))
+    for name in ("c.npy", "f.npy"):
+        rows = list(npy_rows(tmp_path / name, block=1000))
+        assert len(rows) == len(a) and all(np.array_equal(r, x) for r, x in zip(rows, a)), name
+    (tmp_path / "t.npy").write_bytes((tmp_path / "c.npy").read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"t\.npy: unreadable \(the file is shorter than its 2500 rows\)"):
+        list(npy_rows(tmp_path / "t.npy"))
 
 
 class _Payload:
