@@ -11,13 +11,14 @@ Everything works on partial runs: what is missing is said, not crashed on.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import tarfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import yaml
@@ -29,8 +30,8 @@ from rich.table import Table
 from pipeline.core.config import load_config
 from pipeline.core.errors import DataError, Kd3Error
 from pipeline.core.records import DROP_REASONS, VALIDATE_REASONS, CrawlRecord, Decision, DropReason, \
-    SelectionRow, read_decisions, read_embeddings, read_index, read_manifest, read_metrics, read_pool_keys, \
-    read_records, read_selection
+    SelectionRow, iter_decisions, iter_records, read_decisions, read_embeddings, read_index, read_manifest, \
+    read_metrics, read_pool_keys, read_records, read_selection
 from pipeline.core.runs import RunDir, run_dir_of
 from pipeline.curate.embed import make_embedder
 from pipeline.curate.scan import work_side
@@ -105,6 +106,19 @@ class Run:
     def decisions(self) -> list[Decision]:
         return read_decisions(self.rd.decisions)
 
+    def each_record(self) -> Iterator[CrawlRecord]:
+        """The crawl records a row at a time, unless they are loaded already (the summary holds none: a pool's
+        records run to 10^6 rows)."""
+        if "records" in self.__dict__:
+            return iter(self.records)
+        return iter_records(self.rd.records) if self.rd.records.is_file() else iter(())
+
+    def each_decision(self) -> Iterator[Decision]:
+        """The curate decisions a row at a time, unless they are loaded already."""
+        if "decisions" in self.__dict__:
+            return iter(self.decisions)
+        return iter_decisions(self.rd.decisions) if self.rd.decisions.is_file() else iter(())
+
     @cached_property
     def distill_runs(self) -> list[DistillRun]:
         out = []
@@ -135,7 +149,7 @@ class Run:
         if self.manifest and self.manifest.get("classes"):
             return list(self.manifest["classes"])
         seen = list(self.config_classes)
-        for row in [*self.decisions, *self.records]:
+        for row in itertools.chain(self.each_decision(), self.each_record()):
             c = row.cls
             if c is not None and c not in seen:
                 seen.append(c)
@@ -157,15 +171,14 @@ class Run:
     @cached_property
     def pool_keys(self) -> dict[str, str]:
         """Shard key -> class of every kept sample."""
-        return {d.key: d.cls for d in self.decisions if d.kept and d.key}
+        return {d.key: d.cls for d in self.each_decision() if d.kept and d.key}
 
-    @cached_property
-    def shard_bytes(self) -> dict[str, int]:
-        """key -> bytes of its members in the shards (tar headers only are read)."""
+    def class_bytes(self) -> dict[str, int]:
+        """class -> bytes of its kept samples' members in the shards (tar headers only are read)."""
         out: dict[str, int] = Counter()
         if not self.manifest:
             return out
-        base = self.manifest_path.parent
+        keys, base = self.pool_keys, self.manifest_path.parent
         for s in self.manifest.get("shardlist", []):
             path = base / s["url"]
             if not path.is_file():
@@ -173,8 +186,9 @@ class Run:
             try:
                 with tarfile.open(path) as tf:
                     for ti in tf:
-                        if ti.isfile():
-                            out[ti.name.split(".", 1)[0]] += ti.size
+                        cls = keys.get(ti.name.split(".", 1)[0]) if ti.isfile() else None
+                        if cls is not None:
+                            out[cls] += ti.size
             except tarfile.TarError as e:
                 raise DataError(f"shard {path} is not a readable tar ({e})") from None
         return out
@@ -217,7 +231,7 @@ def _rate(a: Optional[float], b: Optional[float]) -> Optional[float]:
 def _count_records(run: Run, per: dict) -> None:
     for c in run.classes:
         per[c].update(crawled=0, downloaded=0, errors=0)
-    for r in run.records:
+    for r in run.each_record():
         if r.cls not in per:
             continue
         per[r.cls]["crawled"] += 1
@@ -227,12 +241,23 @@ def _count_records(run: Run, per: dict) -> None:
             per[r.cls]["errors"] += 1
 
 
-def _count_decisions(run: Run, per: dict, has_records: bool) -> None:
+def _count_decisions(run: Run, per: dict, has_records: bool) -> tuple[dict[str, set], int]:
+    """Per class: valid, each drop reason, kept. Returns the shards each class's kept samples lie in and how
+    many distinct images are kept; one pass over the decisions, none of them held."""
     for c in run.classes:
         per[c].update({k: 0 for k in ("valid", *DROP_REASONS, "kept")})
         if per[c]["downloaded"] is None:
             per[c]["downloaded"] = 0
-    for d in run.decisions:
+    shards_of: dict[str, set] = defaultdict(set)
+    kept_ids = bytearray()  # 64 bytes per kept image (its sha256 in hex), not a set of strings
+    keys: dict[str, str] = {}
+    for d in run.each_decision():
+        if d.kept:
+            kept_ids += d.id.encode().ljust(64, b"\0")[:64]
+            if d.key:
+                keys[d.key] = d.cls
+                if d.shard:
+                    shards_of[d.cls].add(d.shard)
         if d.cls not in per:
             continue
         row = per[d.cls]
@@ -244,20 +269,15 @@ def _count_decisions(run: Run, per: dict, has_records: bool) -> None:
             row["valid"] += 1
         if d.kept:
             row["kept"] += 1
+    run.__dict__.setdefault("pool_keys", keys)  # Run.pool_keys from this pass, not another read of the file
+    return shards_of, len(np.unique(np.frombuffer(bytes(kept_ids), "S64")))
 
 
-def _count_shards(run: Run, per: dict, has_decisions: bool) -> None:
-    shards_of: dict[str, set] = defaultdict(set)
-    bytes_of: dict[str, int] = Counter()
-    sb = run.shard_bytes
-    for d in run.decisions:
-        if d.kept and d.key:
-            if d.shard:
-                shards_of[d.cls].add(d.shard)
-            bytes_of[d.cls] += sb.get(d.key, 0)
+def _count_shards(run: Run, per: dict, has_decisions: bool, shards_of: dict[str, set]) -> None:
+    bytes_of = run.class_bytes() if has_decisions else {}
     for c in run.classes:
-        per[c]["shards"] = len(shards_of[c])
-        per[c]["bytes"] = int(bytes_of[c])
+        per[c]["shards"] = len(shards_of.get(c, ()))
+        per[c]["bytes"] = int(bytes_of.get(c, 0))
         if not has_decisions:
             per[c]["kept"] = int((run.manifest.get("class_counts") or {}).get(c, 0))
 
@@ -330,10 +350,12 @@ def summarize(run_dir: str | Path) -> dict:
     has_decisions = run.rd.decisions.is_file()
     if has_records:
         _count_records(run, per)
+    shards_of: dict[str, set] = {}
+    kept_unique = 0
     if has_decisions:
-        _count_decisions(run, per, has_records)
+        shards_of, kept_unique = _count_decisions(run, per, has_records)
     if run.manifest is not None:
-        _count_shards(run, per, has_decisions)
+        _count_shards(run, per, has_decisions, shards_of)
     totals: dict[str, Any] = {}
     for k in COUNT_FIELDS:
         vals = [per[c][k] for c in classes if per[c][k] is not None]
@@ -341,7 +363,7 @@ def summarize(run_dir: str | Path) -> dict:
     if run.manifest is not None:
         totals["shards"] = len(run.manifest.get("shardlist", []))
     if has_decisions:
-        totals["kept_unique"] = len({d.id for d in run.decisions if d.kept})
+        totals["kept_unique"] = kept_unique
     m = run.manifest or {}
     return {
         "run": run.rd.name, "root": str(run.rd.root), "classes": classes, "per_class": per, "totals": totals,

@@ -151,9 +151,14 @@ class CrawlRecord:
 RECORD_FIELDS = ("class", "query", "engine", "url", "status", "error", "sha256", "bytes", "w", "h", "path", "time")
 
 
+def iter_records(path: Path) -> Iterator[CrawlRecord]:
+    """The rows one at a time (a torn last line from a crash is skipped)."""
+    return (CrawlRecord.from_row(r) for r in _jsonl_or_error(path))
+
+
 def read_records(path: Path) -> list[CrawlRecord]:
     """All rows (a torn last line from a crash is skipped)."""
-    return [CrawlRecord.from_row(r) for r in _jsonl_or_error(path)]
+    return list(iter_records(path))
 
 
 def downloads_per_class(path: Path) -> dict[str, int]:
@@ -327,8 +332,12 @@ def write_decisions(path: Path, rows: Iterable[Decision]) -> Path:
     return write_jsonl_atomic(path, (r.to_row() for r in rows))
 
 
+def iter_decisions(path: Path) -> Iterator[Decision]:
+    return (Decision.from_row(r) for r in _jsonl_or_error(path))
+
+
 def read_decisions(path: Path) -> list[Decision]:
-    return [Decision.from_row(r) for r in _jsonl_or_error(path)]
+    return list(iter_decisions(path))
 
 
 # ====================================================================== embeddings and index

@@ -54,6 +54,18 @@ def test_summary_numbers_equal_manifest_and_decisions(full_run):
     counts = [n for _, n in s["funnel"]]
     assert counts[-1] == m["nsamples"] and counts == sorted(counts, reverse=True)
     assert s["missing"] == []
+    assert s["totals"]["kept_unique"] == len({d["id"] for d in decisions if d["kept"]})
+
+
+def test_the_summary_reads_records_and_decisions_a_row_at_a_time(full_run):
+    """kd3 inspect's summary streams the crawl records and the decisions (10^6 rows at a pool's size) instead
+    of holding them, and says the same as from the rows loaded."""
+    run = Run(full_run.root)
+    streamed = summarize(run)
+    assert "records" not in run.__dict__ and "decisions" not in run.__dict__
+    loaded = Run(full_run.root)
+    assert len(loaded.records) and len(loaded.decisions)  # loaded first: the summary walks the lists
+    assert summarize(loaded) == streamed
 
 
 def test_distill_runs_accuracy_and_selection_rates(full_run):
