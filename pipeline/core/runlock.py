@@ -104,6 +104,35 @@ def allow_join(run_dir: str | os.PathLike, join: str) -> None:
             _write(mine[0], info)
 
 
+SETTLE_S = 1.0  # how long a process that finds the lock taken waits for its holder to say who it is
+
+
+def _take_or_join(path: Path, root: Path, holder: str, join: Optional[str]) -> tuple[Optional[list], str]:
+    """Take the lock ([fd, holder, depth], holder), or join its holder (None, the holder's id), or refuse.
+
+    A holder writes who it is just after its ``flock``: a process that finds the lock taken in between reads
+    an empty file or the previous holder's note (the two ranks of one torchrun start together). So a refusal
+    stands only once the note has said the same for ``SETTLE_S``; meanwhile the lock may also come free."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        try:
+            mine = _HELD[path] = [_take(path, holder, join), holder, 1]
+            return mine, holder
+        except BlockingIOError:
+            pass
+        info = read_holder(root)
+        joined = os.environ.get(HOLDER_ENV)
+        if join and join in info.get("join", []):
+            joined = info.get("holder")
+        if joined and info.get("holder") == joined:
+            log.info("run directory %s: joining the lock of %s", root, joined)
+            return None, joined
+        if time.monotonic() >= deadline:
+            raise RunLocked(f"run directory {root} is in use by {_describe(info)}: one run writes it "
+                            f"at a time; wait for that run to end") from None
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: str | os.PathLike, holder: Optional[str] = None, join: Optional[str] = None) -> Iterator[str]:
     """Hold ``run_dir``'s lock inside; yields the holder id. Raises :class:`RunLocked` (one line naming the
@@ -118,18 +147,7 @@ def run_lock(run_dir: str | os.PathLike, holder: Optional[str] = None, join: Opt
         if mine is not None:  # re-entered by this process (a subflow of the holder)
             mine[2] += 1
         else:
-            try:
-                _HELD[path] = mine = [_take(path, holder, join), holder, 1]
-            except BlockingIOError:
-                info = read_holder(root)
-                joined = os.environ.get(HOLDER_ENV)
-                if join and join in info.get("join", []):
-                    joined = info.get("holder")
-                if not joined or info.get("holder") != joined:
-                    raise RunLocked(f"run directory {root} is in use by {_describe(info)}: one run writes it "
-                                    f"at a time; wait for that run to end") from None
-                log.info("run directory %s: joining the lock of %s", root, joined)
-                holder = joined
+            mine, holder = _take_or_join(path, root, holder, join)
     try:
         yield holder if mine is None else mine[1]
     finally:

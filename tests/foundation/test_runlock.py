@@ -103,6 +103,36 @@ def test_cli_stage_refused_while_a_run_writes(tmp_path, capsys):
         p.wait()
 
 
+def test_a_joiner_that_comes_before_the_holder_has_written_its_note_still_joins(tmp_path):
+    """The two ranks of one torchrun start together: one may find the lock taken while the other has not yet
+    written who it is (the file still shows the last run's note, or nothing). It waits for the note instead of
+    refusing at once; a note that never lets it in is refused after that wait."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text('{"holder": "last week\'s run", "pid": 1}\n')  # what a finished run leaves
+    code = textwrap.dedent(f"""
+        import fcntl, json, os, time
+        fd = os.open({str(run / ".lock")!r}, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("locked", flush=True)
+        time.sleep(0.4)  # the holder's note comes late
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({{"holder": "rank 1", "pid": os.getpid(), "join": ["torchrun-x"]}}).encode(), 0)
+        time.sleep(600)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        with run_lock(run, "rank 0", join="torchrun-x") as who:
+            assert who == "rank 1"
+        with pytest.raises(RunLocked, match="in use by rank 1"):
+            with run_lock(run, "another run", join="torchrun-y"):
+                pass
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_the_nodes_of_one_multinode_distill_share_the_lock(tmp_path):
     """Every node runs `kd3 distill --nnodes N --rdzv H:P`: the first takes the lock naming the rendezvous,
     the others come with the same id and are let in; a run with another id is still refused."""
