@@ -16,7 +16,7 @@ import datetime as _dt
 import html
 import logging
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -148,19 +148,75 @@ def _section_counts(s: dict) -> str:
             f'</table></div>')
 
 
-def _dropped_html(th: Thumbs, r: dict, dropped: list[Decision], max_dropped: int) -> str:
+class _Seen:
+    """What the report shows of the decisions, gathered in one pass over them (a pool's 10^6 rows are never
+    all held): per class the first kept images and the first dropped ones of each reason, with their counts;
+    the size of every duplicate group; each image's score for its own class (CLIP's where the run has CLIP
+    scores, else the teacher's confidence)."""
+
+    def __init__(self, run: Run, classes: list[str], max_kept: int, max_dropped: int):
+        self.kept: dict[str, list[Decision]] = defaultdict(list)
+        self.n_kept: Counter = Counter()
+        self.dropped: dict[tuple, list[Decision]] = defaultdict(list)   # (class, reason) -> the first ones
+        self.n_reason: Counter = Counter()                               # (class, reason) -> how many
+        self.n_dropped: Counter = Counter()
+        self.dup_sizes: Counter = Counter()                              # dup_of -> members, first seen first
+        # score per own class, kept / dropped, for rows with CLIP scores (True) and without (False)
+        self._vals = {b: {c: ([], []) for c in classes} for b in (True, False)}
+        self._off = {b: Counter() for b in (True, False)}
+        self.clip = False
+        for d in run.each_decision():
+            self._add(d, classes, max_kept, max_dropped)
+
+    def _add(self, d: Decision, classes: list[str], max_kept: int, max_dropped: int) -> None:
+        if d.kept:
+            self.n_kept[d.cls] += 1
+            if len(self.kept[d.cls]) < max_kept:
+                self.kept[d.cls].append(d)
+        else:
+            self.n_dropped[d.cls] += 1
+            self.n_reason[d.cls, d.reason] += 1
+            if len(self.dropped[d.cls, d.reason]) < max_dropped:
+                self.dropped[d.cls, d.reason].append(d)
+        if d.dup_of and d.reason is not None and d.reason.group == "duplicate":
+            self.dup_sizes[d.dup_of] += 1
+        has_clip = bool(d.clip_scores)
+        self.clip = self.clip or has_clip
+        v = _own_class_score(d, classes)
+        if v is not None and d.cls in self._vals[has_clip]:
+            self._vals[has_clip][d.cls][0 if d.kept else 1].append(v)
+            if d.clip_top and d.clip_top != d.cls:
+                self._off[has_clip][d.cls] += 1
+
+    @property
+    def any(self) -> bool:
+        return bool(self.n_kept or self.n_dropped)
+
+    def has(self, cls: str) -> bool:
+        return bool(self.n_kept[cls] or self.n_dropped[cls])
+
+    @property
+    def vals(self) -> dict[str, tuple[list[float], list[float]]]:
+        return self._vals[self.clip]
+
+    @property
+    def off(self) -> Counter:
+        return self._off[self.clip]
+
+
+def _dropped_html(th: Thumbs, r: dict, seen: _Seen, cls: str, max_dropped: int) -> str:
     """A class's dropped images, grouped by reason (report order = DropReason order)."""
     present = [rz for rz in DropReason if r.get(rz.value)]
-    parts = [f'<details class="dropped" open><summary>dropped <span class="count">{len(dropped)}</span> '
+    parts = [f'<details class="dropped" open><summary>dropped <span class="count">{seen.n_dropped[cls]}</span> '
              + " ".join(f'<span class="pill" style="background:{rz.color}">{e(rz.label)} {r.get(rz.value) or 0}</span>'
                         for rz in present) + "</summary>", '<div class="reasons">']
     for rz in DropReason:
-        group = [d for d in dropped if d.reason is rz]
-        if not group:
+        group, n = seen.dropped.get((cls, rz), []), seen.n_reason[cls, rz]
+        if not n:
             continue
-        more = len(group) - max_dropped
+        more = n - max_dropped
         parts.append(f'<div class="reasongroup" style="border-top-color:{rz.color}">'
-                     f'<h5><span class="pill" style="background:{rz.color}">{e(rz.label)}</span> {len(group)}</h5>'
+                     f'<h5><span class="pill" style="background:{rz.color}">{e(rz.label)}</span> {n}</h5>'
                      f'<div class="row">' + "".join(_tile(th, d, d.detail or rz.value, d.id[:16])
                                                     for d in group[:max_dropped])
                      + "</div>" + (f'<p class="more">… and {more} more</p>' if more > 0 else "") + "</div>")
@@ -168,56 +224,62 @@ def _dropped_html(th: Thumbs, r: dict, dropped: list[Decision], max_dropped: int
     return "".join(parts)
 
 
-def _section_classes(run: Run, s: dict, th: Thumbs, max_kept: int, max_dropped: int) -> str:
+def _section_classes(run: Run, s: dict, th: Thumbs, seen: _Seen, max_kept: int, max_dropped: int) -> str:
     out = []
-    by_class: dict[str, list[Decision]] = defaultdict(list)
-    for d in run.decisions:
-        by_class[d.cls].append(d)
     for i, c in enumerate(s["classes"]):
-        rows = by_class.get(c, [])
         parts = [f'<section class="cls" id="class-{i}"><h3><i class="dot" style="background:{_color(i)}"></i>'
                  f'{e(c)}</h3>']
-        if rows:
-            kept = [d for d in rows if d.kept]
-            parts.append(f'<h4>kept <span class="count">{len(kept)}</span></h4>')
+        if seen.has(c):
+            kept, n_kept = seen.kept.get(c, []), seen.n_kept[c]
+            parts.append(f'<h4>kept <span class="count">{n_kept}</span></h4>')
             tiles = [_tile(th, d, d.key or d.id[:16], f'{d.w}×{d.h}'
                            + (f' · {d.teacher_conf:.2f}' if isinstance(d.teacher_conf, (int, float)) else ""))
                      for d in kept[:max_kept]]
-            parts.append(_grid(tiles, len(kept) - max_kept, "no image kept for this class"))
-            dropped = [d for d in rows if not d.kept]
-            if dropped:
-                parts.append(_dropped_html(th, s["per_class"][c], dropped, max_dropped))
+            parts.append(_grid(tiles, n_kept - max_kept, "no image kept for this class"))
+            if seen.n_dropped[c]:
+                parts.append(_dropped_html(th, s["per_class"][c], seen, c, max_dropped))
         else:
-            recs = [x for x in run.records if x.cls == c and x.status == "ok"]
-            parts.append(f'<h4>downloaded <span class="count">{len(recs)}</span> <small>(not curated yet)</small></h4>')
+            recs, n = [], 0
+            for x in run.each_record():
+                if x.cls == c and x.status == "ok":
+                    n += 1
+                    if len(recs) < max_kept:
+                        recs.append(x)
+            parts.append(f'<h4>downloaded <span class="count">{n}</span> <small>(not curated yet)</small></h4>')
             parts.append(_grid([_tile(th, x, (x.sha256 or "")[:16], f'{x.w}×{x.h} · {x.engine}', title=x.url or "")
-                                for x in recs[:max_kept]], len(recs) - max_kept, "nothing downloaded for this class"))
+                                for x in recs], n - max_kept, "nothing downloaded for this class"))
         parts.append("</section>")
         out.append("".join(parts))
     return "".join(out)
 
 
-def _section_dups(run: Run, th: Thumbs, max_groups: int) -> str:
-    groups: dict[str, list[Decision]] = defaultdict(list)
-    for d in run.decisions:
-        if d.dup_of and d.reason is not None and d.reason.group == "duplicate":
-            groups[d.dup_of].append(d)
-    if not groups:
+def _section_dups(run: Run, th: Thumbs, seen: _Seen, max_groups: int) -> str:
+    if not seen.dup_sizes:
         return '<p class="empty">no duplicate groups</p>'
+    top = [orig for orig, _ in sorted(seen.dup_sizes.items(), key=lambda kv: -kv[1])[:max_groups]]
+    members: dict[str, list[Decision]] = {o: [] for o in top}
+    kept_orig: dict[str, Decision] = {}
+    first_orig: dict[str, Decision] = {}
+    for d in run.each_decision():  # a second pass: the members of the largest groups and their originals
+        if d.dup_of in members and d.reason is not None and d.reason.group == "duplicate":
+            members[d.dup_of].append(d)
+        if d.id in members:
+            first_orig.setdefault(d.id, d)
+            if d.kept:
+                kept_orig.setdefault(d.id, d)
     rows = []
-    items = sorted(groups.items(), key=lambda kv: -len(kv[1]))
-    for orig_id, dups in items[:max_groups]:
-        orig = next((d for d in run.decisions if d.id == orig_id and d.kept), None) or run.by_id.get(orig_id)
+    for orig_id in top:
+        orig = kept_orig.get(orig_id) or first_orig.get(orig_id)
         cells = []
         if orig is not None:
             state = "kept" if orig.kept else (orig.reason.value if orig.reason else None)
             cells.append(_tile(th, orig, f'{orig.cls} · {state}', orig_id[:16], badge="kept",
                                badge_color="#16a34a"))
-        for d in dups:
+        for d in members[orig_id]:
             cells.append(_tile(th, d, f'{d.cls} · {d.detail or ""}', d.id[:16], badge=d.reason.label,
                                badge_color=d.reason.color))
         rows.append(f'<div class="dupgroup">{"".join(cells)}</div>')
-    more = len(items) - max_groups
+    more = len(seen.dup_sizes) - max_groups
     tail = f'<p class="more">… and {more} more groups</p>' if more > 0 else ""
     return f'<div class="dups">{"".join(rows)}</div>' + tail
 
@@ -231,19 +293,10 @@ def _own_class_score(d: Decision, classes: list[str]) -> Optional[float]:
     return float(d.teacher_conf) if isinstance(d.teacher_conf, (int, float)) else None
 
 
-def _section_scores(run: Run, s: dict) -> tuple[str, str]:
+def _section_scores(seen: _Seen) -> tuple[str, str]:
     """(heading, body): per class, kept vs dropped histograms of CLIP class scores, or of the teacher's
     confidence in the query class when the run was embedded without CLIP."""
-    clip = any(d.clip_scores for d in run.decisions)
-    vals: dict[str, tuple[list[float], list[float]]] = {c: ([], []) for c in s["classes"]}
-    off = defaultdict(int)
-    for d in run.decisions:
-        v = _own_class_score(d, s["classes"]) if (bool(d.clip_scores) == clip) else None
-        if v is None or d.cls not in vals:
-            continue
-        vals[d.cls][0 if d.kept else 1].append(v)
-        if d.clip_top and d.clip_top != d.cls:
-            off[d.cls] += 1
+    clip, vals, off = seen.clip, seen.vals, seen.off
     heading = "CLIP class scores" if clip else "Teacher confidence"
     allv = [v for k, dr in vals.values() for v in (*k, *dr)]
     if not allv:
@@ -296,9 +349,11 @@ def _never_selected(run: Run, dr, th: Thumbs, max_unselected: int) -> str:
     pool = run.pool_keys
     chosen = dr.selected_keys(pool)
     never = [k for k in pool if k not in chosen]
+    shown = set(never[:max_unselected])
+    rows = {d.key: d for d in run.each_decision() if d.key in shown}
     tiles = []
     for k in never[:max_unselected]:
-        d = run.by_key.get(k)
+        d = rows.get(k)
         if d is not None:
             conf = d.teacher_conf
             tiles.append(_tile(th, d, d.cls or "", k + (f" · {conf:.2f}" if isinstance(conf, (int, float)) else "")))
@@ -453,17 +508,18 @@ def render_html(run: Run, out_dir: Path, *, max_kept: int = 48, max_dropped: int
     body = [f'<section id="overview">{_section_overview(s)}</section>',
             f'<h2 id="funnel">Stage funnel</h2><div class="panel">{charts.funnel(s["funnel"])}</div>',
             f'<h2 id="counts">Per-class counts</h2>{_section_counts(s)}']
-    has_dec = bool(run.decisions)
+    seen = _Seen(run, s["classes"], max_kept, max_dropped)
+    has_dec = seen.any
     body.append('<h2 id="classes">Contact sheets</h2>'
                 + ('<p class="note">kept images per class; the dropped ones below each, grouped by reason '
                    '(click a thumbnail for the original file, hover for URL and detail)</p>' if has_dec else "")
-                + _section_classes(run, s, th, max_kept, max_dropped))
+                + _section_classes(run, s, th, seen, max_kept, max_dropped))
     if has_dec:
-        heading, scores = _section_scores(run, s)
+        heading, scores = _section_scores(seen)
         nav += [("dups", "Duplicates"), ("clip", "CLIP scores" if heading.startswith("CLIP") else "Confidence")]
         body.append(f'<h2 id="dups">Duplicate groups</h2><p class="note">the kept image (green) beside each '
                     f'image dropped as its copy (pHash + pixels, or embedding cosine)</p>'
-                    f'{_section_dups(run, th, max_groups)}')
+                    f'{_section_dups(run, th, seen, max_groups)}')
         body.append(f'<h2 id="clip">{e(heading)}</h2>{scores}')
     nav.append(("distill", "Distillation"))
     body.append(f'<h2 id="distill">Distillation</h2>{_section_distill(run, s, th, max_unselected)}')
