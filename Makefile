@@ -37,7 +37,7 @@ lint: venv
 	$(PY) tools/check_function_length.py
 
 test: venv lint
-	$(PY) -m pytest -q -m "not slow and not deploy"
+	$(PY) -m pytest -q -m "not slow and not deploy" --durations=15
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
