@@ -407,14 +407,19 @@ def load_array(path: Path) -> np.ndarray:
     return arr
 
 
+def _npy_header(fh) -> tuple[tuple, bool, np.dtype]:
+    """(shape, Fortran order, dtype) of the .npy stream ``fh``, left at the start of its data."""
+    read = {(1, 0): np.lib.format.read_array_header_1_0}.get(np.lib.format.read_magic(fh),
+                                                             np.lib.format.read_array_header_2_0)
+    return read(fh)
+
+
 def npy_rows(path: Path, block: int = 1024) -> Iterator[np.ndarray]:
     """The images of a .npy, read ``block`` rows at a time: a memory map's pages stay in the process's
     resident memory once read (the whole file by the end: 614 MB for 200k 32-px images)."""
     try:
         with open(path, "rb") as fh:
-            read = {(1, 0): np.lib.format.read_array_header_1_0}.get(np.lib.format.read_magic(fh),
-                                                                     np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = read(fh)
+            shape, fortran, dtype = _npy_header(fh)
             _check_images(path, shape, dtype)
             row, start = int(np.prod(shape[1:])), fh.tell()
             if fortran:  # rows are not contiguous: through the memory map
@@ -442,9 +447,7 @@ def array_header(path: Path) -> None:
             with zipfile.ZipFile(path) as zf:
                 names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
                 with zf.open(_npz_member(path, names) + ".npy") as fh:
-                    read = {(1, 0): np.lib.format.read_array_header_1_0}.get(np.lib.format.read_magic(fh),
-                                                                             np.lib.format.read_array_header_2_0)
-                    shape, _, dtype = read(fh)
+                    shape, _, dtype = _npy_header(fh)
             _check_images(path, shape, dtype)
     except (ValueError, OSError, zipfile.BadZipFile) as e:
         raise DataError(f"crawl.arrays {path}: unreadable ({str(e).splitlines()[0][:120]})") from None
